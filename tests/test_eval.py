@@ -1,0 +1,365 @@
+"""Tests of eval.py: group metrics (D§4), the SDCLR probe (D§5.1), cb-linear (D§5.2), kNN (D§5.4), t-SNE,
+results.json / plots and the --table CLI (D§6)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import data
+import eval as ev
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+COLOURS = torch.tensor([[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30]], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+def _images(per_class, size, gen, num_classes=4):
+    """Images whose colour encodes the class (plus pixel noise): linearly separable after channel pooling."""
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    base = COLOURS[y][:, :, None, None].expand(-1, -1, size, size)
+    x = (base + 25 * torch.randn(base.shape, generator=gen)).clamp(0, 255).to(torch.uint8)
+    return data.Split(y=y, x=x)
+
+
+def _toy_ds(size=8, n_probe=50, n_val=10, n_test=15, class_counts=(300, 120, 40, 10), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    probe = _images(n_probe, size, gen)
+    return data.LTDataset(
+        name="toy", num_classes=4, class_names=["r", "g", "b", "y"], image_size=size,
+        train=_images(5, size, gen), test=_images(n_test, size, gen),
+        val=_images(n_val, size, gen) if n_val else None, probe=probe, fewshot=_images(5, size, gen),
+        class_counts=list(class_counts), class_rank=[0, 1, 2, 3], lt_convention="synthetic",
+        image_source="synthetic", imb_ratio=30.0, split=None, tensor_resident=True)
+
+
+class TinyNet(nn.Module):
+    """1x1 conv + BatchNorm + ReLU + global average pooling: a small backbone that has BN buffers."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, width, 1)
+        self.bn = nn.BatchNorm2d(width)
+        self.out_dim = width
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))).mean((2, 3))
+
+
+class CountingNet(nn.Module):
+    """Wraps a backbone and records the batch size of every forward pass."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.out_dim = inner.out_dim
+        self.batch_sizes = []
+
+    def forward(self, x):
+        self.batch_sizes.append(x.shape[0])
+        return self.inner(x)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _lt_counts(n_max, C, rho):   # D§1.1 profile, float64 then int() truncation
+    return [int(n_max * (1.0 / rho) ** (r / (C - 1))) for r in range(C)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# group metrics (D§4)
+# ---------------------------------------------------------------------------------------------------------
+def test_thirds_ties_are_broken_by_rank_tail_first():
+    counts = [100, 50, 50, 50, 50, 5]
+    g = ev.group_masks(counts, class_rank=[0, 1, 2, 3, 4, 5])["thirds"]
+    assert g == {"few": [4, 5], "medium": [2, 3], "many": [0, 1]}
+    # the generator rank, not the class id, decides among equal counts
+    g = ev.group_masks(counts, class_rank=[0, 4, 3, 2, 1, 5])["thirds"]
+    assert g == {"few": [1, 5], "medium": [2, 3], "many": [0, 4]}
+    # no rank (list datasets): descending class index goes first
+    g = ev.group_masks(counts)["thirds"]
+    assert g == {"few": [4, 5], "medium": [2, 3], "many": [0, 1]}
+    # rho = 1: every count ties, groups follow the rank (C = 10 -> 4 / 3 / 3)
+    rank = [3, 0, 9, 1, 8, 2, 7, 4, 6, 5]
+    g = ev.group_masks([100] * 10, class_rank=rank)["thirds"]
+    assert g["few"] == sorted(c for c in range(10) if rank[c] >= 7)
+    assert g["medium"] == sorted(c for c in range(10) if 4 <= rank[c] <= 6)
+    assert g["many"] == sorted(c for c in range(10) if rank[c] <= 3)
+
+
+def test_strict_and_oltr_thresholds_at_exactly_20_and_100():
+    counts = [101, 100, 20, 19, 21, 99]
+    m = ev.group_masks(counts)
+    assert m["strict"] == {"many": [0], "medium": [1, 2, 4, 5], "few": [3]}
+    assert m["oltr"] == {"many": [0, 1], "medium": [4, 5], "few": [2, 3]}
+
+
+@pytest.mark.parametrize("n_max,C,rho,thirds,strict,oltr", [
+    (4500, 10, 100, [4, 3, 3], [8, 2, 0], [8, 2, 0]),       # CIFAR-10-LT sdclr
+    (500, 100, 100, [34, 33, 33], [35, 35, 30], [35, 34, 31]),   # CIFAR-100-LT ldam
+    (450, 100, 100, [34, 33, 33], [33, 34, 33], [33, 33, 34]),   # CIFAR-100-LT sdclr
+    (500, 200, 100, [68, 66, 66], [70, 70, 60], [70, 67, 63]),   # Tiny-ImageNet-LT
+])
+def test_group_sizes_match_spec_table(n_max, C, rho, thirds, strict, oltr):
+    counts = _lt_counts(n_max, C, rho)
+    m = ev.compute_metrics(torch.zeros(C, dtype=torch.long), torch.arange(C), C, counts, list(range(C)))
+    assert m["groups_thirds"]["n_classes"] == thirds
+    assert m["groups_strict"]["n_classes"] == strict
+    assert m["groups_oltr"]["n_classes"] == oltr
+
+
+def test_worked_examples_group_mean_and_std():
+    groups = {"many": [0], "medium": [1], "few": [2]}
+    g = ev.group_stats([86.55, 76.73, 78.80], groups)        # FASSL CIFAR10-LT row (paper 000 Table 1)
+    assert round(g["group_mean"], 2) == 80.69
+    assert round(g["std"], 2) == 4.23
+    assert round(ev.group_stats([57.74, 54.52, 53.55], groups)["std"], 2) == 1.79
+    assert round(ev.group_stats([32.47, 31.73, 32.12], groups)["std"], 2) == 0.30
+    # group_mean differs from the class mean with 3/3/4 groups (D§4.5)
+    per_class = [78.80] * 3 + [76.73] * 3 + [86.55] * 4
+    counts = [10, 11, 12, 100, 101, 102, 1000, 1001, 1002, 1003]
+    m = ev.compute_metrics(*_preds_for_accuracy(per_class, 10000), 10, counts)
+    assert round(m["groups_thirds"]["group_mean"], 2) == 80.69
+    assert round(m["acc_class_mean"], 2) == 81.28
+
+
+def _preds_for_accuracy(per_class_acc, n_per_class):
+    """Predictions giving exactly per_class_acc[c] % correct on n_per_class test images of class c."""
+    preds, labels = [], []
+    C = len(per_class_acc)
+    for c, acc in enumerate(per_class_acc):
+        k = round(acc * n_per_class / 100)
+        labels += [c] * n_per_class
+        preds += [c] * k + [(c + 1) % C] * (n_per_class - k)
+    return torch.tensor(preds), torch.tensor(labels)
+
+
+def test_compute_metrics_on_hand_built_predictions():
+    counts = [500, 150, 101, 100, 20, 19]       # strict: many {0,1,2}, medium {3,4}, few {5}
+    labels = torch.tensor([0] * 4 + [1] * 4 + [2] * 2 + [3] * 2 + [4] * 4 + [5] * 4)
+    preds = labels.clone()
+    preds[0:1] = 1          # class 0: 3/4
+    preds[4:8] = 0          # class 1: 0/4
+    preds[10] = 0           # class 3: 1/2
+    preds[16:18] = 0        # class 5: 2/4
+    m = ev.compute_metrics(preds, labels, 6, counts)
+    per = [75.0, 0.0, 100.0, 50.0, 100.0, 50.0]
+    assert m["per_class_acc"] == pytest.approx(per)
+    assert m["top1_overall"] == pytest.approx(100 * 12 / 20)
+    assert m["acc_class_mean"] == pytest.approx(sum(per) / 6)
+    mean = sum(per) / 6
+    assert m["std_classes"] == pytest.approx(math.sqrt(sum((a - mean) ** 2 for a in per) / 6))
+    s = m["groups_strict"]
+    assert (s["many"], s["medium"], s["few"]) == pytest.approx((175 / 3, 75.0, 50.0))
+    gm = (175 / 3 + 75 + 50) / 3
+    assert s["group_mean"] == pytest.approx(gm)
+    assert s["std"] == pytest.approx(math.sqrt(((175 / 3 - gm) ** 2 + (75 - gm) ** 2 + (50 - gm) ** 2) / 3))
+    t = m["groups_thirds"]      # ascending counts: few {5, 4}, medium {3, 2}, many {1, 0}
+    assert (t["few"], t["medium"], t["many"]) == pytest.approx((75.0, 75.0, 37.5))
+    o = m["groups_oltr"]        # many >= 100 {0,1,2,3}, few <= 20 {4,5}, medium none
+    assert o["medium"] is None and o["n_classes"] == [4, 0, 2]
+    assert o["group_mean"] == pytest.approx((56.25 + 75.0) / 2)   # empty group left out
+    assert o["std"] == pytest.approx(abs(56.25 - 75.0) / 2)
+    assert ev.paper_row(m, "ssl") == f"| {t['group_mean']:.2f} | 75.00 | 75.00 | 37.50 | {t['std']:.2f} |"
+    assert ev.paper_row(m, "dscl") == "| 58.33 | 75.00 | 50.00 | 60.00 |"
+    assert ev.paper_row(m, "top1") == "| 60.00 |"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SDCLR linear probe (D§5.1)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("aug", ["crop", "none"])
+def test_probe_reaches_95_percent_on_separable_toy(aug):
+    ds = _toy_ds()
+    res = ev.linear_probe(TinyNet(), ds, CPU, aug=aug, epochs=6, milestones=[3, 5], log=lambda s: None,
+                          recipe="crop_flip_cifar")
+    assert res["at_selected"]["top1_overall"] >= 95.0
+    assert res["at_last"]["top1_overall"] >= 95.0
+    assert res["protocol"] == "sdclr-probe-full"
+    assert res["variant"] == ("crop" if aug == "crop" else "sdclr-probe-cached (approx)")
+    assert res["selection"]["rule"] == "best-val-top1" and 1 <= res["selection"]["selected_epoch"] <= 6
+    assert [h["lr"] for h in res["history"]] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
+    # group counts come from ds.class_counts (the pre-training set), not from the balanced probe set
+    assert res["at_selected"]["groups_strict"]["n_classes"] == [2, 1, 1]
+
+
+def test_probe_reads_test_set_exactly_once(monkeypatch):
+    ds = _toy_ds(n_probe=50, n_val=10, n_test=15)      # probe 200 (batches 128 + 72), val 40, test 60
+    net = CountingNet(TinyNet())
+    seen = []
+    real = ev.extract_features
+
+    def spy(backbone, split, *a, **kw):
+        seen.append("test" if split is ds.test else "val" if split is ds.val else "other")
+        return real(backbone, split, *a, **kw)
+
+    monkeypatch.setattr(ev, "extract_features", spy)
+    res = ev.linear_probe(net, ds, CPU, aug="crop", epochs=4, milestones=[2], log=lambda s: None)
+    assert seen.count("test") == 1 and seen[-1] == "test"        # once, after selection
+    assert net.batch_sizes.count(len(ds.test)) == 1               # one backbone pass over the 60 test images
+    assert net.batch_sizes.count(128) == 4 and net.batch_sizes.count(72) == 4
+    assert res["at_selected"] is not res["at_last"] or res["selection"]["selected_epoch"] == 4
+    # few-shot: validation every 5 epochs (and at the last), test once
+    seen.clear()
+    net.batch_sizes.clear()
+    res = ev.linear_probe(net, ds, CPU, mode="few-shot", aug="none", epochs=7, milestones=[4], log=lambda s: None)
+    assert res["protocol"] == "sdclr-probe-fewshot"
+    assert [h["epoch"] for h in res["history"] if h["val_top1"] is not None] == [5, 7]
+    assert seen.count("test") == 1 and net.batch_sizes.count(len(ds.test)) == 1
+
+
+def test_probe_without_val_selects_last_epoch():
+    ds = _toy_ds(n_val=0)
+    res = ev.linear_probe(TinyNet(), ds, CPU, aug="none", epochs=3, milestones=[2], log=lambda s: None)
+    assert res["selection"]["selected_epoch"] == 3 and "last" in res["selection"]["rule"]
+    assert res["at_selected"] == res["at_last"]
+
+
+def test_frozen_backbone_params_and_bn_buffers_bit_identical():
+    torch.manual_seed(0)
+    net = common.build_backbone("resnet8")
+    net.train()
+    with torch.no_grad():   # move the BN running statistics away from their initial values
+        for _ in range(2):
+            net(torch.randn(8, 3, 32, 32) * 2 + 0.5)
+    before = _state(net)
+    assert any("running_mean" in k for k in before)
+    ds = _toy_ds(size=32, n_probe=6, n_val=3, n_test=3)
+    ev.linear_probe(net, ds, CPU, aug="crop", epochs=2, milestones=[1], batch_size=12, log=lambda s: None)
+    after = net.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert net.training                                   # the caller's mode is restored
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_cb_linear_balanced_stage_and_bn_train_copy():
+    ds = _toy_ds(n_probe=10)
+    ds.train = ds.probe         # a "LT train set" for the supervised stage
+    net = TinyNet()
+    res = ev.cb_linear(net, ds, CPU, lr=2.5, epochs=3, milestones=(2,), batch_size=16, log=lambda s: None)
+    assert res["protocol"] == "dscl-linear-cb" and res["variant"] == "bn-eval"
+    assert res["selection"]["selected_epoch"] == 3 and res["at_selected"] == res["at_last"]
+    assert res["best_test"]["selected_on_test"] is True
+    assert res["at_last"]["top1_overall"] >= 90.0
+    assert "at_val_selected" in res
+    net.train()
+    before = _state(net)
+    res = ev.cb_linear(net, ds, CPU, lr=2.5, epochs=2, milestones=(2,), batch_size=16, bn="train",
+                       log=lambda s: None)
+    assert res["variant"] == "bn-train"
+    for k, v in net.state_dict().items():    # released-code BN mode runs on a copy
+        assert torch.equal(before[k], v), k
+
+
+def test_classifier_eval_matches_manual_predictions():
+    ds = _toy_ds()
+    net, fc = TinyNet(), nn.Linear(16, 4)
+    m = ev.classifier_eval(net, fc, ds, CPU)
+    feats, y = ev.extract_features(net, ds.test, CPU)
+    expected = ev.compute_metrics(fc(feats).argmax(1), y, 4, ds.class_counts, ds.class_rank)
+    assert m == expected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kNN monitor (D§5.4), t-SNE
+# ---------------------------------------------------------------------------------------------------------
+def test_knn_monitor_on_easy_blobs():
+    ds = _toy_ds(n_probe=50)
+    m = ev.knn_monitor(TinyNet(), ds.probe, ds.val, CPU, 4, class_counts=ds.class_counts, class_rank=ds.class_rank)
+    assert m["acc_class_mean"] > 90.0 and m["groups_thirds"]["n_classes"] == [2, 1, 1]
+    # feature-level vote: four Gaussian blobs, cosine kNN
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.eye(4, 8) * 5
+    yb, yq = torch.arange(4).repeat_interleave(100), torch.arange(4).repeat_interleave(25)
+    bank = centres[yb] + torch.randn(400, 8, generator=gen)
+    query = centres[yq] + torch.randn(100, 8, generator=gen)
+    pred = ev.knn_predict(bank, yb, query, 4, k=200, t=0.1, chunk=32)
+    assert (pred == yq).float().mean() > 0.9
+
+
+def test_tsne_separates_two_gaussian_blobs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 20, generator=gen)
+    y = torch.arange(2).repeat_interleave(80)
+    x[y == 1] += 8.0
+    emb = ev.tsne(x, perplexity=20, iters=300, seed=0)
+    assert emb.shape == (160, 2) and torch.isfinite(emb).all()
+    c0, c1 = emb[y == 0].mean(0), emb[y == 1].mean(0)
+    pred = ((emb - c1).norm(dim=1) < (emb - c0).norm(dim=1)).long()
+    assert (pred == y).float().mean() > 0.95
+
+
+# ---------------------------------------------------------------------------------------------------------
+# results.json, plots, --table
+# ---------------------------------------------------------------------------------------------------------
+def test_write_results_and_plots(tmp_path):
+    ds = _toy_ds()
+    res = ev.results_skeleton("sdclr", "", True, ds, "sdclr-probe-full", "backbone", "resnet8", {"probe": 2}, 0,
+                              "off", 1.5)
+    res.update(ev.linear_probe(TinyNet(), ds, CPU, aug="none", epochs=2, milestones=[1], log=lambda s: None))
+    ev.write_results(tmp_path, res)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("method", "variant", "paper_setting", "dataset", "protocol", "network_evaluated", "backbone",
+                "epochs", "seed", "amp", "git_commit", "wall_time_s", "selection", "at_selected", "at_last"):
+        assert key in saved
+    assert saved["dataset"]["class_counts"] == ds.class_counts
+    assert set(saved["at_selected"]["groups_thirds"]) == {"many", "medium", "few", "group_mean", "std", "n_classes"}
+    assert (tmp_path / "per_class_acc.png").stat().st_size > 1000
+    assert (tmp_path / "group_acc.png").stat().st_size > 1000
+    feats, labels = ev.extract_features(TinyNet(), ds.test, CPU)
+    ev.plot_tsne(feats, labels, tmp_path / "tsne.png", class_names=ds.class_names)
+    assert (tmp_path / "tsne.png").stat().st_size > 1000
+
+
+def _fake_results(path, method, split, group_mean, top1, few):
+    m = {"top1_overall": top1, "acc_class_mean": top1, "per_class_acc": [], "std_classes": 0.0,
+         "groups_thirds": {"many": 90.0, "medium": 80.0, "few": few, "group_mean": group_mean, "std": 1.0,
+                           "n_classes": [4, 3, 3]},
+         "groups_strict": {"many": 85.0, "medium": 70.0, "few": None, "group_mean": 77.5, "std": 7.5,
+                           "n_classes": [8, 2, 0]},
+         "groups_oltr": {"many": 85.0, "medium": 70.0, "few": None, "group_mean": 77.5, "std": 7.5,
+                         "n_classes": [8, 2, 0]}}
+    res = {"method": method, "variant": "", "protocol": "sdclr-probe-full",
+           "dataset": {"name": "cifar10-lt", "lt_convention": "sdclr", "imb_ratio": 100, "split": split},
+           "at_selected": m, "at_last": m}
+    path.write_text(json.dumps(res))
+    return str(path)
+
+
+def test_table_aggregates_mean_and_population_std(tmp_path, capsys):
+    files = [_fake_results(tmp_path / f"r{i}.json", "sdclr", i + 1, gm, t1, few)
+             for i, (gm, t1, few) in enumerate([(80.0, 81.0, 70.0), (82.0, 83.0, 74.0), (84.0, 88.0, 72.0)])]
+    files.append(_fake_results(tmp_path / "other.json", "fassl", 1, 90.0, 91.0, 88.0))
+    rows = ev.aggregate_results(files)
+    assert len(rows) == 2
+    sdclr = next(r for r in rows if r["key"]["method"] == "sdclr")
+    assert sdclr["n"] == 3
+    assert sdclr["All"] == pytest.approx((82.0, math.sqrt(8 / 3)))
+    assert sdclr["Top-1"] == pytest.approx((84.0, math.sqrt(((81 - 84) ** 2 + (83 - 84) ** 2 + 16) / 3)))
+    assert sdclr["Rare"] == pytest.approx((72.0, math.sqrt(8 / 3)))
+    assert sdclr["Few (strict)"] is None
+    out = subprocess.run([sys.executable, "eval.py", "--table", *files], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.startswith("| sdclr"))
+    assert "| 3 |" in line and "82.00 ± 1.63" in line and "84.00 ± 2.94" in line and "72.00 ± 1.63" in line
+    assert "| fassl" in out.stdout and "90.00 ± 0.00" in out.stdout
+    # bad input: one line on stderr, exit code 2 (in-process, through the same wrapper as the CLI)
+    with pytest.raises(SystemExit) as exc, common.user_errors():
+        ev.main(["--table", str(tmp_path / "missing.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and err.startswith("error:") and "missing.json" in err
