@@ -786,8 +786,552 @@ def make_loader(split: Split, batch_size: int, device, *, shuffle=True, drop_las
     return Loader(split, batch_size, device, shuffle, drop_last, sampler, seed, workers, image_size)
 
 
-def _load_cifar(*a, **k):
-    raise UserError("CIFAR loading lands in the next commit of data.py; use --dataset synthetic-lt for now")
+
+# ------------------------------------------------------------------------------------------------
+# Building an LTDataset from canonical uint8 arrays (CIFAR pickles, folder trees, Tiny-ImageNet)
+# ------------------------------------------------------------------------------------------------
+
+def _find_named(root: str, names: list[str]) -> str | None:
+    """Path of the first file under `root` (recursive) whose name is in `names`, or None."""
+    for dirpath, _, files in sorted(os.walk(root)):
+        for nm in names:
+            if nm in files:
+                return os.path.join(dirpath, nm)
+    return None
 
 
-_load_folder = _load_tiny = _load_list_dataset = _load_cifar
+def _sdclr_files(num_classes, split, split_file, split_dir):
+    """Locate SDCLR index files (D§1.4 table) by their standard names. split_file is D_i; the other roles
+    are looked up next to it (its folder's parent) or under split_dir."""
+    pre = "cifar100_" if num_classes == 100 else ""
+    root = split_dir or os.path.dirname(os.path.dirname(os.path.abspath(split_file)))
+    if split_dir is not None and not os.path.isdir(split_dir):
+        raise UserError(f"--sdclr-split-dir {split_dir} does not exist; point it at SDCLR's split/ folder "
+                        f"(github.com/VITA-Group/SDCLR)")
+    found = {
+        "train": split_file or _find_named(root, [f"{pre}split{split}_D_i.npy"]),
+        "fewshot": _find_named(root, [f"{pre}split{split}_S_b.npy"]),
+        "val": _find_named(root, [f"{pre}valIdxList.npy"]),
+        "probe": _find_named(root, [f"{pre}trainIdxList.npy"]),
+    }
+    if found["train"] is None:
+        raise UserError(f"no {pre}split{split}_D_i.npy under {root}; pass --split-file PATH or an SDCLR split/ "
+                        f"folder with --sdclr-split-dir")
+    return found
+
+
+def _load_index_file(path, n, what):
+    if not os.path.isfile(path):
+        raise UserError(f"split file {path} not found; give the path of an SDCLR index file such as "
+                        f"split1_D_i.npy")
+    try:
+        idx = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"split file {path} is not a readable .npy index array ({type(e).__name__}: {e})")
+    return check_split_indices(idx, n, what, path)
+
+
+def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split, seed, image_source,
+              split_file=None, split_dir=None) -> LTDataset:
+    """Apply the ldam (D§1.3) / sdclr (D§1.4) generators or SDCLR index files to canonical arrays and
+    attach the probe / validation / few-shot sets of D§1.5 (and D§2 for Tiny)."""
+    C = len(classes)
+    t_tr = np.asarray(t_tr, dtype=np.int64)
+    y_tr = torch.from_numpy(t_tr)
+    y_te = torch.as_tensor(np.asarray(y_te, dtype=np.int64))
+    test = Split(y=y_te, x=x_te)
+    per = int(np.bincount(t_tr, minlength=C).min())
+    common = dict(name=name, num_classes=C, class_names=list(classes), image_size=int(x_tr.shape[-1]),
+                  test=test, image_source=image_source, tensor_resident=True)
+    if imb_ratio is None:                                   # the tree exactly as it is
+        counts = np.bincount(t_tr, minlength=C).tolist()
+        return LTDataset(train=Split(y=y_tr, x=x_tr), val=None, probe=None, fewshot=None,
+                         class_counts=counts, class_rank=_rank_from_counts(counts), lt_convention="list",
+                         imb_ratio=None, split=None, **common)
+    if split_file is not None or split_dir is not None:     # exact SDCLR membership -> sdclr-npy
+        files = _sdclr_files(C, split, split_file, split_dir)
+        n = len(t_tr)
+        sets = {k: (_load_index_file(p, n, k) if p else None) for k, p in files.items()}
+        tr = sets["train"]
+        counts = np.bincount(t_tr[tr], minlength=C).tolist()
+        prof = lt_counts(per - per // 10, C, imb_ratio)
+        if sorted(counts, reverse=True) != prof:
+            raise UserError(f"{files['train']}: per-class counts {sorted(counts, reverse=True)} differ from the "
+                            f"rho={imb_ratio:g} profile {prof}; check --imb-ratio or the file")
+        if sets["val"] is not None and np.intersect1d(tr, sets["val"]).size:
+            raise UserError(f"{files['train']} overlaps the validation list {files['val']}; use matching "
+                            f"SDCLR files")
+        if sets["fewshot"] is not None and np.setdiff1d(sets["fewshot"], tr).size:
+            raise UserError(f"{files['fewshot']} is not a subset of {files['train']}; use the S_b file of the "
+                            f"same split")
+        rank = _rank_from_counts(counts)
+        return LTDataset(train=_split_of(x_tr, y_tr, tr),
+                         val=_split_of(x_tr, y_tr, sets["val"]) if sets["val"] is not None else None,
+                         probe=_split_of(x_tr, y_tr, sets["probe"]) if sets["probe"] is not None else None,
+                         fewshot=_split_of(x_tr, y_tr, sets["fewshot"]) if sets["fewshot"] is not None else None,
+                         class_counts=counts, class_rank=rank, lt_convention="sdclr-npy", imb_ratio=imb_ratio,
+                         split=split, **common)
+    if protocol == "sdclr":
+        s = sdclr_indices(t_tr, C, imb_ratio, split, seed, probe_per_class=400 if C == 100 else None)
+        rank = [0] * C
+        for r, c in enumerate(s["order"]):
+            rank[c] = r
+        return LTDataset(train=_split_of(x_tr, y_tr, s["train"]), val=_split_of(x_tr, y_tr, s["val"]),
+                         probe=_split_of(x_tr, y_tr, s["probe"]), fewshot=_split_of(x_tr, y_tr, s["fewshot"]),
+                         class_counts=s["counts"], class_rank=rank, lt_convention="sdclr",
+                         imb_ratio=imb_ratio, split=split, **common)
+    counts = lt_counts(per, C, imb_ratio)                   # ldam: n_max = 5,000 / 500 (D§1.3, D§2)
+    lt = ldam_indices(t_tr, counts, seed)
+    val = holdout_indices(t_tr, per // 10, seed + 1)        # D§1.5 / D§2 (INFERRED)
+    probe = np.setdiff1d(np.arange(len(t_tr)), val)
+    few = fewshot_from_lt(lt, t_tr, counts[-1])
+    return LTDataset(train=_split_of(x_tr, y_tr, lt), val=_split_of(x_tr, y_tr, val),
+                     probe=_split_of(x_tr, y_tr, probe), fewshot=_split_of(x_tr, y_tr, few),
+                     class_counts=counts, class_rank=list(range(C)), lt_convention="ldam",
+                     imb_ratio=imb_ratio, split=None, **common)
+
+
+# ------------------------------------------------------------------------------------------------
+# CIFAR (the official python pickles, read in the order torchvision uses)
+# ------------------------------------------------------------------------------------------------
+
+CIFAR_LAYOUT = {
+    "cifar10-lt": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
+                       test=["test_batch"], meta="batches.meta", names="label_names", labels="labels",
+                       url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", tv="CIFAR10"),
+    "cifar100-lt": dict(folder="cifar-100-python", train=["train"], test=["test"], meta="meta",
+                        names="fine_label_names", labels="fine_labels",
+                        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", tv="CIFAR100"),
+}
+
+
+def _cifar_missing(data_dir, lay):
+    return [f for f in lay["train"] + lay["test"] + [lay["meta"]]
+            if not os.path.isfile(os.path.join(data_dir, lay["folder"], f))]
+
+
+def _cifar_error(name, data_dir, lay, why):
+    files = ",".join(lay["train"][:1] + (["...", lay["train"][-1]] if len(lay["train"]) > 1 else [])
+                     + lay["test"] + [lay["meta"]])
+    alt = ("; or use the CIFAR-10 JPEG copy: mkdir -p data/cifar10-jpeg && tar xzf "
+           "../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg, then --dataset folder --data-dir "
+           "data/cifar10-jpeg") if name == "cifar10-lt" else ""
+    return UserError(f"{name}: {why}; expected {os.path.join(data_dir, lay['folder'])}/{{{files}}} (the python "
+                     f"version of CIFAR); download {lay['url']} and unpack it into {data_dir}{alt}")
+
+
+def _unpickle(path):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path} is not a CIFAR python pickle ({type(e).__name__}); re-download the python "
+                        f"version of CIFAR")
+
+
+def read_cifar(name, data_dir, download=True):
+    """Canonical CIFAR arrays: (x_train uint8 (N,3,32,32), t_train int64 np, x_test, t_test, class names).
+    Missing files: one download attempt through torchvision (if the data dir exists or is ./data), then a
+    one-line UserError naming the files expected."""
+    lay = CIFAR_LAYOUT[name]
+    missing = _cifar_missing(data_dir, lay)
+    if missing and download and (os.path.isdir(data_dir) or os.path.normpath(data_dir) == "data"):
+        import socket
+        import torchvision
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(20)
+        try:
+            import contextlib
+            import io
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                getattr(torchvision.datasets, lay["tv"])(data_dir, train=True, download=True)
+        except Exception as e:  # noqa: BLE001 - no network, disk full, ...: one line
+            raise _cifar_error(name, data_dir, lay, f"files missing and the download failed ({type(e).__name__})")
+        finally:
+            socket.setdefaulttimeout(old)
+        missing = _cifar_missing(data_dir, lay)
+    if missing:
+        why = "data directory does not exist" if not os.path.isdir(data_dir) else f"missing {', '.join(missing)}"
+        raise _cifar_error(name, data_dir, lay, why)
+    base = os.path.join(data_dir, lay["folder"])
+
+    def part(files):
+        xs, ys = [], []
+        for f in files:
+            d = _unpickle(os.path.join(base, f))
+            try:
+                xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(d[lay["labels"]], dtype=np.int64))
+            except (KeyError, ValueError) as e:
+                raise UserError(f"{os.path.join(base, f)} lacks CIFAR fields ({e}); re-download the python version")
+        return torch.from_numpy(np.concatenate(xs)), np.concatenate(ys)
+
+    x_tr, t_tr = part(lay["train"])
+    x_te, t_te = part(lay["test"])
+    meta = _unpickle(os.path.join(base, lay["meta"]))
+    return x_tr, t_tr, x_te, t_te, list(meta[lay["names"]])
+
+
+def _load_cifar(name, data_dir, imb_ratio, protocol, split, split_file, split_dir, seed, download):
+    x_tr, t_tr, x_te, t_te, classes = read_cifar(name, data_dir, download)
+    return _build_lt(name, x_tr, t_tr, x_te, t_te, classes, imb_ratio, protocol, split, seed, "canonical",
+                     split_file, split_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# Image folders (ImageFolder tree) and Tiny-ImageNet: small images decoded once into a uint8 cache
+# ------------------------------------------------------------------------------------------------
+
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def _list_images(d):
+    return sorted(f for f in os.listdir(d) if f.lower().endswith(IMG_EXTS))
+
+
+def _decode_all(files, size=None):
+    """Decode files to one uint8 (N,3,S,S) tensor (RGB); images of another size are resized to S (antialias)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.v2 import functional as TF
+
+    def one(path):
+        try:
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{path}: cannot decode image ({type(e).__name__}); remove or replace the file")
+        return img
+
+    first = one(files[0])
+    S = size or first.shape[-1]
+    out = torch.empty(len(files), 3, S, S, dtype=torch.uint8)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+        for i, img in enumerate(ex.map(one, files, chunksize=256)):
+            if img.shape[-2:] != (S, S):
+                img = TF.resize(img, [S, S], antialias=True)
+            out[i] = img
+    return out
+
+
+def _cached_arrays(root, parts: dict, tag: str):
+    """parts = {name: (files, labels)} -> {name: (x uint8, y int64)}; cached in <root>/.cache-<hash>.pt
+    (hash of the relative paths, sizes and mtimes), written atomically; unreadable cache -> rebuilt."""
+    h = hashlib.sha1(tag.encode())
+    for k in sorted(parts):
+        for f in parts[k][0]:
+            st = os.stat(f)
+            h.update(f"{k}|{os.path.relpath(f, root)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+    path = os.path.join(root, f".cache-{h.hexdigest()[:16]}.pt")
+    if os.path.isfile(path):
+        try:
+            d = torch.load(path, weights_only=True)
+            return {k: (d[k + "_x"], d[k + "_y"]) for k in parts}
+        except Exception:  # noqa: BLE001 - truncated / foreign cache: rebuild it below
+            pass
+    out, blob = {}, {}
+    size = None
+    for k in parts:
+        files, labels = parts[k]
+        x = _decode_all(files, size)
+        size = x.shape[-1]
+        out[k] = (x, torch.as_tensor(labels, dtype=torch.int64))
+        blob[k + "_x"], blob[k + "_y"] = out[k]
+    tmp = path + f".{os.getpid()}.tmp"
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except OSError:                                         # read-only data dir: run without a cache
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def _scan_split(d, classes):
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        cd = os.path.join(d, name)
+        if os.path.isdir(cd):
+            fs = _list_images(cd)
+            files += [os.path.join(cd, f) for f in fs]
+            labels += [c] * len(fs)
+    return files, labels
+
+
+def _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed):
+    root = os.path.abspath(data_dir)
+    tr_dir = os.path.join(root, "train")
+    te_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(tr_dir) or te_dir is None:
+        raise UserError(f"folder dataset: expected {root}/train/<class>/*.jpg and {root}/test/<class>/* (or val/); "
+                        f"for the CIFAR-10 JPEG copy run: mkdir -p {data_dir} && tar xzf "
+                        f"../shared/data/cifar10-jpeg.tar.gz -C {data_dir}")
+    if split_file is not None:
+        raise UserError("--split-file indexes the canonical CIFAR arrays; the file order of a folder tree is "
+                        "unknown (D§1.6), so use --protocol sdclr without it or --dataset cifar10-lt")
+    classes = sorted(d for d in os.listdir(tr_dir) if os.path.isdir(os.path.join(tr_dir, d)))
+    if not classes:
+        raise UserError(f"folder dataset: no class folders in {tr_dir}; expected train/<class>/*.jpg")
+    tr_files, tr_y = _scan_split(tr_dir, classes)
+    te_files, te_y = _scan_split(te_dir, classes)
+    empty = [c for c, n in zip(classes, np.bincount(tr_y, minlength=len(classes))) if n == 0]
+    if empty or not te_files:
+        raise UserError(f"folder dataset: {'class folders without images: ' + ', '.join(empty[:5]) if empty else 'no test images in ' + te_dir}; "
+                        f"every class needs images in {tr_dir}/<class>/ and the test split in {te_dir}/<class>/")
+    from PIL import Image
+    with Image.open(tr_files[0]) as im:
+        side = max(im.size)
+    jpeg_copy = tuple(classes) == CIFAR10_CLASSES and side == 32 and len(tr_files) == 50000
+    source = "jpeg-copy" if jpeg_copy else "folder"
+    if side > 64:                                           # large images: decoded per step like list datasets
+        return _files_dataset("folder", tr_files, tr_y, te_files, te_y, None, classes, source)
+    arr = _cached_arrays(root, {"train": (tr_files, tr_y), "test": (te_files, te_y)}, "folder")
+    (x_tr, y_tr), (x_te, y_te) = arr["train"], arr["test"]
+    return _build_lt("folder", x_tr, y_tr.numpy(), x_te, y_te, classes, imb_ratio, protocol, split, seed, source)
+
+
+def _load_tiny(data_dir, imb_ratio, seed):
+    root = next((r for r in (data_dir, os.path.join(data_dir, "tiny-imagenet-200"))
+                 if os.path.isfile(os.path.join(r, "wnids.txt"))), None)
+    if root is None:
+        raise UserError(f"tiny-imagenet-lt: {data_dir}/tiny-imagenet-200/wnids.txt not found; expected wnids.txt, "
+                        f"train/<wnid>/images/*.JPEG and val/val_annotations.txt; download "
+                        f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {data_dir}")
+    root = os.path.abspath(root)
+    with open(os.path.join(root, "wnids.txt")) as f:
+        wnids = sorted(w.strip() for w in f if w.strip())      # label = sorted wnid index (D§2, INFERRED)
+    lab = {w: i for i, w in enumerate(wnids)}
+    tr_files, tr_y = [], []
+    for w in wnids:
+        d = os.path.join(root, "train", w, "images")
+        if not os.path.isdir(d):
+            raise UserError(f"tiny-imagenet-lt: {d} missing; re-extract tiny-imagenet-200.zip")
+        fs = _list_images(d)
+        tr_files += [os.path.join(d, f) for f in fs]
+        tr_y += [lab[w]] * len(fs)
+    ann = os.path.join(root, "val", "val_annotations.txt")
+    te_files, te_y = [], []
+    if not os.path.isfile(ann):
+        raise UserError(f"tiny-imagenet-lt: {ann} missing; re-extract tiny-imagenet-200.zip")
+    with open(ann) as f:
+        for ln, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 2 or parts[1] not in lab:
+                raise UserError(f"{ann}:{ln}: expected '<file>\\t<wnid>\\t...' with a wnid from wnids.txt")
+            te_files.append(os.path.join(root, "val", "images", parts[0]))
+            te_y.append(lab[parts[1]])
+    order = np.argsort(te_files, kind="stable")
+    te_files, te_y = [te_files[i] for i in order], [te_y[i] for i in order]
+    arr = _cached_arrays(root, {"train": (tr_files, tr_y), "test": (te_files, te_y)}, "tiny")
+    (x_tr, y_tr), (x_te, y_te) = arr["train"], arr["test"]
+    return _build_lt("tiny-imagenet-lt", x_tr, y_tr.numpy(), x_te, y_te, wnids,
+                     100.0 if imb_ratio is None else imb_ratio, "ldam", None, seed, "canonical")
+
+
+# ------------------------------------------------------------------------------------------------
+# List datasets (D§3): `relative/path label` per line, decoded per step by DataLoader workers
+# ------------------------------------------------------------------------------------------------
+
+LIST_FILES = {   # role -> file name (D§3); roles missing from a folder are None unless required
+    "imagenet-lt": dict(train="ImageNet_LT_train.txt", val="ImageNet_LT_val.txt", test="ImageNet_LT_test.txt",
+                        src="github.com/facebookresearch/classifier-balancing data/ImageNet_LT/"),
+    "places-lt": dict(train="Places_LT_train.txt", val="Places_LT_val.txt", test="Places_LT_test.txt",
+                      src="github.com/facebookresearch/classifier-balancing data/Places_LT/"),
+    "inat2018": dict(train="iNaturalist18_train.txt", test="iNaturalist18_val.txt",
+                     src="github.com/facebookresearch/classifier-balancing data/iNaturalist18/"),
+    "imagenet100-lt": dict(train="imageNet_100_LT_train.txt", val="ImageNet_100_val.txt",
+                           test="ImageNet_100_test.txt", fewshot="imageNet_100_sub_balance_train_0.01.txt",
+                           probe="ImageNet_100_train.txt", src="github.com/VITA-Group/SDCLR split/imagenet-100/"),
+}
+
+
+def parse_list(path: str, root: str):
+    """Parse a `<relative/path> <int label>` list (rsplit on the last space). Returns (abs paths, labels).
+    A malformed line raises UserError('<file>:<line>: ...')."""
+    files, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.rsplit(" ", 1)
+            if len(parts) != 2 or not parts[0] or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+                raise UserError(f"{path}:{ln}: expected '<relative/path> <int label>', got {line[:80]!r}")
+            files.append(os.path.join(root, parts[0]))
+            labels.append(int(parts[1]))
+    if not files:
+        raise UserError(f"{path}: the list is empty; expected '<relative/path> <int label>' lines")
+    return files, labels
+
+
+def _files_dataset(name, tr_files, tr_y, te_files, te_y, extra, classes, source) -> LTDataset:
+    y = torch.as_tensor(tr_y, dtype=torch.int64)
+    C = len(classes)
+    counts = torch.bincount(y, minlength=C).tolist()
+    mk = lambda fs, ys: Split(y=torch.as_tensor(ys, dtype=torch.int64), files=fs)  # noqa: E731
+    extra = extra or {}
+    return LTDataset(name=name, num_classes=C, class_names=list(classes), image_size=224,
+                     train=mk(tr_files, tr_y), test=mk(te_files, te_y),
+                     val=mk(*extra["val"]) if "val" in extra else None,
+                     probe=mk(*extra["probe"]) if "probe" in extra else None,
+                     fewshot=mk(*extra["fewshot"]) if "fewshot" in extra else None,
+                     class_counts=counts, class_rank=_rank_from_counts(counts), lt_convention="list",
+                     image_source=source, imb_ratio=None, split=None, tensor_resident=False)
+
+
+def _load_list_dataset(name, data_dir):
+    spec = LIST_FILES[name]
+    root = os.path.abspath(data_dir)
+    need = [spec["train"], spec["test"]]
+    missing = [f for f in need if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise UserError(f"{name}: list files missing: {', '.join(os.path.join(root, f) for f in missing)}; get "
+                        f"them from {spec['src']} and put them in {root} next to the image folders they index")
+    sets = {}
+    for role in ("train", "test", "val", "fewshot", "probe"):
+        if role in spec and os.path.isfile(os.path.join(root, spec[role])):
+            sets[role] = parse_list(os.path.join(root, spec[role]), root)
+    tr_files, tr_y = sets.pop("train")
+    if not os.path.isfile(tr_files[0]):
+        raise UserError(f"{name}: image {tr_files[0]} (line 1 of {spec['train']}) not found; the list paths are "
+                        f"relative to --data-dir ({root})")
+    C = max(tr_y) + 1
+    names = [""] * C
+    for f, c in zip(tr_files, tr_y):
+        if not names[c]:
+            names[c] = os.path.basename(os.path.dirname(f))
+    te_files, te_y = sets.pop("test")
+    bad = [c for c in te_y if c >= C]
+    if bad:
+        raise UserError(f"{name}: {spec['test']} has label {bad[0]} but {spec['train']} has only {C} classes")
+    return _files_dataset(name, tr_files, tr_y, te_files, te_y, sets, names, "canonical")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: --stats and --bench-augment
+# ------------------------------------------------------------------------------------------------
+
+def save_histogram(ds: LTDataset, path: str) -> None:
+    """Bar chart of the per-class train counts, head -> tail (generator rank)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    order = sorted(range(ds.num_classes), key=lambda c: ds.class_rank[c])
+    counts = [ds.class_counts[c] for c in order]
+    fig, ax = plt.subplots(figsize=(max(5.0, min(14.0, 0.4 * ds.num_classes + 2)), 3.5))
+    ax.bar(range(len(counts)), counts, color="tab:blue")
+    if ds.num_classes <= 20:
+        ax.set_xticks(range(len(counts)), [ds.class_names[c] for c in order], rotation=45, ha="right")
+    else:
+        ax.set_xlabel("class rank (head -> tail)")
+    ax.set_ylabel("train images")
+    src = " (JPEG copy)" if ds.image_source == "jpeg-copy" else ""
+    ax.set_title(f"{ds.name}{src}: {ds.lt_convention}, rho {ds.imb_ratio}, {sum(counts):,} images")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class _PILTwoViews(torch.utils.data.Dataset):
+    """The official per-image SDCLR/SimCLR CIFAR pipeline (PIL, bicubic), two views per image."""
+
+    def __init__(self, x_uint8):
+        import torchvision.transforms as T
+        self.x = x_uint8.permute(0, 2, 3, 1).numpy()
+        self.tf = T.Compose([T.RandomResizedCrop(32, scale=(0.1, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                             T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                             T.RandomGrayscale(p=0.2), T.ToTensor(),
+                             T.Normalize(*MEAN_STD["imagenet"])])
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        im = Image.fromarray(self.x[i])
+        return self.tf(im), self.tf(im)
+
+
+def bench_augment(n=4096, batch_size=512, workers=2, device="auto") -> dict:
+    """Images/s (two simclr_cifar views per image) of the batched augmentation on `device` and of
+    torchvision's per-image PIL pipeline in a DataLoader with `workers` processes, measured in one run."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    g = torch.Generator().manual_seed(0)
+    x = synthetic_images(torch.arange(n) % 10, 10, g)
+    xd = x.to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):                                      # warm-up
+        augment(xd[:batch_size], "simclr_cifar", gen)
+    sync()
+    t = time.perf_counter()
+    for s in range(0, n, batch_size):
+        xb = xd[s:s + batch_size]
+        augment(xb, "simclr_cifar", gen), augment(xb, "simclr_cifar", gen)
+    sync()
+    batched = n / (time.perf_counter() - t)
+    dl = torch.utils.data.DataLoader(_PILTwoViews(x), batch_size=batch_size, shuffle=True, num_workers=workers,
+                                     drop_last=False)
+    it = iter(dl)
+    first = next(it)                                        # worker start-up excluded
+    t = time.perf_counter()
+    seen = 0
+    for v1, _ in it:
+        seen += v1.shape[0]
+    pil = seen / max(time.perf_counter() - t, 1e-9)
+    del first
+    return {"device": str(dev), "n": n, "batch_size": batch_size, "workers": workers,
+            "batched_img_s": batched, "pil_img_s": pil, "ratio": batched / pil}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Long-tailed datasets (D§1-3): print class counts (--stats) or benchmark the batched "
+                    "augmentation (--bench-augment).")
+    p.add_argument("--dataset", default="cifar10-lt", help=f"one of: {', '.join(DATASETS)} (default: cifar10-lt)")
+    p.add_argument("--data-dir", default="./data", help="dataset root (default: ./data)")
+    p.add_argument("--imb-ratio", type=float, default=None,
+                   help="rho = n_max / n_min (D§1.1); default 100, except folder: the tree as it is")
+    p.add_argument("--protocol", default="ldam", choices=["ldam", "sdclr"], help="LT convention (D§0) (default: ldam)")
+    p.add_argument("--split", type=int, default=1, help="SDCLR split 1..5 (D§1.4) (default: 1)")
+    p.add_argument("--split-file", default=None, help="exact D_i index file, e.g. SDCLR split1_D_i.npy (sdclr-npy)")
+    p.add_argument("--sdclr-split-dir", default=None, help="SDCLR split/ folder; files found by name (D§1.4)")
+    p.add_argument("--seed", type=int, default=0, help="data seed (0 reproduces LDAM-DRW) (default: 0)")
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic-lt classes (default: 10)")
+    p.add_argument("--no-download", action="store_true", help="never try to download CIFAR")
+    p.add_argument("--stats", action="store_true", help="print per-class counts and totals, save a histogram")
+    p.add_argument("--plot", default=None, help="histogram path (default: runs/data-stats/<dataset>-<convention>.png)")
+    p.add_argument("--bench-augment", action="store_true", help="batched augmentation vs per-image PIL, images/s")
+    p.add_argument("--bench-n", type=int, default=4096, help="images in the benchmark (default: 4096)")
+    p.add_argument("--bench-workers", type=int, default=2, help="DataLoader workers for the PIL side (default: 2)")
+    p.add_argument("--device", default="auto", help="benchmark device: auto | cpu | cuda (default: auto)")
+    a = p.parse_args(argv)
+    if not (a.stats or a.bench_augment):
+        a.stats = True
+    if a.stats:
+        rho = a.imb_ratio if a.imb_ratio is not None or a.dataset == "folder" else 100.0
+        t = time.perf_counter()
+        ds = load_dataset(a.dataset, a.data_dir, rho, a.protocol, a.split, a.split_file, seed=a.seed,
+                          num_classes=a.num_classes, download=not a.no_download, sdclr_split_dir=a.sdclr_split_dir)
+        print(describe(ds))
+        print(f"loaded in {time.perf_counter() - t:.1f}s")
+        tag = ds.lt_convention + (f"-split{ds.split}" if ds.split else "")
+        path = a.plot or os.path.join("runs", "data-stats", f"{ds.name}-{tag}.png")
+        save_histogram(ds, path)
+        print(f"histogram saved to {path}")
+    if a.bench_augment:
+        r = bench_augment(a.bench_n, workers=a.bench_workers, device=a.device)
+        print(f"batched augment('simclr_cifar'), 2 views, on {r['device']}: {r['batched_img_s']:,.0f} images/s")
+        print(f"torchvision per-image PIL pipeline, DataLoader with {r['workers']} workers: {r['pil_img_s']:,.0f} images/s")
+        print(f"ratio batched / PIL: {r['ratio']:.1f}x  ({r['n']} images of 32x32, {os.cpu_count()} CPU cores)")
+
+
+if __name__ == "__main__":
+    import common
+    with common.user_errors():
+        main()
