@@ -175,10 +175,11 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 def setup_device(device: str = "auto", amp: str = "auto") -> tuple[torch.device, torch.dtype | None]:
-    """Pick the device and the autocast dtype (ssl.md §0.5) and turn TF32 matmuls on.
+    """Pick the device and the autocast dtype (ssl.md §0.5).
 
     device "auto" -> cuda if available else cpu. amp "auto" -> bf16 on a GPU that supports it, else fp16
     (with a GradScaler, see `make_scaler`); off (None) on CPU. "bf16" | "fp16" | "off" force a choice.
+    TF32 is turned on for CUDA devices.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,9 +197,10 @@ def setup_device(device: str = "auto", amp: str = "auto") -> tuple[torch.device,
         amp_dtype = _AMP[amp]
     else:
         raise UserError(f"--amp {amp!r} is unknown; use one of auto, bf16, fp16, off")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")
+    if dev.type == "cuda":  # TF32 matmuls / convolutions (ssl.md §0.5); CPU numerics are left exact
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
     return dev, amp_dtype
 
 

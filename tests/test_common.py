@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -232,7 +233,7 @@ def _train(model, opt, steps, start):
     head_w = torch.randn(4, 64, generator=g)
     for step in range(start, start + steps):
         common.set_lr(opt, common.cosine_lr(step, 6, 2, 0.1))
-        noise = torch.randn_like(x) * 0.1 + float(np.random.rand()) * 0.01 + __import__("random").random() * 0.01
+        noise = torch.randn_like(x) * 0.1 + float(np.random.rand()) * 0.01 + random.random() * 0.01
         loss = F.cross_entropy(model(x + noise) @ head_w.T, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -274,11 +275,11 @@ def test_resume_reproduces_straight_run(tmp_path):
 def test_rng_state_round_trip(tmp_path):
     common.seed_everything(3)
     state = common.rng_state()
-    want = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    want = (torch.rand(3), np.random.rand(3), random.random())
     common.save_checkpoint(tmp_path / "rng.pt", {"rng": state})
     common.seed_everything(4)
     common.set_rng_state(common.load_checkpoint(tmp_path / "rng.pt")["rng"])
-    got = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
 
 
@@ -471,9 +472,9 @@ def test_device_amp_and_wrappers():
 
 def test_seed_everything_reproduces():
     common.seed_everything(7)
-    a = (torch.rand(2), np.random.rand(2), __import__("random").random())
+    a = (torch.rand(2), np.random.rand(2), random.random())
     common.seed_everything(7)
-    b = (torch.rand(2), np.random.rand(2), __import__("random").random())
+    b = (torch.rand(2), np.random.rand(2), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
