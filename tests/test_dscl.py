@@ -1,0 +1,243 @@
+"""Tests for dscl.py: the DSCL / PBSD losses against direct formulas, the queue, the boxes, the settings, and a
+tiny two-stage run on synthetic-lt (budget: 60 s on 2 CPU cores)."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+import dscl
+
+TAU = 0.07
+
+
+def _case(B=6, K=20, D=8, C=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, D, generator=g)
+    k = torch.randn(B, D, generator=g)
+    queue = F.normalize(torch.randn(K, D, generator=g), dim=1)
+    labels = torch.randint(0, C, (B,), generator=g)
+    queue_labels = torch.randint(0, C, (K,), generator=g)
+    return q, k, labels, queue, queue_labels
+
+
+def _eq8_loop(q, k, labels, queue, queue_labels, alpha, tau, contrast_batch=False):
+    """Eq. (8)-(9) literally: -1/(|P|+1) sum_t log[exp(w_t s_t / tau) / sum_m exp(s_m / tau)], anchor by anchor."""
+    q, k = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
+    queue = queue.double()
+    B, total = q.shape[0], 0.0
+    for i in range(B):
+        cols, pos = [k[i]], []                               # own key first
+        if contrast_batch:
+            for j in range(B):
+                if j != i:
+                    cols.append(q[j]); pos.append(bool(labels[j] == labels[i]))
+                    cols.append(k[j]); pos.append(bool(labels[j] == labels[i]))
+        for m in range(queue.shape[0]):
+            cols.append(queue[m]); pos.append(bool(queue_labels[m] == labels[i]))
+        sims = [float(c @ q[i]) / tau for c in cols]
+        lse = math.log(sum(math.exp(s) for s in sims))
+        n_p = sum(pos)
+        a = (1.0 / (n_p + 1)) if alpha == "scl" else (alpha if n_p > 0 else 1.0)
+        w = [a * (n_p + 1)] + [(1 - a) * (n_p + 1) / n_p if p else 0.0 for p in pos]   # Eq. (9)
+        terms = [w[0] * sims[0] - lse] + [w[t + 1] * sims[t + 1] - lse for t, p in enumerate(pos) if p]
+        total += -sum(terms) / (n_p + 1)                                                # Eq. (8)
+    return total / B
+
+
+@pytest.mark.parametrize("contrast_batch", [False, True])
+@pytest.mark.parametrize("alpha", [0.1, 0.5, "scl"])
+def test_dscl_loss_matches_loop_eq8(alpha, contrast_batch):
+    q, k, labels, queue, queue_labels = _case()
+    got = dscl.dscl_loss(q, k, labels, queue, queue_labels, alpha, TAU, contrast_batch=contrast_batch)
+    ref = _eq8_loop(q, k, labels, queue, queue_labels, alpha, TAU, contrast_batch)
+    assert got.item() == pytest.approx(ref, rel=1e-4, abs=1e-4)
+
+
+def test_dscl_loss_equals_scl_with_per_anchor_alpha():
+    q, k, labels, queue, queue_labels = _case(seed=1)
+    # SCL, eq. (1): mean of -log p over {own key} + P_i, written independently with cross_entropy
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ queue.T], 1) / TAU
+    target = torch.cat([torch.ones(len(q), 1), (labels[:, None] == queue_labels[None]).float()], 1)
+    n_pos = target.sum(1) - 1
+    scl = F.cross_entropy(logits, target / target.sum(1, keepdim=True))
+    per_anchor = 1.0 / (n_pos + 1)
+    assert dscl.dscl_loss(q, k, labels, queue, queue_labels, per_anchor, TAU).item() == pytest.approx(scl.item(), rel=1e-5)
+    assert dscl.dscl_loss(q, k, labels, queue, queue_labels, "scl", TAU).item() == pytest.approx(scl.item(), rel=1e-5)
+    # a constant alpha is different from SCL whenever |P_i| varies
+    assert dscl.dscl_loss(q, k, labels, queue, queue_labels, 0.1, TAU).item() != pytest.approx(scl.item(), rel=1e-3)
+
+
+def test_dscl_loss_alpha_one_is_moco_infonce():
+    q, k, labels, queue, queue_labels = _case(seed=2)
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ queue.T], 1) / TAU
+    moco = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+    assert dscl.dscl_loss(q, k, labels, queue, queue_labels, 1.0, TAU).item() == pytest.approx(moco.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("contrast_batch", [False, True])
+def test_dscl_loss_no_positive_is_finite(contrast_batch):
+    q, k, _, queue, _ = _case(B=4, seed=3)
+    q.requires_grad_(True)
+    labels = torch.arange(4)                                # unique labels in the batch
+    queue_labels = torch.full((queue.shape[0],), 7)        # never a positive
+    loss = dscl.dscl_loss(q, k, labels, queue, queue_labels, 0.1, TAU, contrast_batch=contrast_batch)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(q.grad).all()
+    assert loss.item() == pytest.approx(_eq8_loop(q.detach(), k, labels, queue, queue_labels, 0.1, TAU,
+                                                  contrast_batch), rel=1e-4)
+
+
+def test_dscl_loss_bf16_inputs_match_fp32():
+    q, k, labels, queue, queue_labels = _case(seed=4)
+    ref = dscl.dscl_loss(q, k, labels, queue, queue_labels, 0.1, TAU)
+    low = dscl.dscl_loss(q.bfloat16(), k.bfloat16(), labels, queue.bfloat16(), queue_labels, 0.1, TAU)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    assert low.item() == pytest.approx(ref.item(), rel=0.05)
+
+
+def _pbsd_case(seed=0, B=3, L=2, K=7, D=5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g), torch.randn(B, D, generator=g),
+            F.normalize(torch.randn(K, D, generator=g), dim=1))
+
+
+def test_pbsd_loss_matches_direct_eq14():
+    s, c, k, queue = _pbsd_case()
+    got = dscl.pbsd_loss(s, c, k, queue, TAU).item()
+    s, c, k, queue = (F.normalize(t.double(), dim=-1) for t in (s, c, k, queue))
+    B, L, total = s.shape[0], s.shape[1], 0.0
+    for i in range(B):
+        D_i = [k[i]] + list(queue)                          # {z_i^+} + M
+        for j in range(L):
+            t_exp = [math.exp(float(z @ c[i, j]) / TAU) for z in D_i]
+            s_exp = [math.exp(float(z @ s[i, j]) / TAU) for z in D_i]
+            total += -sum(te / sum(t_exp) * math.log(se / sum(s_exp)) for te, se in zip(t_exp, s_exp)) / L
+    assert got == pytest.approx(total / B, rel=1e-4)
+
+
+def test_pbsd_loss_is_teacher_entropy_when_equal_and_no_teacher_grad():
+    s, _, k, queue = _pbsd_case(seed=1)
+    teacher = s.clone().requires_grad_(True)
+    student = s.clone().requires_grad_(True)
+    loss = dscl.pbsd_loss(student, teacher, k, queue, TAU)
+    sn, kn = F.normalize(s, dim=-1), F.normalize(k, dim=-1)
+    logits = torch.cat([(sn * kn[:, None]).sum(-1, keepdim=True), sn @ queue.T], -1) / TAU
+    entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1).mean()
+    assert loss.item() == pytest.approx(entropy.item(), rel=1e-5)
+    loss.backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_enqueue_wraps_and_keeps_labels_aligned():
+    K, D, B = 10, 3, 4
+    queue, labels = torch.zeros(K, D), torch.full((K,), -1)
+    ptr, written = 0, []
+    for step in range(4):                                   # 16 keys into 10 slots: wraps around
+        ids = torch.arange(step * B, step * B + B)
+        keys = ids[:, None].float().expand(B, D)            # the key encodes its id, its label = id % 5
+        ptr = dscl.enqueue(queue, labels, ptr, keys, ids % 5)
+        written.extend(ids.tolist())
+    assert ptr == (4 * B) % K
+    newest = written[-K:]                                   # slot s holds the last id written to it
+    for s in range(K):
+        expect = [i for n, i in enumerate(written) if n % K == s][-1]
+        assert queue[s, 0].item() == expect and labels[s].item() == expect % 5
+    assert sorted(queue[:, 0].long().tolist()) == sorted(newest)
+
+
+def test_roi_boxes_inside_image_with_areas_in_scale():
+    g = torch.Generator().manual_seed(0)
+    H = W = 224
+    boxes = data.sample_boxes(64, 5, H, W, scale=(0.05, 0.6), generator=g)
+    assert boxes.shape == (64, 5, 4)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= W).all() and (y2 <= H).all()
+    assert (x2 > x1).all() and (y2 > y1).all()
+    area = (x2 - x1) * (y2 - y1) / (H * W)
+    assert area.min() >= 0.05 * 0.95 and area.max() <= 0.6 * 1.05
+    assert area.max() - area.min() > 0.3                    # spread over the range, not one size
+
+
+def test_roi_teacher_pools_the_box_region():
+    # a feature map whose channels are the x and y coordinates of each cell centre (stride 4)
+    H = W = 8
+    ys, xs = torch.meshgrid(torch.arange(H) * 4 + 2.0, torch.arange(W) * 4 + 2.0, indexing="ij")
+    fmap = torch.stack([xs, ys])[None]                      # (1, 2, 8, 8)
+    boxes = torch.tensor([[[0.0, 0.0, 32.0, 32.0], [16.0, 8.0, 32.0, 24.0]]])
+    c = dscl.roi_teacher(torch.nn.Identity(), fmap, boxes, stride=4)
+    assert c.shape == (1, 2, 2)
+    # roi_align(aligned=False) reads map cell u at pixel 4u, where this map holds 4u + 2: expect box centre + 2
+    assert c[0, 1, 0].item() == pytest.approx(24.0 + 2, abs=1.0) and c[0, 1, 1].item() == pytest.approx(16.0 + 2, abs=0.5)
+    assert c[0, 0, 0].item() == pytest.approx(16.0 + 2, abs=0.5) and c[0, 0, 1].item() == pytest.approx(16.0 + 2, abs=0.5)
+
+
+def test_settings_cifar_adaptation_and_explicit_override():
+    a = dscl.resolve_args(["--dataset", "cifar10-lt"])
+    assert (a.arch, a.queue_size, a.ema, a.patch_size, a.crop_scale) == ("resnet32", 8192, 0.99, 16, [0.2, 1.0])
+    assert (a.linear_batch_size, a.linear_lr, a.alpha, a.pbsd_weight) == (512, 2.5, 0.1, 1.5)
+    assert not dscl.is_paper_setting(a)
+    b = dscl.resolve_args(["--dataset", "cifar10-lt", "--queue-size", "4096", "--arch=resnet8"])
+    assert (b.queue_size, b.arch, b.ema) == (4096, "resnet8", 0.99)
+    p = dscl.resolve_args(["--dataset", "places-lt"])
+    assert (p.arch, p.finetune, p.epochs, p.linear_lr) == ("resnet152", "layer4", 30, 2.5)
+    assert dscl.resolve_args(["--dataset", "inat2018"]).linear_lr == 30.0
+
+
+def _tiny(tmp_path, *extra):
+    return dscl.resolve_args([
+        "--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "24", "--synthetic-n-test", "10",
+        "--imb-ratio", "10", "--arch", "resnet8", "--queue-size", "64", "--batch-size", "16", "--epochs", "2",
+        "--warmup-epochs", "1", "--num-patches", "2", "--linear-epochs", "1", "--linear-milestones", "1",
+        "--linear-batch-size", "32", "--device", "cpu", "--amp", "off", "--workers", "0",
+        "--out-dir", str(tmp_path), "--print-every", "1000", *extra])
+
+
+def test_tiny_two_stage_run_writes_results(tmp_path):
+    args = _tiny(tmp_path)
+    res = dscl.main(args)
+    run_dir = next(tmp_path.glob("dscl-synthetic-lt-*"))
+    saved = json.loads((run_dir / "results.json").read_text())
+    for groups in (saved["at_last"]["groups_strict"], res["at_last"]["groups_thirds"]):
+        assert {"many", "medium", "few"} <= set(groups)
+    assert saved["method"] == "dscl-cifar (non-paper)" and saved["paper_setting"] is False
+    assert saved["protocol"] == "dscl-linear-cb"
+    ck = common.load_checkpoint(run_dir / "checkpoint.pt")
+    iters = saved["dataset"]["n_train"] // 16
+    assert ck["epoch"] == 2 and ck["queue"].shape == (64, 128) and ck["queue_ptr"] == (2 * iters * 16) % 64
+    assert (ck["queue_labels"] >= 0).all() and (ck["queue_labels"] < 4).all()
+    lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss_pbsd"] for r in lines if r.get("stage") == "pretrain"]
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    straight = _tiny(tmp_path / "a", "--stage", "pretrain")
+    dscl.main(straight)
+    ref = common.load_checkpoint(next((tmp_path / "a").glob("dscl-*")) / "checkpoint.pt")
+
+    saves = []
+    real_save = common.save_checkpoint
+
+    def save_then_stop(path, state):                       # interrupt right after the first epoch's checkpoint
+        real_save(path, state)
+        saves.append(path)
+        if len(saves) == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        dscl.main(_tiny(tmp_path / "b", "--stage", "pretrain"))
+    ck_path = next((tmp_path / "b").glob("dscl-*")) / "checkpoint.pt"
+    dscl.main(_tiny(tmp_path / "b", "--stage", "pretrain", "--resume", str(ck_path)))
+    got = common.load_checkpoint(ck_path)
+    assert got["epoch"] == 2 and got["queue_ptr"] == ref["queue_ptr"]
+    for name in ("model", "key_model"):
+        for key, val in ref[name].items():
+            assert torch.equal(val, got[name][key]), f"{name}.{key} differs after resume"
+    assert torch.equal(ref["queue"], got["queue"]) and torch.equal(ref["queue_labels"], got["queue_labels"])
