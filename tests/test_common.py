@@ -28,12 +28,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("size, map_size", [(32, 4), (64, 8), (224, 7)])
 def test_resnet18_shapes(size, map_size):
     net = common.build_backbone("resnet18", image_size=size).eval()
-    x = torch.randn(2, 3, size, size)
+    x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         pooled = net(x)
         pooled2, fmap = net(x, return_map=True)
-    assert net.out_dim == 512 and pooled.shape == (2, 512)
-    assert fmap.shape == (2, 512, map_size, map_size)
+    assert net.out_dim == 512 and pooled.shape == (1, 512)
+    assert fmap.shape == (1, 512, map_size, map_size)
     assert net.feature_stride == size // map_size
     assert torch.equal(pooled, pooled2)
     assert torch.allclose(pooled, fmap.mean(dim=(2, 3)), atol=1e-6)
@@ -461,7 +461,7 @@ def test_device_amp_and_wrappers():
             common.setup_device("cuda", "auto")
     assert not common.make_scaler(torch.bfloat16).is_enabled() and not common.make_scaler(None).is_enabled()
     with common.autocast(dev, None):
-        assert not torch.is_autocast_enabled("cpu")
+        assert (nn.Linear(4, 4)(torch.randn(2, 4))).dtype == torch.float32
     with common.autocast(dev, torch.bfloat16):
         assert (nn.Linear(4, 4)(torch.randn(2, 4))).dtype == torch.bfloat16
     net = nn.Linear(2, 2)
