@@ -114,7 +114,7 @@ class Args:
     bench_steps: int = common.arg(10, "timed steps per stage for --benchmark (after 3 warm-up steps)")
 
 
-RUNTIME_FIELDS = ("resume", "stop_after_epochs", "device", "amp", "compile", "workers", "out_dir", "data_dir")
+RUNTIME_FIELDS = ("resume", "stop_after_epochs", "device", "amp", "compile", "workers")
 ABLATION_FIELDS = ("stage", "no_init", "init", "arch", "prune_ratio", "dual_bn", "tau", "num_prototypes", "ema_tau",
                    "reweight", "clip_sigma")
 
@@ -436,9 +436,10 @@ def checkpoint_state(args, image_size, stage, epoch, mods, opt, scaler, evaluate
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state()}
 
 
-def train_stage(stage, args, ds, device, amp_dtype, run_dir, method, init=None, ck=None, group_of_class=None):
+def train_stage(stage, args, ds, device, amp_dtype, run_dir, method, init=None, ck=None, group_of_class=None,
+                budget=None):
     """Run one stage from epoch 0 (or from `ck`, a mid-stage checkpoint). Returns the final state dict (also
-    written to stage_<name>.pt), or None when --stop-after-epochs stopped it."""
+    written to stage_<name>.pt), or None when the --stop-after-epochs budget {"epochs": n} ran out."""
     kw = {"init": init} if stage != "sdclr" else {}
     if stage == "rebalance":
         kw["group_of_class"] = group_of_class
@@ -462,10 +463,10 @@ def train_stage(stage, args, ds, device, amp_dtype, run_dir, method, init=None, 
     knn_every = args.knn_every if args.knn_every is not None else max(1, epochs // 20)
     progress = common.Progress(total, batch, every=min(20, max(1, iters // 2)), prefix=stage)
     print(f"[{stage}] epochs {start + 1}..{epochs} x {iters} it, batch {batch}, lr {args.lr}", flush=True)
-    done_here = 0
+    budget = budget if budget is not None else {"epochs": None}
     for epoch in range(start, epochs):
-        if args.stop_after_epochs is not None and done_here >= args.stop_after_epochs:
-            print(f"[{stage}] stopped after {done_here} epochs (--stop-after-epochs); continue with "
+        if budget["epochs"] is not None and budget["epochs"] <= 0:
+            print(f"[{stage}] stopped at epoch {epoch}/{epochs} (--stop-after-epochs); continue with "
                   f"--resume {run_dir / 'checkpoint.pt'}", flush=True)
             return None
         record = {"stage": stage, "epoch": epoch + 1, **(epoch_start(epoch) if epoch_start else {})}
@@ -492,7 +493,8 @@ def train_stage(stage, args, ds, device, amp_dtype, run_dir, method, init=None, 
         common.append_metrics(run_dir, record)
         state = checkpoint_state(args, ds.image_size, stage, epoch + 1, mods, opt, scaler, common.unwrap(evaluated), method)
         common.save_checkpoint(run_dir / "checkpoint.pt", state)
-        done_here += 1
+        if budget["epochs"] is not None:
+            budget["epochs"] -= 1
     common.save_checkpoint(run_dir / f"stage_{stage}.pt", state)
     return state
 
@@ -644,8 +646,7 @@ def main(argv=None):
     if stages[0] == "rebalance" and prev is not None and "prototypes" not in prev and args.reweight:
         raise common.UserError(f"--init {args.init} has no prototypes; pass a stage_prototypes.pt or add "
                                "--no-reweight")
-    groups = group_of_classes(ds)
-    outputs = {}
+    groups, outputs, budget = group_of_classes(ds), {}, {"epochs": args.stop_after_epochs}
     for stage in stages:
         final = run_dir / f"stage_{stage}.pt"
         if ck is not None and final.is_file():              # finished before the interruption
@@ -653,7 +654,7 @@ def main(argv=None):
         else:
             resume_ck = ck if ck is not None and ck["stage"] == stage else None
             prev = train_stage(stage, args, ds, device, amp_dtype, run_dir, method, init=prev, ck=resume_ck,
-                               group_of_class=groups)
+                               group_of_class=groups, budget=budget)
             if prev is None:
                 return run_dir
         outputs[stage] = prev
