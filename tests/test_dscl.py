@@ -190,38 +190,44 @@ def test_settings_cifar_adaptation_and_explicit_override():
     assert dscl.resolve_args(["--dataset", "inat2018"]).linear_lr == 30.0
 
 
-def _tiny(tmp_path, *extra):
+def _tiny(out_dir, *extra):
     return dscl.resolve_args([
-        "--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "24", "--synthetic-n-test", "10",
-        "--imb-ratio", "10", "--arch", "resnet8", "--queue-size", "64", "--batch-size", "16", "--epochs", "2",
+        "--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "12", "--synthetic-n-test", "6",
+        "--imb-ratio", "10", "--arch", "resnet8", "--queue-size", "32", "--batch-size", "8", "--epochs", "2",
         "--warmup-epochs", "1", "--num-patches", "2", "--linear-epochs", "1", "--linear-milestones", "1",
-        "--linear-batch-size", "32", "--device", "cpu", "--amp", "off", "--workers", "0",
-        "--out-dir", str(tmp_path), "--print-every", "1000", *extra])
+        "--linear-batch-size", "16", "--device", "cpu", "--amp", "off", "--workers", "0",
+        "--out-dir", str(out_dir), "--print-every", "1000", *extra])
 
 
-def test_tiny_two_stage_run_writes_results(tmp_path):
-    args = _tiny(tmp_path)
-    res = dscl.main(args)
-    run_dir = next(tmp_path.glob("dscl-synthetic-lt-*"))
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted tiny run of both stages on synthetic-lt (CPU, resnet8, 2 + 1 epochs)."""
+    out = tmp_path_factory.mktemp("dscl_tiny")
+    res = dscl.main(_tiny(out))
+    return res, next(out.glob("dscl-synthetic-lt-*"))
+
+
+def test_tiny_two_stage_run_writes_results(tiny_run):
+    res, run_dir = tiny_run
     saved = json.loads((run_dir / "results.json").read_text())
     for groups in (saved["at_last"]["groups_strict"], res["at_last"]["groups_thirds"]):
         assert {"many", "medium", "few"} <= set(groups)
     assert saved["method"] == "dscl-cifar (non-paper)" and saved["paper_setting"] is False
-    assert saved["protocol"] == "dscl-linear-cb"
+    assert saved["protocol"] == "dscl-linear-cb" and saved["extra"]["alpha"] == 0.1
+    assert saved["extra"]["beta"] == pytest.approx(9.0)
     ck = common.load_checkpoint(run_dir / "checkpoint.pt")
-    iters = saved["dataset"]["n_train"] // 16
-    assert ck["epoch"] == 2 and ck["queue"].shape == (64, 128) and ck["queue_ptr"] == (2 * iters * 16) % 64
+    iters = saved["dataset"]["n_train"] // 8
+    assert ck["epoch"] == 2 and ck["queue"].shape == (32, 128) and ck["queue_ptr"] == (2 * iters * 8) % 32
     assert (ck["queue_labels"] >= 0).all() and (ck["queue_labels"] < 4).all()
+    assert torch.allclose(ck["queue"].norm(dim=1), torch.ones(32), atol=1e-4)
+    assert json.loads((run_dir / "config.json").read_text())["args"]["arch"] == "resnet8"
     lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss_pbsd"] for r in lines if r.get("stage") == "pretrain"]
     assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
-    straight = _tiny(tmp_path / "a", "--stage", "pretrain")
-    dscl.main(straight)
-    ref = common.load_checkpoint(next((tmp_path / "a").glob("dscl-*")) / "checkpoint.pt")
-
+def test_resume_is_exact(tiny_run, tmp_path, monkeypatch):
+    ref = common.load_checkpoint(tiny_run[1] / "checkpoint.pt")
     saves = []
     real_save = common.save_checkpoint
 
@@ -232,12 +238,43 @@ def test_resume_is_exact(tmp_path, monkeypatch):
             raise KeyboardInterrupt
     monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        dscl.main(_tiny(tmp_path / "b", "--stage", "pretrain"))
-    ck_path = next((tmp_path / "b").glob("dscl-*")) / "checkpoint.pt"
-    dscl.main(_tiny(tmp_path / "b", "--stage", "pretrain", "--resume", str(ck_path)))
+        dscl.main(_tiny(tmp_path, "--stage", "pretrain"))
+    ck_path = next(tmp_path.glob("dscl-*")) / "checkpoint.pt"
+    assert common.load_checkpoint(ck_path)["epoch"] == 1
+    dscl.main(_tiny(tmp_path, "--stage", "pretrain", "--resume", str(ck_path)))
     got = common.load_checkpoint(ck_path)
     assert got["epoch"] == 2 and got["queue_ptr"] == ref["queue_ptr"]
     for name in ("model", "key_model"):
         for key, val in ref[name].items():
             assert torch.equal(val, got[name][key]), f"{name}.{key} differs after resume"
     assert torch.equal(ref["queue"], got["queue"]) and torch.equal(ref["queue_labels"], got["queue_labels"])
+
+
+def _fake_imagenet_lt(root):
+    from PIL import Image
+    (root / "train" / "n0").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (120, 30, 200)).save(root / "train" / "n0" / "a.jpg")
+    (root / "ImageNet_LT_train.txt").write_text("train/n0/a.jpg 0\ntrain/n0/a.jpg 1\ntrain/n0/a.jpg 2\n")
+    (root / "ImageNet_LT_test.txt").write_text("train/n0/a.jpg 0\ntrain/n0/a.jpg 2\n")
+
+
+def test_imagenet_lt_starts_with_paper_settings(tmp_path, capsys):
+    _fake_imagenet_lt(tmp_path)
+    dscl.main(dscl.resolve_args(["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--dry-run"]))
+    out = capsys.readouterr().out
+    assert "paper setting" in out
+    cfg = json.loads(out.split("resolved settings:\n", 1)[1].splitlines()[0])
+    paper = dict(arch="resnet50", queue_size=65536, ema=0.999, temperature=0.07, alpha=0.1, pbsd_weight=1.5,
+                 num_patches=5, patch_scale=[0.05, 0.6], patch_size=64, crop_scale=[0.08, 1.0], batch_size=256,
+                 lr=0.1, warmup_epochs=10, weight_decay=5e-4, momentum=0.9, epochs=200, linear_lr=10.0,
+                 linear_epochs=40, linear_milestones=[20, 30], linear_batch_size=2048, feat_dim=128)
+    assert {k: cfg[k] for k in paper} == paper
+
+
+def test_missing_list_files_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        with common.user_errors():
+            dscl.main(dscl.resolve_args(["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--dry-run"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "ImageNet_LT_train.txt" in err and len(err.splitlines()) == 1
