@@ -200,7 +200,9 @@ def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split
         val.append(p[:v])
         pools.append(p[v:])
     n_max = per - v                                                        # 4,500 / 450
-    k_probe = probe_per_class if probe_per_class is not None else n_max    # CIFAR-100: 400 (step 2)
+    if probe_per_class is None:                                            # step 2: CIFAR-100 keeps 400
+        probe_per_class = 400 if num_classes == 100 and n_max == 450 else n_max
+    k_probe = probe_per_class
     probe = np.concatenate([p[:k_probe] for p in pools])
     order = sdclr_class_order(num_classes, split, seed)
     prof = lt_counts(n_max, num_classes, imb_ratio)
@@ -872,7 +874,7 @@ def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split,
                          class_counts=counts, class_rank=rank, lt_convention="sdclr-npy", imb_ratio=imb_ratio,
                          split=split, **common)
     if protocol == "sdclr":
-        s = sdclr_indices(t_tr, C, imb_ratio, split, seed, probe_per_class=400 if C == 100 else None)
+        s = sdclr_indices(t_tr, C, imb_ratio, split, seed)
         rank = [0] * C
         for r, c in enumerate(s["order"]):
             rank[c] = r
@@ -990,23 +992,25 @@ def _list_images(d):
 
 
 def _decode_all(files, size=None):
-    """Decode files to one uint8 (N,3,S,S) tensor (RGB); images of another size are resized to S (antialias)."""
+    """Decode files with PIL (threads) to one uint8 (N,3,S,S) RGB tensor; images of another size are resized to
+    S x S (antialias). S = size or the first image's side."""
     from concurrent.futures import ThreadPoolExecutor
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
     def one(path):
         try:
-            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            with Image.open(path) as im:
+                a = np.asarray(im.convert("RGB"))
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{path}: cannot decode image ({type(e).__name__}); remove or replace the file")
-        return img
+        return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
     first = one(files[0])
     S = size or first.shape[-1]
     out = torch.empty(len(files), 3, S, S, dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-        for i, img in enumerate(ex.map(one, files, chunksize=256)):
+        for i, img in enumerate(ex.map(one, files)):
             if img.shape[-2:] != (S, S):
                 img = TF.resize(img, [S, S], antialias=True)
             out[i] = img
