@@ -88,6 +88,7 @@ class LTDataset:
     imb_ratio: float | None
     split: int | None
     tensor_resident: bool
+    notes: list[str] = field(default_factory=list)   # e.g. a list file whose hash differs from D§3
 
     def info(self) -> dict:
         """JSON-able description stored in every run's config.json / results.json (D§6)."""
@@ -100,7 +101,7 @@ class LTDataset:
             "n_probe": len(self.probe) if self.probe is not None else 0,
             "n_fewshot": len(self.fewshot) if self.fewshot is not None else 0,
             "class_names": list(self.class_names), "image_source": self.image_source,
-            "image_size": self.image_size, "num_classes": self.num_classes,
+            "image_size": self.image_size, "num_classes": self.num_classes, "notes": list(self.notes),
         }
 
 
@@ -121,6 +122,7 @@ def describe(ds: LTDataset) -> str:
     for nm in ("test", "val", "probe", "fewshot"):
         s = getattr(ds, nm)
         lines.append(f"  {nm:8s} {len(s) if s is not None else 0:,}")
+    lines += [f"  note: {n}" for n in ds.notes]
     return "\n".join(lines)
 
 
@@ -482,17 +484,14 @@ def _rgb_to_hsv(x):
 
 
 def _hsv_to_rgb(h, s, v):
-    h6 = h * 6
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.long().remainder(6)
-    p = (v * (1 - s)).clamp(0, 1)
-    q = (v * (1 - s * f)).clamp(0, 1)
-    t = (v * (1 - s * (1 - f))).clamp(0, 1)
-    vpqt = torch.stack((v, p, q, t), 1)                                     # (N,4,H,W)
-    sel = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=h.device)
-    idx = sel[:, i].permute(1, 0, 2, 3)                                     # (N,3,H,W)
-    return vpqt.gather(1, idx)
+    """Closed form of the sector table: channel_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6 for
+    n = 5, 3, 1 (R, G, B); equal to torchvision's gather-based _hsv_to_rgb without (3,N,H,W) index tensors."""
+    h6 = (h * 6).unsqueeze(1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=h.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + h6, 6.0)
+    a = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    vs = (v * s).unsqueeze(1)
+    return (v.unsqueeze(1) - vs * a).clamp_(0.0, 1.0)
 
 
 def adjust_hue(x, f):
@@ -1148,6 +1147,31 @@ LIST_FILES = {   # role -> file name (D§3); roles missing from a folder are Non
 }
 
 
+# D§3 published hashes: md5, or the git blob id where only that is known
+LIST_HASHES = {
+    "imageNet_100_LT_train.txt": ("md5", "b1bcc230d12318f4fe99c498cb24b672"),
+    "ImageNet_LT_train.txt": ("git", "a063f095fcd475db4cf8b0658c4b73955535bbf9"),
+    "ImageNet_LT_val.txt": ("md5", "ef44f8e43fbc904809a77216042e7498"),
+    "ImageNet_LT_test.txt": ("md5", "5f5f97c738923e877c5c78accce6744f"),
+    "Places_LT_train.txt": ("md5", "e7795ab1bf428a89f900854127b1e556"),
+    "Places_LT_val.txt": ("md5", "2f6e727cd6c99c7b7fdecc9876875b1b"),
+    "Places_LT_test.txt": ("md5", "1347af35b053bd31cf782256306affe7"),
+    "iNaturalist18_val.txt": ("md5", "b7ed52f3854c157c487cc3be9deb8abf"),
+}
+
+
+def list_hash_ok(path: str) -> bool | None:
+    """True / False when D§3 publishes a hash for this file name, None otherwise."""
+    kind, want = LIST_HASHES.get(os.path.basename(path), (None, None))
+    if kind is None:
+        return None
+    with open(path, "rb") as f:
+        raw = f.read()
+    got = hashlib.md5(raw).hexdigest() if kind == "md5" else \
+        hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest()
+    return got == want
+
+
 def parse_list(path: str, root: str):
     """Parse a `<relative/path> <int label>` list (rsplit on the last space). Returns (abs paths, labels).
     A malformed line raises UserError('<file>:<line>: ...')."""
@@ -1203,11 +1227,16 @@ def _load_list_dataset(name, data_dir):
     for f, c in zip(tr_files, tr_y):
         if not names[c]:
             names[c] = os.path.basename(os.path.dirname(f))
+    notes = [f"{spec[r]}: hash differs from the published list (D§3); results may not be comparable"
+             for r in ("train", "val", "test", "fewshot") if r in spec
+             and os.path.isfile(os.path.join(root, spec[r])) and list_hash_ok(os.path.join(root, spec[r])) is False]
     te_files, te_y = sets.pop("test")
     bad = [c for c in te_y if c >= C]
     if bad:
         raise UserError(f"{name}: {spec['test']} has label {bad[0]} but {spec['train']} has only {C} classes")
-    return _files_dataset(name, tr_files, tr_y, te_files, te_y, sets, names, "canonical")
+    ds = _files_dataset(name, tr_files, tr_y, te_files, te_y, sets, names, "canonical")
+    ds.notes += notes
+    return ds
 
 
 # ------------------------------------------------------------------------------------------------

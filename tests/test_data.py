@@ -279,7 +279,8 @@ def test_list_parsing_and_list_dataset(tmp_path):
     ds = data.load_dataset("imagenet-lt", str(tmp_path))
     assert ds.class_counts == [5, 3, 1] and not ds.tensor_resident and ds.lt_convention == "list"
     assert ds.train.files[0] == os.path.join(str(tmp_path), "train/w0/0.jpg") and ds.val is None
-    assert ds.class_names == ["w0", "w1", "w2"]
+    assert ds.class_names == ["w0", "w1", "w2"] and len(ds.notes) == 2 and "hash differs" in ds.notes[0]
+    assert data.list_hash_ok(str(tmp_path / "ImageNet_LT_train.txt")) is False
     batches = list(data.make_loader(ds.train, 4, "cpu", shuffle=True, workers=0, image_size=32))
     assert len(batches) == 2 and batches[0][0].shape == (4, 3, 37, 37) and batches[0][0].dtype == torch.uint8
     ev = list(data.make_loader(ds.test, 2, "cpu", shuffle=False, drop_last=False, workers=0, image_size=32))
