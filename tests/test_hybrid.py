@@ -1,0 +1,260 @@
+"""hybrid.py: SC / PSC losses against the paper's equations, the curriculum, the class-balanced sampler,
+the resolved paper defaults, and tiny end-to-end runs on synthetic-lt (CPU)."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+import hybrid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SC loss, Eq. (2)-(3)
+# ---------------------------------------------------------------------------------------------------------
+def supcon_loop(z, labels, tau):
+    """Direct float64 transcription of Eq. (2)-(3): explicit exp / log, one anchor at a time."""
+    z = F.normalize(z.double(), dim=1)
+    n, total = len(z), 0.0
+    for i in range(n):
+        denom = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n) if k != i)
+        pos = [j for j in range(n) if j != i and labels[j] == labels[i]]
+        total += -sum(math.log(math.exp(float(z[i] @ z[j]) / tau) / denom) for j in pos) / len(pos)
+    return total / n
+
+
+def test_supcon_equals_nt_xent_when_every_image_has_its_own_label():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    labels = torch.arange(8).repeat(2)
+    for tau in (0.1, 0.5):
+        sc = hybrid.supcon_loss(torch.cat([z1, z2]), labels, tau)
+        assert torch.allclose(sc, common.nt_xent(z1, z2, tau), atol=1e-5)
+
+
+def test_supcon_matches_loop_eq2_eq3():
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 3])          # classes with 3, 2, 1, 1 images: |P(i)| = 5, 3, 1, 1
+    labels = torch.cat([y, y])
+    z = torch.randn(len(labels), 6, generator=g)
+    for tau in (0.1, 0.7):
+        got = hybrid.supcon_loss(z, labels, tau).item()
+        assert got == pytest.approx(supcon_loop(z, labels, tau), rel=1e-5, abs=1e-6)
+
+
+def test_supcon_anchor_whose_only_positive_is_its_other_view():
+    # one image, two views: the only other row is the positive, so the softmax is 1 and the loss is exactly 0
+    z = torch.randn(2, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    loss = hybrid.supcon_loss(z, torch.tensor([5, 5]), 0.1)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    # two images of different classes: each anchor's single positive is its own other view
+    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 1])
+    loss = hybrid.supcon_loss(z, labels, 0.2)
+    zn = F.normalize(z.detach().double(), dim=1)
+    s = zn @ zn.t() / 0.2
+    expect = sum(-(s[i, (i + 2) % 4] - torch.logsumexp(s[i][torch.arange(4) != i], 0)) for i in range(4)) / 4
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_supcon_is_safe_under_bf16_inputs():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(64, 32, generator=g) * 30            # large, unnormalised half-precision embeddings
+    labels = torch.randint(0, 5, (32,), generator=g).repeat(2)
+    ref = hybrid.supcon_loss(z, labels, 0.05)
+    low = hybrid.supcon_loss(z.bfloat16(), labels, 0.05)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    assert low.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PSC loss, Eq. (4), and its gradient (Sec. 4.4)
+# ---------------------------------------------------------------------------------------------------------
+def test_psc_matches_eq4():
+    g = torch.Generator().manual_seed(5)
+    z, protos = torch.randn(10, 8, generator=g), torch.randn(4, 8, generator=g) * 3
+    labels = torch.randint(0, 4, (10,), generator=g)
+    tau = 0.3
+    zn, pn = F.normalize(z.double(), dim=1), F.normalize(protos.double(), dim=1)
+    expect = 0.0
+    for i in range(10):
+        a = [float(zn[i] @ pn[j]) for j in range(4)]
+        y = int(labels[i])
+        expect += -a[y] / tau + math.log(sum(math.exp(a[j] / tau) for j in range(4) if j != y))
+    expect /= 10
+    assert hybrid.psc_loss(z, labels, protos, tau).item() == pytest.approx(expect, rel=1e-5)
+    # (C, 1, D) prototypes (MPSC with M = 1) reduce to Eq. (4)
+    assert hybrid.psc_loss(z, labels, protos[:, None], tau).item() == pytest.approx(expect, rel=1e-5)
+    # the softmax-style variant (positive kept in the denominator) is cross-entropy on cosine logits
+    ce = F.cross_entropy((zn @ pn.t()).float() / tau, labels)
+    assert hybrid.psc_loss(z, labels, protos, tau, include_pos=True).item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_psc_gradient_wrt_positive_affinity_is_minus_one_over_tau():
+    g = torch.Generator().manual_seed(6)
+    b, c, tau = 12, 7, 0.1
+    a = (torch.rand(b, c, generator=g) * 2 - 1).requires_grad_(True)
+    labels = torch.randint(0, c, (b,), generator=g)
+    hybrid.psc_from_affinity(a, labels, tau, reduction="none").sum().backward()
+    rows = torch.arange(b)
+    assert torch.allclose(a.grad[rows, labels], torch.full((b,), -1 / tau), atol=1e-5)
+    # negatives: (1/tau) softmax over j != y; they sum to 1/tau
+    masked = (a.detach() / tau).masked_fill(F.one_hot(labels, c).bool(), float("-inf"))
+    neg = torch.softmax(masked, dim=1) / tau
+    grad_neg = a.grad.clone()
+    grad_neg[rows, labels] = 0
+    assert torch.allclose(grad_neg, neg, atol=1e-5)
+    # with the positive in the denominator the positive gradient is no longer constant
+    a2 = a.detach().clone().requires_grad_(True)
+    hybrid.psc_from_affinity(a2, labels, tau, include_pos=True, reduction="none").sum().backward()
+    assert not torch.allclose(a2.grad[rows, labels], torch.full((b,), -1 / tau), atol=1e-3)
+
+
+def test_psc_trains_prototypes_and_mpsc_runs():
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(6, 8, generator=g, requires_grad=True)
+    protos = torch.randn(3, 2, 8, generator=g, requires_grad=True)      # MPSC, M = 2 (experimental)
+    loss = hybrid.psc_loss(z, torch.tensor([0, 1, 2, 0, 1, 2]), protos, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and protos.grad.abs().sum() > 0 and z.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Curriculum, Eq. (1)
+# ---------------------------------------------------------------------------------------------------------
+def test_curriculum_shapes():
+    par = [hybrid.curriculum_alpha(t, 200, "parabolic") for t in range(200)]
+    lin = [hybrid.curriculum_alpha(t, 100, "linear") for t in range(100)]
+    assert par[0] == 1.0 and lin[0] == 1.0
+    assert par[-1] == pytest.approx(1 - (199 / 200) ** 2) and par[-1] < 0.011
+    assert lin[-1] == pytest.approx(0.01)
+    assert par[100] == pytest.approx(0.75) and lin[50] == pytest.approx(0.5)
+    d_par = [b - a for a, b in zip(par, par[1:])]
+    d_lin = [b - a for a, b in zip(lin, lin[1:])]
+    assert all(d < 0 for d in d_par) and all(b < a for a, b in zip(d_par, d_par[1:]))   # decreasing, concave
+    assert all(d == pytest.approx(-0.01) for d in d_lin)                                 # straight line
+    assert hybrid.curriculum_alpha(37, 200, "parabolic", fixed=0.5) == 0.5              # Table 5 fixed alpha
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Class-balanced sampler of the classifier branch
+# ---------------------------------------------------------------------------------------------------------
+def test_balanced_sampler_histogram_is_flat():
+    counts = [600, 120, 40, 8]
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    split = data.Split(y=y, x=torch.zeros(len(y), 3, 4, 4, dtype=torch.uint8))
+    hist = {name: torch.zeros(4) for name in ("balanced", "random")}
+    for name in hist:
+        loader = data.make_loader(split, 64, "cpu", sampler=name, seed=0, image_size=4)
+        for epoch in range(5):
+            loader.set_epoch(epoch)
+            for _, yb, _ in loader:
+                hist[name] += torch.bincount(yb, minlength=4).float()
+    n = hist["balanced"].sum()
+    sigma = math.sqrt(n * 0.25 * 0.75)
+    assert (hist["balanced"] - n / 4).abs().max() < 4 * sigma           # flat within sampling noise
+    frac = hist["random"] / hist["random"].sum()                         # the random batch keeps the LT profile
+    assert torch.allclose(frac, torch.tensor(counts, dtype=torch.float) / sum(counts), atol=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paper defaults
+# ---------------------------------------------------------------------------------------------------------
+def test_cifar10_lt_starts_with_the_paper_settings():
+    a = hybrid.resolve_args(common.parse_args(hybrid.Args, ["--dataset", "cifar10-lt"]), num_classes=10)
+    assert (a.arch, a.batch_size, a.cb_batch_size, a.epochs) == ("resnet32", 512, 512, 200)
+    assert (a.lr, a.momentum, a.weight_decay, a.milestones, a.lr_gamma) == (0.5, 0.9, 1e-4, [120, 160], 0.1)
+    assert (a.loss, a.tau, a.alpha_schedule, a.protocol, a.imb_ratio) == ("sc", 0.1, "parabolic", "ldam", 100.0)
+    assert a.no_curriculum is None and not a.two_stage and not a.fused_forward and a.con_sampler == "random"
+    psc10 = hybrid.resolve_args(common.parse_args(hybrid.Args, ["--loss", "psc"]), num_classes=10)
+    psc100 = hybrid.resolve_args(common.parse_args(hybrid.Args, ["--dataset", "cifar100-lt", "--loss", "psc"]), 100)
+    assert psc10.tau == 1.0 and psc100.tau == 0.1
+    assert hybrid.resolve_args(common.parse_args(hybrid.Args, ["--loss", "psc", "--tau", "0.3"]), 10).tau == 0.3
+    inat = hybrid.resolve_args(common.parse_args(hybrid.Args, ["--dataset", "inat2018", "--loss", "psc"]), 8142)
+    assert (inat.arch, inat.batch_size, inat.epochs, inat.milestones, inat.alpha_schedule, inat.tau) == \
+        ("resnet50", 100, 100, [60, 80], "linear", 0.1)
+    assert hybrid.paper_target(a) == 81.40 and hybrid.paper_target(psc100) == 44.97
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny end-to-end runs on synthetic-lt (CPU, resnet8)
+# ---------------------------------------------------------------------------------------------------------
+def tiny(n_max=48, n_test=40):
+    return data.load_dataset("synthetic-lt", imb_ratio=4, num_classes=4, seed=0, synthetic_n_max=n_max,
+                             synthetic_n_test=n_test)
+
+
+def tiny_args(tmp_path, **kw):
+    base = dict(dataset="synthetic-lt", arch="resnet8", batch_size=16, lr=0.1, milestones=[1000], epochs=6,
+                eval_every=3, device="cpu", out_dir=str(tmp_path), print_every=1000, workers=0)
+    return dataclasses.replace(hybrid.Args(), **{**base, **kw})
+
+
+def test_tiny_synthetic_run_beats_chance_and_writes_results(tmp_path):
+    res = hybrid.train(tiny_args(tmp_path, loss="sc", tau=0.2), tiny())
+    (run_dir,) = list(tmp_path.iterdir())
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["method"] == "hybrid-sc" and saved["protocol"] == "hybrid-e2e"
+    assert saved["best_test"]["selected_on_test"] is True and saved["selection"]["rule"] == "last-epoch"
+    assert res["at_last"]["top1_overall"] > 25.0 + 15.0                  # 4 balanced test classes: chance 25%
+    assert [h["epoch"] for h in saved["extra"]["test_history"]] == [3, 6]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["alpha"] for x in lines] == [pytest.approx(1 - (t / 6) ** 2) for t in range(6)]
+    ck = common.load_checkpoint(run_dir / "checkpoint.pt")
+    assert ck["method"] == "hybrid" and ck["epoch"] == 6 and "classifier" in ck and "backbone" in ck
+    bb = common.build_backbone("resnet8")
+    bb.load_state_dict(ck["backbone"])   # eval.py --ckpt relies on build_backbone keys
+
+
+def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path, monkeypatch):
+    ds = tiny(n_max=48, n_test=8)
+    args = tiny_args(tmp_path / "a", loss="psc", epochs=2, eval_every=100)
+    hybrid.train(args, ds)
+    (ref_dir,) = list((tmp_path / "a").iterdir())
+    ref = common.load_checkpoint(ref_dir / "checkpoint.pt")
+
+    class Stop(Exception):
+        pass
+
+    real_save = common.save_checkpoint
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise Stop
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        hybrid.train(dataclasses.replace(args, out_dir=str(tmp_path / "b")), ds)
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    (b_dir,) = list((tmp_path / "b").iterdir())
+    hybrid.train(dataclasses.replace(args, out_dir=str(tmp_path / "b"), resume=str(b_dir / "checkpoint.pt")), ds)
+    got = common.load_checkpoint(b_dir / "checkpoint.pt")
+    assert got["epoch"] == 2
+    for part in ("backbone", "classifier", "heads"):
+        for k, v in ref[part].items():
+            assert torch.equal(v, got[part][k]), (part, k)
+    assert "prototypes" in got["heads"]
+
+
+def test_two_stage_freezes_the_backbone_in_stage_two(tmp_path, monkeypatch):
+    ds = tiny(n_max=48, n_test=8)
+    states = []
+    real_save = common.save_checkpoint
+    def keep(path, state):   # state_dict tensors share storage with the live model: copy them
+        states.append({k: ({n: t.clone() for n, t in v.items()} if k in ("backbone", "classifier") else v)
+                       for k, v in state.items()})
+        real_save(path, state)
+
+    monkeypatch.setattr(common, "save_checkpoint", keep)
+    hybrid.train(tiny_args(tmp_path, loss="sc", two_stage=True, epochs=1, stage2_epochs=2, eval_every=100), ds)
+    assert [s["stage"] for s in states] == ["feature", "classifier", "classifier"]
+    for k, v in states[0]["backbone"].items():                     # weights and BN statistics unchanged
+        assert torch.equal(v, states[-1]["backbone"][k]), k
+    assert not torch.equal(states[0]["classifier"]["weight"], states[-1]["classifier"]["weight"])
