@@ -323,8 +323,10 @@ class Stage1:
         a = self.args
         common.set_lr(self.opt, lr)
         xq, xk, patches, boxes = make_views(x, a, self.size, self.small, generator)
-        if self.device.type == "cuda":
-            xq, xk = xq.contiguous(memory_format=torch.channels_last), xk.contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":                   # channels_last inputs for the channels_last encoders
+            cl = torch.channels_last
+            xq, xk = xq.contiguous(memory_format=cl), xk.contiguous(memory_format=cl)
+            patches = None if patches is None else patches.contiguous(memory_format=cl)
         with torch.no_grad():                             # spec §1.3 step 5: EMA, then keys
             common.ema_update(self.key_raw, self.net_raw, a.ema, buffers="none")   # parameters only (MoCo)
             with common.autocast(self.device, self.amp_dtype):
@@ -434,7 +436,9 @@ def pretrain(args: Args, ds, device, amp_dtype, run_dir, resume_ck: dict | None)
 # ----------------------------------------------------------------------------------------------------------
 # Stage 2: class-balanced linear classifier on the frozen backbone (paper 002; D§5.2; eval.cb_linear).
 # ----------------------------------------------------------------------------------------------------------
-def linear_stage(args: Args, ds, backbone: nn.Module, device, amp_dtype, run_dir, t_start: float) -> dict:
+def linear_stage(args: Args, ds, backbone: nn.Module, device, amp_dtype, run_dir, t_start: float,
+                 stage1: dict) -> dict:
+    """stage1: {"arch", "epochs", "checkpoint"} of the pre-trained backbone that is evaluated."""
     small = args.dataset in SMALL_IMAGE_DATASETS
     recipe = "crop_flip_cifar" if small else "mocov2_imagenet"   # RRC+jitter+gray+blur+flip (D§5.2); CIFAR §1.4
     out = lt_eval.cb_linear(backbone, ds, device, amp_dtype, lr=args.linear_lr, epochs=args.linear_epochs,
@@ -442,13 +446,13 @@ def linear_stage(args: Args, ds, backbone: nn.Module, device, amp_dtype, run_dir
                             bn=args.linear_bn, recipe=recipe, seed=args.seed)
     method = "dscl" if is_paper_setting(args) else "dscl-cifar (non-paper)"
     res = lt_eval.results_skeleton(method, variant_string(args), is_paper_setting(args), ds, "dscl-linear-cb",
-                                   "backbone", args.arch, {"stage1": args.epochs, "stage2": args.linear_epochs},
+                                   "backbone", stage1["arch"], {"stage1": stage1["epochs"], "stage2": args.linear_epochs},
                                    args.seed, str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
                                    time.time() - t_start)
     res.update(out)
     alpha_beta = {"alpha": "scl" if args.scl else args.alpha,
                   "beta": None if args.scl or args.alpha == 0 else (1 - args.alpha) / args.alpha}  # pitfall §1.8
-    res.setdefault("extra", {}).update(alpha_beta)
+    res.setdefault("extra", {}).update(alpha_beta, stage1_checkpoint=stage1["checkpoint"])
     lt_eval.write_results(run_dir, res)
     common.append_metrics(run_dir, {"stage": "linear", "epoch": args.linear_epochs,
                                     "top1": res["at_last"]["top1_overall"]})
@@ -489,7 +493,7 @@ def benchmark(args: Args, steps: int = 20) -> float:
     ips = steps * args.batch_size / (time.time() - t0)
     print(f"dscl stage-1 step: {ips:.0f} images/s ({args.arch}, batch {args.batch_size}, {size}px, "
           f"patches {0 if args.pbsd_weight <= 0 else args.num_patches}x{args.patch_size}px, device {device}, "
-          f"amp {amp_dtype}, compile {args.compile})")
+          f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}, compile {args.compile})")
     return ips
 
 
@@ -532,6 +536,7 @@ def main(args: Args) -> dict | None:
             else None
         st = pretrain(args, ds, device, amp_dtype, run_dir, resume_ck)
         backbone = common.unwrap(st.net).backbone
+        stage1 = {"arch": args.arch, "epochs": args.epochs, "checkpoint": str(run_dir / "checkpoint.pt")}
         if args.stage == "pretrain":
             return None
     else:
@@ -539,7 +544,8 @@ def main(args: Args) -> dict | None:
         backbone = common.build_backbone(ck["arch"], ck["image_size"])
         backbone.load_state_dict(ck["backbone"])
         backbone = common.prepare_model(backbone, device)
-    return linear_stage(args, ds, backbone, device, amp_dtype, run_dir, t_start)
+        stage1 = {"arch": ck["arch"], "epochs": ck["epoch"], "checkpoint": str(args.ckpt)}
+    return linear_stage(args, ds, backbone, device, amp_dtype, run_dir, t_start, stage1)
 
 
 if __name__ == "__main__":

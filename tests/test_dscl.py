@@ -278,3 +278,22 @@ def test_missing_list_files_is_one_line_error(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "ImageNet_LT_train.txt" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("switches", [["--scl", "--pbsd-weight", "0"], ["--no-contrast-batch", "--fuse-patch-passes"],
+                                      ["--multicrop", "--pbsd-weight", "0"], ["--patch-scale", "1.0", "1.0"],
+                                      ["--queue-label-init", "none"]])
+def test_ablation_switches_run_one_step(switches, tmp_path):
+    args = _tiny(tmp_path, *switches)
+    torch.manual_seed(0)
+    st = dscl.Stage1(args, num_classes=4, image_size=32, device=torch.device("cpu"), amp_dtype=None)
+    before = [p.detach().clone() for p in st.net_raw.parameters()]
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 0])
+    loss, l_dscl, l_pbsd = st.step(x, y, lr=0.05)
+    assert torch.isfinite(loss) and loss > 0
+    assert (l_pbsd == 0) == (args.pbsd_weight == 0)
+    assert st.ptr == 8 and torch.equal(st.queue_labels[:8], y)
+    assert any(not torch.equal(a, b) for a, b in zip(before, st.net_raw.parameters()))
+    if args.queue_label_init == "none":
+        assert (st.queue_labels[8:] == -1).all()
