@@ -9,8 +9,8 @@ import torch.nn as nn
 import common
 import fassl
 
-TINY = ["--dataset", "synthetic-lt", "--synthetic-n-max", "40", "--synthetic-n-test", "6", "--imb-ratio", "10",
-        "--arch", "resnet8", "--batch-size", "64", "--num-prototypes", "16", "--probe-epochs", "1",
+TINY = ["--dataset", "synthetic-lt", "--synthetic-n-max", "24", "--synthetic-n-test", "4", "--imb-ratio", "10",
+        "--arch", "resnet8", "--batch-size", "32", "--num-prototypes", "16", "--probe-epochs", "1",
         "--probe-aug", "none", "--device", "cpu", "--warmup-epochs", "1"]
 
 
@@ -245,7 +245,7 @@ def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
 
 def test_interrupted_sdclr_resumes_to_the_same_weights(tmp_path):
     argv = TINY + ["--stage", "sdclr", "--sdclr-epochs", "2", "--knn-every", "0", "--probes", "full",
-                   "--no-analyze", "--synthetic-n-max", "24"]
+                   "--no-analyze", "--synthetic-n-max", "16"]
     straight = fassl.main(argv + ["--out-dir", str(tmp_path / "a")])
     cut = fassl.main(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "1"])
     assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 1
