@@ -391,7 +391,7 @@ def cb_linear(backbone, ds, device, amp_dtype=None, lr=10.0, epochs=40, mileston
         at_last = compute_metrics(_predict(fc, tf), ty, ds.num_classes, ds.class_counts, ds.class_rank)
     finally:
         backbone.train(was_training)
-    out = {"protocol": "dscl-linear-cb", "variant": f"bn-{bn}",
+    out = {"protocol": "dscl-linear-cb",
            "selection": {"rule": "last-epoch", "selected_epoch": epochs, "last_epoch": epochs},
            "at_selected": at_last, "at_last": at_last,
            "best_test": {"epoch": best_test["epoch"], "top1": best_test["top1"], "selected_on_test": True},
@@ -487,46 +487,52 @@ def _binary_search_p(d2, perplexity, tol=1e-5, steps=64):
     return p
 
 
+def _sq_dist(a):
+    """Pairwise squared Euclidean distances (faster than cdist for low-dimensional points)."""
+    if a.shape[1] <= 3:      # the embedding: a broadcast difference beats a matmul with a tiny inner dimension
+        return (a[:, None, :] - a[None, :, :]).pow(2).sum(-1)
+    sq = (a * a).sum(1)
+    return (sq[:, None] + sq[None, :] - 2.0 * (a @ a.T)).clamp_min(0.0)
+
+
 def tsne(x, dim=2, perplexity=30.0, iters=500, seed=0):
     """Exact t-SNE (van der Maaten & Hinton 2008) in torch for <= ~2000 points; returns (N, dim) fp32 on CPU.
 
-    Gaussian affinities at the given perplexity (bisection), symmetrised; Student-t low-dim kernel; gradient
-    descent with momentum 0.5 -> 0.8, early exaggeration 12 for the first 250 iterations and adaptive gains;
-    PCA initialisation scaled to std 1e-4 (deterministic given `seed`)."""
-    x = torch.as_tensor(x).detach().double().cpu()
+    Runs on x's device (O(N^2) memory and work per iteration: seconds on a GPU, ~a minute for 2000 points on CPU).
+    Gaussian affinities at the given perplexity (bisection, fp64), symmetrised; Student-t low-dim kernel;
+    gradient descent with momentum 0.5 -> 0.8, early exaggeration 12 for the first 250 iterations and adaptive
+    gains; PCA initialisation scaled to std 1e-4 (deterministic given `seed`)."""
+    x = torch.as_tensor(x).detach().double()
+    dev = x.device
     n = x.shape[0]
     perplexity = min(perplexity, max(1.0, (n - 1) / 3.0))
-    d2 = torch.cdist(x, x).pow(2)
-    p_cond = _binary_search_p(d2, perplexity)
-    p = (p_cond + p_cond.T) / (2 * n)
-    p = p.clamp_min(1e-12)
+    p_cond = _binary_search_p(_sq_dist(x), perplexity)
+    p = ((p_cond + p_cond.T) / (2 * n)).clamp_min(1e-12).float()
     xc = x - x.mean(0)
     u, s, _ = torch.linalg.svd(xc, full_matrices=False)
-    y = u[:, :dim] * s[:dim]
-    if y.shape[1] < dim:
-        gen = torch.Generator().manual_seed(seed)
-        y = torch.cat([y, torch.randn(n, dim - y.shape[1], generator=gen, dtype=y.dtype)], 1)
-    y = y / y[:, 0].std().clamp_min(1e-12) * 1e-4
+    y = (u[:, :dim] * s[:dim]).float()
     gen = torch.Generator().manual_seed(seed)
-    y = y + 1e-6 * torch.randn(y.shape, generator=gen, dtype=y.dtype)   # breaks exact ties
+    if y.shape[1] < dim:
+        y = torch.cat([y, torch.randn(n, dim - y.shape[1], generator=gen).to(dev)], 1)
+    y = y / y[:, 0].std().clamp_min(1e-12) * 1e-4
+    y = y + 1e-6 * torch.randn(y.shape, generator=gen).to(dev)       # breaks exact ties
     lr = max(n / 12.0 / 4.0, 50.0)
     update = torch.zeros_like(y)
     gains = torch.ones_like(y)
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=dev)
     exag_iters = min(250, iters // 2)
     for it in range(iters):
         exag = 12.0 if it < exag_iters else 1.0
         momentum = 0.5 if it < exag_iters else 0.8
-        num = 1.0 / (1.0 + torch.cdist(y, y).pow(2))
-        num = num.masked_fill(eye, 0.0)
+        num = (1.0 / (1.0 + _sq_dist(y))).masked_fill_(eye, 0.0)       # Student-t kernel
         q = (num / num.sum()).clamp_min(1e-12)
         pq = (exag * p - q) * num
-        grad = 4.0 * (torch.diag(pq.sum(1)) - pq) @ y
+        grad = 4.0 * (pq.sum(1, keepdim=True) * y - pq @ y)            # dC/dy_i = 4 sum_j (p_ij - q_ij) w_ij (y_i - y_j)
         inc = (update * grad) < 0
         gains = torch.where(inc, gains + 0.2, gains * 0.8).clamp_min(0.01)
         update = momentum * update - lr * gains * grad
         y = y + update
-    return y.float()
+    return y.cpu()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -579,11 +585,11 @@ def plot_groups(metrics, path):
 def plot_tsne(feats, labels, path, max_points=2000, seed=0, class_names=None):
     """t-SNE of backbone features coloured by class (FASSL Figure 3), on a random subset of <= max_points."""
     plt = _plt()
-    feats = torch.as_tensor(feats).float().cpu()
+    feats = torch.as_tensor(feats).float()          # t-SNE runs on the features' device
     labels = torch.as_tensor(labels).long().cpu()
     if len(feats) > max_points:
         idx = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:max_points]
-        feats, labels = feats[idx], labels[idx]
+        feats, labels = feats[idx.to(feats.device)], labels[idx]
     emb = tsne(feats, seed=seed, iters=500).numpy()
     fig, ax = plt.subplots(figsize=(6, 6))
     sc = ax.scatter(emb[:, 0], emb[:, 1], c=labels.numpy(), cmap="tab20" if labels.max() < 20 else "viridis", s=5)
@@ -696,9 +702,13 @@ def _dataset_from_ckpt(ckpt_args, cli):
             a[k] = v
     if not a.get("dataset"):
         raise common.UserError("the checkpoint does not record its dataset; pass --dataset NAME (and --data-dir)")
-    kw = {k: a[k] for k in ("data_dir", "imb_ratio", "protocol", "split", "split_file", "seed", "num_classes")
-          if a.get(k) is not None}
-    kw.update({k: v for k, v in a.items() if k.startswith("synthetic_") and v is not None})
+    kw = {k: a[k] for k in ("data_dir", "imb_ratio", "protocol", "split", "split_file", "num_classes",
+                            "sdclr_split_dir") if a.get(k) is not None}
+    seed = a.get("data_seed", a.get("seed"))          # method scripts name the data seed --data-seed
+    if seed is not None:
+        kw["seed"] = seed
+    if a["dataset"] == "synthetic-lt":
+        kw.update({k: v for k, v in a.items() if k.startswith("synthetic_") and v is not None})
     return data.load_dataset(a["dataset"], **kw)
 
 
@@ -738,7 +748,7 @@ def evaluate_checkpoint(cli) -> dict:
         out = {"protocol": "knn-monitor", "variant": "k200-t0.1",
                "selection": {"rule": "none (kNN on the validation split, never test)", "selected_epoch": None,
                              "last_epoch": None}, "at_selected": m, "at_last": m}
-    variant = out.pop("variant")
+    variant = out.pop("variant") if "variant" in out else f"bn-{cli.linear_bn}"
     a = ckpt.get("args") or {}
     res = results_skeleton(method=method, variant=variant, paper_setting=False, ds=ds, protocol=out["protocol"],
                            network_evaluated="backbone", arch=ckpt["arch"],
@@ -753,7 +763,8 @@ def evaluate_checkpoint(cli) -> dict:
     write_results(run_dir, res)
     if cli.tsne:
         feats, labels = extract_features(backbone, ds.test, device, amp_dtype, recipe=test_recipe)
-        plot_tsne(feats, labels, run_dir / "tsne.png", max_points=cli.tsne_points, seed=cli.seed,
+        points = cli.tsne_points or (2000 if device.type == "cuda" else 1000)
+        plot_tsne(feats, labels, run_dir / "tsne.png", max_points=points, seed=cli.seed,
                   class_names=ds.class_names)
     style = "ssl" if cli.probe in ("linear", "few-shot") else ("dscl" if cli.probe == "cb-linear" else "ssl")
     print(f"{method} {ds.name} {res['protocol']} ({variant}), {res['selection']['rule']}:")
@@ -790,7 +801,8 @@ def build_parser():
     p.add_argument("--out", default=None, help="output directory (default: the checkpoint's run directory)")
     p.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=True,
                    help="also write tsne.png of test features (default: on)")
-    p.add_argument("--tsne-points", type=int, default=2000, help="t-SNE subset size (default: 2000)")
+    p.add_argument("--tsne-points", type=int, default=None,
+                   help="t-SNE subset size (default: 2000 on CUDA, 1000 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="probe seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--amp", default="auto", help="auto | bf16 | fp16 | off (default: auto)")

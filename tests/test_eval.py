@@ -250,7 +250,7 @@ def test_cb_linear_balanced_stage_and_bn_train_copy():
     ds.train = ds.probe         # a "LT train set" for the supervised stage
     net = TinyNet()
     res = ev.cb_linear(net, ds, CPU, lr=2.5, epochs=3, milestones=(2,), batch_size=16, log=lambda s: None)
-    assert res["protocol"] == "dscl-linear-cb" and res["variant"] == "bn-eval"
+    assert res["protocol"] == "dscl-linear-cb" and res["probe"]["bn"] == "eval"
     assert res["selection"]["selected_epoch"] == 3 and res["at_selected"] == res["at_last"]
     assert res["best_test"]["selected_on_test"] is True
     assert res["at_last"]["top1_overall"] >= 90.0
@@ -259,7 +259,7 @@ def test_cb_linear_balanced_stage_and_bn_train_copy():
     before = _state(net)
     res = ev.cb_linear(net, ds, CPU, lr=2.5, epochs=2, milestones=(2,), batch_size=16, bn="train",
                        log=lambda s: None)
-    assert res["variant"] == "bn-train"
+    assert res["probe"]["bn"] == "train"
     for k, v in net.state_dict().items():    # released-code BN mode runs on a copy
         assert torch.equal(before[k], v), k
 
@@ -363,3 +363,51 @@ def test_table_aggregates_mean_and_population_std(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and err.startswith("error:") and "missing.json" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --ckpt: evaluate a method checkpoint on synthetic-lt
+# ---------------------------------------------------------------------------------------------------------
+def _synthetic_ckpt(tmp_path):
+    torch.manual_seed(0)
+    bb = common.build_backbone("resnet8", 32)
+    args = {"dataset": "synthetic-lt", "data_dir": str(tmp_path / "data"), "imb_ratio": 4.0, "protocol": "sdclr",
+            "split": 1, "split_file": None, "seed": 0, "data_seed": 0, "num_classes": 3, "synthetic_n_max": 12,
+            "synthetic_n_test": 6}
+    run = tmp_path / "runs" / "sdclr-synthetic-lt-1"
+    run.mkdir(parents=True)
+    path = run / "checkpoint.pt"
+    common.save_checkpoint(path, {"method": "sdclr", "arch": "resnet8", "image_size": 32, "args": args, "epoch": 1,
+                                  "stage": "", "backbone": bb.state_dict()})
+    return path
+
+
+@pytest.mark.parametrize("probe", ["linear", "knn"])
+def test_cli_ckpt_writes_results_and_plots(tmp_path, capsys, probe):
+    path = _synthetic_ckpt(tmp_path)
+    extra = ["--probe-aug", "none", "--epochs", "2", "--milestones", "1"] if probe == "linear" else ["--no-tsne"]
+    res = ev.main(["--ckpt", str(path), "--probe", probe, "--device", "cpu", "--amp", "off", "--tsne-points", "30",
+                   *extra])
+    run = path.parent
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["method"] == "sdclr" and saved["dataset"]["name"] == "synthetic-lt"
+    assert saved["dataset"]["class_counts"] == data.lt_counts(12, 3, 4.0)
+    assert saved["at_selected"]["per_class_acc"] == res["at_selected"]["per_class_acc"]
+    assert (run / "per_class_acc.png").exists() and (run / "group_acc.png").exists()
+    out = capsys.readouterr().out
+    assert "| All | Rare | Medium | Frequent | Std |" in out and ev.paper_row(res["at_selected"], "ssl") in out
+    if probe == "linear":
+        assert saved["protocol"] == "sdclr-probe-full" and saved["variant"] == "sdclr-probe-cached (approx)"
+        assert len(saved["history"]) == 2 and (run / "tsne.png").exists()
+    else:
+        assert saved["protocol"] == "knn-monitor" and not (run / "tsne.png").exists()
+
+
+def test_cli_ckpt_bad_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exc, common.user_errors():
+        ev.main(["--ckpt", str(bad), "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.strip().count("\n") == 0
