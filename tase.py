@@ -431,11 +431,28 @@ def run_benchmark(args, model, optimizer, scaler, device, amp_dtype, recipe, ds)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    print(f"benchmark: {args.arch} batch {b} ({2 * b} views) at {s}px, amp {amp_dtype}, compile {args.compile}: "
+    amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    print(f"benchmark: {args.arch} batch {b} ({2 * b} views) at {s}px on {device}, amp {amp}, compile {args.compile}: "
           f"{args.benchmark_steps * b / dt:.0f} images/s ({dt / args.benchmark_steps * 1000:.1f} ms/step)")
 
 
+def check_args(args) -> None:
+    """One clear line for settings that cannot work (common.UserError)."""
+    if not 0 < args.tau_min <= args.tau_max:
+        raise common.UserError(f"need 0 < --tau-min <= --tau-max (got {args.tau_min}, {args.tau_max})")
+    if args.tau <= 0 or args.ts_tau_min <= 0 or args.ts_tau_max < args.ts_tau_min or args.ts_period < 1:
+        raise common.UserError("need --tau > 0, 0 < --ts-tau-min <= --ts-tau-max and --ts-period >= 1")
+    if args.clusters is not None and args.clusters < 2:
+        raise common.UserError(f"--clusters {args.clusters}: k-means needs at least 2 clusters")
+    if args.recluster_every < 1 or args.warmup_epochs < 0 or args.kmeans_iters < 1 or args.kmeans_restarts < 1:
+        raise common.UserError("need --recluster-every >= 1, --warmup-epochs >= 0, --kmeans-iters >= 1 and "
+                               "--kmeans-restarts >= 1")
+    if args.batch_size < 2 or args.epochs < 1:
+        raise common.UserError("need --batch-size >= 2 (NT-Xent needs negatives) and --epochs >= 1")
+
+
 def main(args):
+    check_args(args)
     t_start = time.time()
     device, amp_dtype = common.setup_device(args.device, args.amp)
     amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]

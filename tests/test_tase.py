@@ -15,7 +15,7 @@ def _views(b=8, d=16, seed=0):
     return torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
 
 
-# ---------------------------------------------------------------------------------------------------- nt_xent (S1, T5, T6)
+# ------------------------------------------------------------------------------------------ nt_xent (S1, T5, T6)
 def test_nt_xent_scalar_temperature_equals_repeated_per_image_and_per_anchor():
     z1, z2 = _views()
     ref = tase.nt_xent(z1, z2, 0.3)
@@ -141,6 +141,14 @@ def test_recluster_epochs_and_method_names_follow_the_spec():
     assert tase.method_name(a) == "simclr"
     a.tau_schedule = "cosine"
     assert tase.method_name(a) == "simclr+ts" and tase.global_temperature(200, a) == pytest.approx(0.1)
+
+
+def test_bad_settings_raise_one_line_user_errors():
+    for kw in (dict(tau_min=0.6), dict(clusters=1), dict(recluster_every=0), dict(batch_size=1)):
+        with pytest.raises(common.UserError) as e:
+            tase.check_args(tase.Args(**kw))
+        assert "\n" not in str(e.value)
+    tase.check_args(tase.Args())
 
 
 # ---------------------------------------------------------------------------------------------------- tiny runs
