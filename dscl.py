@@ -52,7 +52,7 @@ class Args:
     # --- stage 1: model (paper 002; DSCL code) ---
     arch: str = arg("resnet50", "backbone (paper 002: ResNet-50; Places-LT ResNet-152; CIFAR: resnet32, INFERRED)")
     pretrained: str = arg("", "backbone weights file to start from (Places-LT: ImageNet-1K ResNet-152, paper 002)")
-    finetune: str = arg("all", "backbone parameters trained in stage 1: all | layer4 (Places-LT: last block, paper 002)",
+    finetune: str = arg("all", "backbone parameters trained in stage 1: all | layer4 (Places-LT last block, paper 002)",
                         choices=["all", "layer4"])
     feat_dim: int = arg(128, "projection-head output dim (paper 002)")
     queue_size: int = arg(65536, "memory queue K (paper 002; CIFAR 8192, INFERRED spec §1.4)")
@@ -446,8 +446,9 @@ def linear_stage(args: Args, ds, backbone: nn.Module, device, amp_dtype, run_dir
                             bn=args.linear_bn, recipe=recipe, seed=args.seed)
     method = "dscl" if is_paper_setting(args) else "dscl-cifar (non-paper)"
     res = lt_eval.results_skeleton(method, variant_string(args), is_paper_setting(args), ds, "dscl-linear-cb",
-                                   "backbone", stage1["arch"], {"stage1": stage1["epochs"], "stage2": args.linear_epochs},
-                                   args.seed, str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+                                   "backbone", stage1["arch"],
+                                   {"stage1": stage1["epochs"], "stage2": args.linear_epochs},
+                                   args.seed, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off"),
                                    time.time() - t_start)
     res.update(out)
     alpha_beta = {"alpha": "scl" if args.scl else args.alpha,
