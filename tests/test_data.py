@@ -376,6 +376,10 @@ def test_colour_ops_match_torchvision(imgs):
         out = ours(xf.clone(), fac)
         for i in range(8):
             assert close(out[i], theirs(xf[i], float(fac[i]))), (ours.__name__, i)
+    ties = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ties[0], ties[1, 1], ties[2, 2], ties[3] = 0.5, ties[1, 0], ties[2, 1], ties[3].round()   # grey / tied channels
+    for hf in (-0.5, -0.2, 0.13, 0.5):
+        assert close(data.adjust_hue(ties, torch.full((6,), hf)), TF.adjust_hue(ties, hf)), hf
     gray = data.rgb_to_gray(xf).expand_as(xf)
     assert close(gray[3], TF.rgb_to_grayscale(xf[3], num_output_channels=3))
     sig = torch.tensor([0.1, 0.5, 1.0, 2.0, 0.3, 1.5, 0.8, 1.2])
