@@ -444,7 +444,8 @@ def linear_stage(args: Args, ds, backbone: nn.Module, device, amp_dtype, run_dir
     out = lt_eval.cb_linear(backbone, ds, device, amp_dtype, lr=args.linear_lr, epochs=args.linear_epochs,
                             milestones=tuple(args.linear_milestones), batch_size=args.linear_batch_size,
                             bn=args.linear_bn, recipe=recipe, seed=args.seed)
-    method = "dscl" if is_paper_setting(args) else "dscl-cifar (non-paper)"
+    method = ("dscl" if is_paper_setting(args) else "dscl-cifar (non-paper)" if small
+              else "dscl (non-paper dataset)")
     res = lt_eval.results_skeleton(method, variant_string(args), is_paper_setting(args), ds, "dscl-linear-cb",
                                    "backbone", stage1["arch"],
                                    {"stage1": stage1["epochs"], "stage2": args.linear_epochs},
