@@ -22,7 +22,6 @@ import hashlib
 import math
 import os
 import pickle
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -1201,6 +1200,23 @@ def _files_dataset(name, tr_files, tr_y, te_files, te_y, extra, classes, source)
                      image_source=source, imb_ratio=None, split=None, tensor_resident=False)
 
 
+def _imagenet100_probe(root, tr_files, tr_y, C, val_files):
+    """D§3.1 INFERRED ImageNet_100_train.txt: every train/<wnid>/ image of the 100 wnids (label from the LT list's
+    wnid -> label map) minus the 2,000 validation images."""
+    wnid = {}
+    for f, c in zip(tr_files, tr_y):
+        wnid.setdefault(c, os.path.basename(os.path.dirname(f)))
+    skip = set(val_files)
+    files, labels = [], []
+    for c in range(C):
+        d = os.path.join(root, "train", wnid[c])
+        if os.path.isdir(d):
+            fs = [os.path.join(d, f) for f in _list_images(d)]
+            files += [f for f in fs if f not in skip]
+            labels += [c] * sum(f not in skip for f in fs)
+    return files, labels
+
+
 def _load_list_dataset(name, data_dir):
     spec = LIST_FILES[name]
     root = os.path.abspath(data_dir)
@@ -1225,6 +1241,9 @@ def _load_list_dataset(name, data_dir):
     notes = [f"{spec[r]}: hash differs from the published list (D§3); results may not be comparable"
              for r in ("train", "val", "test", "fewshot") if r in spec
              and os.path.isfile(os.path.join(root, spec[r])) and list_hash_ok(os.path.join(root, spec[r])) is False]
+    if name == "imagenet100-lt" and "probe" not in sets and os.path.isdir(os.path.join(root, "train")):
+        sets["probe"] = _imagenet100_probe(root, tr_files, tr_y, C, sets.get("val", ([], []))[0])
+        notes.append("full-shot probe pool built from train/<wnid>/ minus the val list (D§3.1, INFERRED)")
     te_files, te_y = sets.pop("test")
     bad = [c for c in te_y if c >= C]
     if bad:

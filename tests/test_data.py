@@ -294,6 +294,12 @@ def test_list_parsing_and_list_dataset(tmp_path):
     sp = tmp_path / "sp.txt"
     sp.write_text("dir with space/x.jpg 7\n")                   # rsplit on the last space
     assert data.parse_list(str(sp), "/r") == (["/r/dir with space/x.jpg"], [7])
+    (tmp_path / "imageNet_100_LT_train.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "ImageNet_100_test.txt").write_text("\n".join(lines[:3]) + "\n")
+    (tmp_path / "ImageNet_100_val.txt").write_text(lines[0] + "\n" + lines[5] + "\n")
+    i100 = data.load_dataset("imagenet100-lt", str(tmp_path))
+    assert len(i100.val) == 2 and i100.fewshot is None and len(i100.probe) == 7   # 9 train images minus 2 val
+    assert sorted(i100.probe.y.tolist()) == [0] * 4 + [1] * 2 + [2]
     with pytest.raises(UserError, match="Places_LT_train.txt"):
         data.load_dataset("places-lt", str(tmp_path))
 
