@@ -56,6 +56,7 @@ class Args:
                         choices=["sdclr", "ldam"])
     split: int = arg(1, "SDCLR split k = 1..5 (ssl.md §4.5: development runs use split 1)")
     split_file: Optional[str] = arg(None, "official SDCLR D_i .npy file -> convention sdclr-npy (D§1.4)")
+    sdclr_split_dir: Optional[str] = arg(None, "folder with the official SDCLR split files -> sdclr-npy (D§1.4)")
     data_seed: int = arg(0, "seed of the LT subset generator (spec D§1.4 step 1)")
     num_classes: int = arg(10, "classes of synthetic-lt only (data.py)")
     synthetic_n_max: int = arg(500, "synthetic-lt head-class count (data.py; tests pass small values)")
@@ -461,7 +462,7 @@ def main(args):
         if args.dataset == "synthetic-lt" else {}
     ds = data.load_dataset(args.dataset, data_dir=args.data_dir, imb_ratio=args.imb_ratio, protocol=args.protocol,
                            split=args.split, split_file=args.split_file, seed=args.data_seed,
-                           num_classes=args.num_classes, **kw)
+                           num_classes=args.num_classes, sdclr_split_dir=args.sdclr_split_dir, **kw)
     recipe = args.augment if args.augment != "auto" else ("simclr_cifar" if ds.image_size <= 64 else "mocov2_imagenet")
     method = method_name(args)
     tase_active = args.sample_temperature or args.reweight
@@ -521,8 +522,8 @@ def main(args):
             print(f"epoch {epoch}: re-clustered into {sizes.numel()} clusters in {time.time() - t_k:.1f}s; "
                   f"sizes {sorted(sizes.tolist(), reverse=True)}")
         tau_g = global_temperature(epoch, args)
-        # per-image temperature (T2-T3) and raw weight n^(-a) (T4), looked up by dataset index in the loop
-        tau_img = w_raw = tau_c = None
+        # per-image temperature (T2-T3) and cluster size (for T4), looked up by dataset index in the loop
+        tau_img = tau_c = size_img = None
         if assign is not None:
             m = ts_temperature(epoch, 0.0, 1.0, args.ts_period) if args.tau_schedule == "cosine" else 1.0
             tau_c = sample_temperatures(sizes, args.tau_min, args.tau_max, m).to(device)
@@ -563,8 +564,9 @@ def main(args):
                                         f"purity {rec['pseudo_labels']['purity']:.2f}")
         common.append_metrics(run_dir, rec)
         common.save_checkpoint(ckpt_path, {
-            "method": "tase", "arch": args.arch, "image_size": ds.image_size, "args": dataclasses.asdict(args),
-            "epoch": epoch, "stage": "", "backbone": common.unwrap(model).backbone.state_dict(),
+            "method": "tase", "results_method": method, "arch": args.arch, "image_size": ds.image_size,
+            "args": dataclasses.asdict(args), "epoch": epoch, "stage": "",
+            "backbone": common.unwrap(model).backbone.state_dict(),
             "model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": common.rng_state(), "num_reclusters": n_recluster,
             "wall_time_s": wall_before + time.time() - t_start,
@@ -584,7 +586,7 @@ def main(args):
     modes = {"both": ["full", "few-shot"], "full": ["full"], "few-shot": ["few-shot"], "none": []}[args.probe]
     backbone = common.unwrap(model).backbone
     written = []
-    for i, mode in enumerate(modes):
+    for mode in modes:
         if mode == "few-shot" and ds.fewshot is None:
             print("no few-shot split for this dataset; skipping the few-shot probe")
             continue
