@@ -143,6 +143,24 @@ def test_recluster_epochs_and_method_names_follow_the_spec():
     assert tase.method_name(a) == "simclr+ts" and tase.global_temperature(200, a) == pytest.approx(0.1)
 
 
+def test_simclr_mode_equals_fassl_sdclr_with_prune_ratio_0():
+    """Spec N7: tase.py with both TASE switches off is the SDCLR pipeline with --prune-ratio 0 (same net, same loss)."""
+    fassl = pytest.importorskip("fassl")
+    torch.manual_seed(0)
+    ours = tase.SimCLRNet("resnet8", 32, 128)
+    theirs = fassl.Encoder("resnet8", 32, 128, proj_layers=2, prune=False)      # SDCLR code path, p = 0
+    theirs.load_state_dict(ours.state_dict())                                    # identical parameter names
+    x = torch.rand(12, 3, 32, 32)
+    a = tase.Args(sample_temperature=False, reweight=False)
+    tau = tase.global_temperature(1, a)
+    f = fassl.resolve_defaults(fassl.Args(prune_ratio=0.0), 32)
+    assert tau == f.tau == 0.2 and f.proj_layers == 2 and f.batch_size == a.batch_size and f.arch == a.arch
+    assert (f.lr, f.final_lr, f.momentum, f.weight_decay) == (a.lr, a.final_lr, a.momentum, a.weight_decay)
+    z_ours, z_theirs = ours(x), theirs(x)
+    assert torch.allclose(z_ours, z_theirs)
+    assert torch.allclose(tase.nt_xent(z_ours[:6], z_ours[6:], tau), fassl.nt_xent(z_theirs[:6], z_theirs[6:], f.tau))
+
+
 def test_bad_settings_raise_one_line_user_errors():
     for kw in (dict(tau_min=0.6), dict(clusters=1), dict(recluster_every=0), dict(batch_size=1)):
         with pytest.raises(common.UserError) as e:
