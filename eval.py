@@ -18,7 +18,7 @@ Groups (D§4): "thirds" (Few / Medium / Many = Rare / Medium / Frequent, FASSL &
 stored only). Counts always come from the (pre-)training set, never from the probe set.
 
 CLI
-  python eval.py --ckpt runs/X/checkpoint.pt --probe linear|few-shot|cb-linear|knn [--probe-aug crop|none]
+  python eval.py --ckpt runs/X/checkpoint.pt --probe linear|few-shot|cb-linear|knn|classifier [--probe-aug crop|none]
   python eval.py --table runs/*/results.json
 """
 from __future__ import annotations
@@ -195,6 +195,29 @@ def _predict(fc, feats, chunk=8192):
     return torch.cat([fc(feats[i:i + chunk]).argmax(1) for i in range(0, len(feats), chunk)])
 
 
+@torch.no_grad()
+def _val_accuracy(fc, feats, y, topk=1, chunk=8192):
+    """Top-k accuracy in percent (top-5 is the ImageNet-100 selection metric of the SDCLR code, D§5.1)."""
+    hits = torch.cat([(fc(feats[i:i + chunk]).topk(min(topk, fc.out_features), 1).indices == y[i:i + chunk, None])
+                      .any(1) for i in range(0, len(feats), chunk)])
+    return 100.0 * float(hits.double().mean())
+
+
+def label_fraction_split(ds, fraction, seed=0):
+    """Per-class stratified `fraction` of the LT pre-training set (FASSL Table 10 probe, D§5.1 variant):
+    per class the first max(1, round(fraction * n_c)) images of a seeded permutation (INFERRED rounding)."""
+    if not 0 < fraction <= 1:
+        raise common.UserError(f"--probe-label-fraction must be in (0, 1] (got {fraction})")
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(ds.num_classes):
+        idx = (ds.train.y == c).nonzero().view(-1)
+        if len(idx):
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            keep.append(idx[:max(1, round(fraction * len(idx)))])
+    return _subset(ds.train, torch.cat(keep).sort().values)
+
+
 def _test_recipe(recipe):
     """Normalisation-only recipe matching a training recipe's statistics."""
     return "test_imagenet" if "imagenet" in recipe else "test_cifar"
@@ -226,6 +249,7 @@ def linear_probe(backbone, ds, device, amp_dtype=None, mode="full", aug="crop", 
         raise common.UserError(f"dataset {ds.name} has no {'few-shot' if few else 'probe'} split for the "
                                f"{mode} probe; use a protocol that defines it (e.g. --protocol sdclr)")
     test_recipe = _test_recipe(recipe)
+    select_k = 5 if ds.name == "imagenet100-lt" else 1                          # D§5.1 selection metric
     t0 = time.time()
     was_training = backbone.training
     backbone.eval()                                                             # BN eval (D§5.1)
@@ -268,9 +292,12 @@ def linear_probe(backbone, ds, device, amp_dtype=None, mode="full", aug="crop", 
                 n_steps += 1
             rec = {"epoch": epoch, "lr": cur_lr, "loss": float(loss_sum) / max(n_steps, 1), "val_top1": None}
             if val_feats is not None and (epoch % val_every == 0 or epoch == epochs):
-                rec["val_top1"] = 100.0 * float((_predict(fc, val_feats) == val_y).double().mean())
-                if rec["val_top1"] > best["top1"]:                              # ties keep the earlier epoch
-                    best = {"top1": rec["val_top1"], "epoch": epoch,
+                rec["val_top1"] = _val_accuracy(fc, val_feats, val_y, 1)
+                score = rec["val_top1"] if select_k == 1 else _val_accuracy(fc, val_feats, val_y, select_k)
+                if select_k != 1:
+                    rec[f"val_top{select_k}"] = score
+                if score > best["top1"]:                                        # ties keep the earlier epoch
+                    best = {"top1": score, "epoch": epoch,
                             "state": {k: v.detach().clone() for k, v in fc.state_dict().items()}}
             history.append(rec)
             log(f"[probe {mode}] ep {epoch}/{epochs} | lr {cur_lr:g} | loss {rec['loss']:.4f}"
@@ -281,8 +308,8 @@ def linear_probe(backbone, ds, device, amp_dtype=None, mode="full", aug="crop", 
         backbone.train(was_training)
     at_last = compute_metrics(_predict(fc, test_feats), test_y, ds.num_classes, ds.class_counts, ds.class_rank)
     if best["state"] is not None:
-        selection = {"rule": "best-val-top1", "selected_epoch": best["epoch"], "last_epoch": epochs,
-                     "val_top1": best["top1"]}
+        selection = {"rule": f"best-val-top{select_k}", "selected_epoch": best["epoch"], "last_epoch": epochs,
+                     f"val_top{select_k}": best["top1"]}
         fc.load_state_dict(best["state"])
         at_selected = compute_metrics(_predict(fc, test_feats), test_y, ds.num_classes, ds.class_counts,
                                       ds.class_rank)
@@ -733,14 +760,33 @@ def evaluate_checkpoint(cli) -> dict:
     test_recipe = _test_recipe(recipe)
     t0 = time.time()
     if cli.probe in ("linear", "few-shot"):
+        train_split = None
+        if cli.probe_label_fraction is not None:          # FASSL Table 10: stratified fraction of the LT set
+            train_split = label_fraction_split(ds, cli.probe_label_fraction, cli.seed)
+        elif ds.name == "places-lt" and cli.probe == "linear":
+            train_split = ds.train                        # ssl.md §3.5: the Places-LT probe trains on its train list
         out = linear_probe(backbone, ds, device, amp_dtype, mode="full" if cli.probe == "linear" else "few-shot",
                            aug=cli.probe_aug, epochs=cli.epochs, milestones=cli.milestones,
-                           lr=cli.lr if cli.lr is not None else 30.0, batch_size=cli.batch_size or 128,
-                           seed=cli.seed, recipe=recipe)
+                           lr=cli.lr if cli.lr is not None else 30.0,
+                           batch_size=cli.batch_size or (128 if ds.image_size <= 64 else 512),   # D§5.1
+                           train_split=train_split, seed=cli.seed, recipe=recipe)
+        if cli.probe_label_fraction is not None:
+            out["variant"] += f", label fraction {cli.probe_label_fraction:g}"
     elif cli.probe == "cb-linear":
         out = cb_linear(backbone, ds, device, amp_dtype, lr=cli.lr if cli.lr is not None else 10.0,
                         epochs=cli.epochs or 40, milestones=cli.milestones or (20, 30),
                         batch_size=cli.batch_size or 2048, bn=cli.linear_bn, recipe=recipe, seed=cli.seed)
+    elif cli.probe == "classifier":
+        if "classifier" not in ckpt:
+            raise common.UserError(f"checkpoint {cli.ckpt} has no end-to-end classifier; use --probe linear, few-shot, "
+                                   f"cb-linear or knn")
+        w = ckpt["classifier"]["weight"]
+        fc = nn.Linear(w.shape[1], w.shape[0]).to(device)
+        fc.load_state_dict(ckpt["classifier"])
+        m = classifier_eval(backbone, fc, ds, device, amp_dtype, recipe=test_recipe)
+        out = {"protocol": "hybrid-e2e", "variant": "checkpoint classifier",
+               "selection": {"rule": "checkpoint (last saved epoch)", "selected_epoch": ckpt.get("epoch"),
+                             "last_epoch": ckpt.get("epoch")}, "at_selected": m, "at_last": m}
     else:
         bank = ds.probe if ds.probe is not None else ds.train
         m = knn_monitor(backbone, bank, knn_query_split(ds, cli.seed), device, ds.num_classes, recipe=test_recipe,
@@ -766,7 +812,7 @@ def evaluate_checkpoint(cli) -> dict:
         points = cli.tsne_points or (2000 if device.type == "cuda" else 1000)
         plot_tsne(feats, labels, run_dir / "tsne.png", max_points=points, seed=cli.seed,
                   class_names=ds.class_names)
-    style = "ssl" if cli.probe in ("linear", "few-shot") else ("dscl" if cli.probe == "cb-linear" else "ssl")
+    style = {"cb-linear": "dscl", "classifier": "top1"}.get(cli.probe, "ssl")
     print(f"{method} {ds.name} {res['protocol']} ({variant}), {res['selection']['rule']}:")
     print(PAPER_HEADER[style])
     print(paper_row(res["at_selected"], style))
@@ -782,17 +828,22 @@ def build_parser():
     src.add_argument("--table", nargs="+", metavar="RESULTS_JSON",
                      help="results.json files; prints mean ± std (population) over runs sharing method, variant, "
                           "dataset, convention, rho and protocol")
-    p.add_argument("--probe", default="linear", choices=["linear", "few-shot", "cb-linear", "knn"],
+    p.add_argument("--probe", default="linear", choices=["linear", "few-shot", "cb-linear", "knn", "classifier"],
                    help="protocol: linear / few-shot = SDCLR probe (D§5.1), cb-linear = DSCL stage 2 (D§5.2), "
-                        "knn = kNN monitor (D§5.4) (default: linear)")
+                        "knn = kNN monitor (D§5.4), classifier = the checkpoint's end-to-end classifier (Hybrid, "
+                        "D§5.3) (default: linear)")
     p.add_argument("--probe-aug", default="crop", choices=["crop", "none"],
                    help="crop = protocol (RandomCrop + flip per batch); none = cached un-augmented features, "
                         "tagged 'sdclr-probe-cached (approx)' (D§5.1) (default: crop)")
+    p.add_argument("--probe-label-fraction", type=float, default=None,
+                   help="train the probe on this per-class stratified fraction of the LT pre-training set "
+                        "(FASSL Table 10: 0.3; D§5.1 variant) (default: off)")
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 30 / 100 / 40 per protocol)")
     p.add_argument("--milestones", type=int, nargs="+", default=None,
                    help="x0.1 LR epochs (default: 10 20 / 40 60 / 20 30 per protocol)")
     p.add_argument("--lr", type=float, default=None, help="probe LR (default: 30 SDCLR probe, 10 cb-linear)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 128 SDCLR probe, 2048 cb-linear")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: SDCLR probe 128 (<= 64 px) / 512 (224 px) (D§5.1), cb-linear 2048 (D§5.2)")
     p.add_argument("--linear-bn", default="eval", choices=["eval", "train"],
                    help="cb-linear BN mode; train = released DSCL code (D§5.2) (default: eval)")
     p.add_argument("--recipe", default=None,

@@ -226,6 +226,19 @@ def test_probe_without_val_selects_last_epoch():
     assert res["at_selected"] == res["at_last"]
 
 
+def test_label_fraction_split_and_imagenet100_top5_selection():
+    ds = _toy_ds()
+    y = torch.tensor([0] * 10 + [1] * 7 + [2] * 3 + [3] * 1)
+    ds.train = data.Split(y=y, x=torch.zeros(len(y), 3, 8, 8, dtype=torch.uint8))
+    sub = ev.label_fraction_split(ds, 0.3, seed=1)           # FASSL Table 10 probe set
+    assert torch.bincount(sub.y, minlength=4).tolist() == [3, 2, 1, 1]
+    with pytest.raises(common.UserError):
+        ev.label_fraction_split(ds, 0.0)
+    ds.name = "imagenet100-lt"                                # SDCLR selects ImageNet-100 probes on val top-5
+    res = ev.linear_probe(TinyNet(), ds, CPU, aug="none", epochs=2, milestones=[1], log=lambda s: None)
+    assert res["selection"]["rule"] == "best-val-top5" and "val_top5" in res["history"][0]
+
+
 def test_frozen_backbone_params_and_bn_buffers_bit_identical():
     torch.manual_seed(0)
     net = common.build_backbone("resnet8")
@@ -378,11 +391,12 @@ def _synthetic_ckpt(tmp_path):
     run.mkdir(parents=True)
     path = run / "checkpoint.pt"
     common.save_checkpoint(path, {"method": "sdclr", "arch": "resnet8", "image_size": 32, "args": args, "epoch": 1,
-                                  "stage": "", "backbone": bb.state_dict()})
+                                  "stage": "", "backbone": bb.state_dict(),
+                                  "classifier": nn.Linear(bb.out_dim, 3).state_dict()})
     return path
 
 
-@pytest.mark.parametrize("probe", ["linear", "knn"])
+@pytest.mark.parametrize("probe", ["linear", "knn", "classifier"])
 def test_cli_ckpt_writes_results_and_plots(tmp_path, capsys, probe):
     path = _synthetic_ckpt(tmp_path)
     extra = ["--probe-aug", "none", "--epochs", "2", "--milestones", "1"] if probe == "linear" else ["--no-tsne"]
@@ -395,8 +409,11 @@ def test_cli_ckpt_writes_results_and_plots(tmp_path, capsys, probe):
     assert saved["at_selected"]["per_class_acc"] == res["at_selected"]["per_class_acc"]
     assert (run / "per_class_acc.png").exists() and (run / "group_acc.png").exists()
     out = capsys.readouterr().out
-    assert "| All | Rare | Medium | Frequent | Std |" in out and ev.paper_row(res["at_selected"], "ssl") in out
-    if probe == "linear":
+    style = "top1" if probe == "classifier" else "ssl"
+    assert ev.PAPER_HEADER[style] in out and ev.paper_row(res["at_selected"], style) in out
+    if probe == "classifier":
+        assert saved["protocol"] == "hybrid-e2e" and saved["selection"]["selected_epoch"] == 1
+    elif probe == "linear":
         assert saved["protocol"] == "sdclr-probe-full" and saved["variant"] == "sdclr-probe-cached (approx)"
         assert len(saved["history"]) == 2 and (run / "tsne.png").exists()
     else:
