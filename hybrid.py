@@ -298,8 +298,18 @@ def variant_of(args: Args) -> str:
     return " ".join(parts)
 
 
-def is_paper_setting(args: Args) -> bool:
-    return (args.dataset in CIFAR and args.protocol == "ldam" and args.prototypes_per_class == 1
+def paper_dataset(ds: data.LTDataset) -> str | None:
+    """'cifar10-lt' / 'cifar100-lt' for the canonical CIFAR-LT sets and their JPEG copies (--dataset folder), else None."""
+    if ds.name in CIFAR:
+        return ds.name
+    if ds.name == "folder" and ds.image_source == "jpeg-copy" and ds.num_classes in (10, 100):
+        return f"cifar{ds.num_classes}-lt"
+    return None
+
+
+def is_paper_setting(args: Args, paper_ds: str | None) -> bool:
+    """Paper data (CIFAR-LT, ldam; a JPEG copy is labelled by dataset.image_source) and no non-paper switch."""
+    return (paper_ds is not None and args.protocol == "ldam" and args.prototypes_per_class == 1
             and not args.psc_include_pos and not args.fused_forward)
 
 
@@ -313,12 +323,13 @@ PAPER_TOP1 = {
 }
 
 
-def paper_target(args: Args) -> float | None:
+def paper_target(args: Args, paper_ds: str | None) -> float | None:
+    """The paper's top-1 for this run's setting (column = imbalance ratio 100 | 50 | 10), or None."""
     key = ("two-stage" if args.two_stage else "no-curriculum" if args.no_curriculum is not None
            else "cb-psc" if args.loss == "psc" and args.con_sampler == "balanced" else args.loss)
-    row = PAPER_TOP1.get((args.dataset, key))
+    row = PAPER_TOP1.get((paper_ds, key))
     col = {100.0: 0, 50.0: 1, 10.0: 2}.get(float(args.imb_ratio))
-    return row[col] if row is not None and col is not None and is_paper_setting(args) else None
+    return row[col] if row is not None and col is not None and is_paper_setting(args, paper_ds) else None
 
 
 def train(args: Args, ds: data.LTDataset | None = None) -> dict:
@@ -357,7 +368,7 @@ def train(args: Args, ds: data.LTDataset | None = None) -> dict:
                                   workers=args.workers, image_size=ds.image_size)
     ce_loader = data.make_loader(ds.train, args.cb_batch_size, device, sampler="balanced", seed=args.seed + 1,
                                  workers=args.workers, image_size=ds.image_size)
-    recipe = "test_cifar" if ds.image_size <= 64 else "test_imagenet"
+    recipe = "test_cifar"   # normalisation only, with the statistics of hybrid_base (LDAM CIFAR mean/std, D§7.2)
 
     start, history, best, wall0 = 0, [], {"epoch": 0, "top1": -1.0, "selected_on_test": True}, 0.0
     ckpt_path = run_dir / "checkpoint.pt"
@@ -439,14 +450,15 @@ def train(args: Args, ds: data.LTDataset | None = None) -> dict:
                                                   amp_dtype, recipe)
     epochs = {"train": args.epochs, **({"stage2": args.stage2_epochs} if args.two_stage else {})}
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off")
-    results = evaluation.results_skeleton(method_name(args), variant_of(args), is_paper_setting(args), ds,
+    paper_ds = paper_dataset(ds)
+    results = evaluation.results_skeleton(method_name(args), variant_of(args), is_paper_setting(args, paper_ds), ds,
                                           "hybrid-e2e", "backbone", args.arch, epochs, args.seed, amp,
                                           wall0 + time.time() - t0)
     results["selection"] = {"rule": "last-epoch", "selected_epoch": total_epochs, "last_epoch": total_epochs}
     results["at_selected"] = last_metrics
     results["at_last"] = last_metrics
     results["best_test"] = best
-    target = paper_target(args)
+    target = paper_target(args, paper_ds)
     results["extra"] = {"tau": args.tau, "alpha_schedule": args.alpha_schedule, "no_curriculum": args.no_curriculum,
                         "test_history": history, "paper_top1": target}
     evaluation.write_results(run_dir, results)

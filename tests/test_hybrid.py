@@ -179,7 +179,8 @@ def test_cifar10_lt_starts_with_the_paper_settings():
     inat = hybrid.resolve_args(common.parse_args(hybrid.Args, ["--dataset", "inat2018", "--loss", "psc"]), 8142)
     assert (inat.arch, inat.batch_size, inat.epochs, inat.milestones, inat.alpha_schedule, inat.tau) == \
         ("resnet50", 100, 100, [60, 80], "linear", 0.1)
-    assert hybrid.paper_target(a) == 81.40 and hybrid.paper_target(psc100) == 44.97
+    assert hybrid.paper_target(a, "cifar10-lt") == 81.40 and hybrid.paper_target(psc100, "cifar100-lt") == 44.97
+    assert hybrid.paper_target(a, None) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def test_tiny_synthetic_run_beats_chance_and_writes_results(tmp_path):
 
 
 def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path, monkeypatch):
-    ds = tiny(n_max=48, n_test=8)
+    ds = tiny(n_max=24, n_test=8)
     args = tiny_args(tmp_path / "a", loss="psc", epochs=2, eval_every=100)
     hybrid.train(args, ds)
     (ref_dir,) = list((tmp_path / "a").iterdir())
@@ -244,7 +245,7 @@ def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path, monkeypatch):
 
 
 def test_two_stage_freezes_the_backbone_in_stage_two(tmp_path, monkeypatch):
-    ds = tiny(n_max=48, n_test=8)
+    ds = tiny(n_max=24, n_test=8)
     states = []
     real_save = common.save_checkpoint
     def keep(path, state):   # state_dict tensors share storage with the live model: copy them
@@ -258,3 +259,22 @@ def test_two_stage_freezes_the_backbone_in_stage_two(tmp_path, monkeypatch):
     for k, v in states[0]["backbone"].items():                     # weights and BN statistics unchanged
         assert torch.equal(v, states[-1]["backbone"][k]), k
     assert not torch.equal(states[0]["classifier"]["weight"], states[-1]["classifier"]["weight"])
+
+
+def test_ce_ce_head_and_fused_forward_step():
+    torch.manual_seed(0)
+    args = hybrid.resolve_args(dataclasses.replace(hybrid.Args(), loss="ce", fused_forward=True, arch="resnet8",
+                                                   lr=0.1), num_classes=4)
+    model = hybrid.HybridNet("resnet8", 4, 32, "ce", None, 128, 1)
+    assert isinstance(model.head, torch.nn.Linear) and model.prototypes is None     # CE-CE: second linear head
+    opt, scaler = hybrid.make_optimizer(model, args), common.make_scaler(None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(8) % 4
+    head0, cls0 = model.head.weight.detach().clone(), model.classifier.weight.detach().clone()
+    l_con, l_ce = hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), 0.5, args, g, 32,
+                                    torch.device("cpu"), None)
+    assert l_con.item() == pytest.approx(math.log(4), rel=0.5) and torch.isfinite(l_ce)
+    assert not torch.equal(head0, model.head.weight) and not torch.equal(cls0, model.classifier.weight)
+    out_con, logits = model(torch.randn(6, 3, 32, 32), torch.randn(4, 3, 32, 32), fused=True)
+    assert out_con.shape == (6, 4) and logits.shape == (4, 4)
