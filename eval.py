@@ -182,12 +182,14 @@ PAPER_HEADER = {"ssl": "| All | Rare | Medium | Frequent | Std |", "dscl": "| Ma
 # ----------------------------------------------------------------------------------------------------------
 # SDCLR linear probe (D§5.1)
 # ----------------------------------------------------------------------------------------------------------
-def _new_fc(in_dim, num_classes, device):
-    """fc on GAP features, weight ~ N(0, 0.01^2), bias 0 (D§5.1)."""
-    fc = nn.Linear(in_dim, num_classes).to(device)
-    nn.init.normal_(fc.weight, 0.0, 0.01)
-    nn.init.zeros_(fc.bias)
-    return fc
+def _new_fc(in_dim, num_classes, device, seed=0):
+    """fc on GAP features, weight ~ N(0, 0.01^2), bias 0 (D§5.1); seeded by its own generator."""
+    with torch.random.fork_rng(devices=[]):           # nn.Linear's default init would draw from the global RNG
+        fc = nn.Linear(in_dim, num_classes)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(fc.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.01)
+        fc.bias.zero_()
+    return fc.to(device)
 
 
 @torch.no_grad()
@@ -234,8 +236,9 @@ def linear_probe(backbone, ds, device, amp_dtype=None, mode="full", aug="crop", 
     on ImageNet-normalised inputs) on every batch. aug "none": every train image is embedded once without
     augmentation and the fc is trained on the cached features (fast, tagged "sdclr-probe-cached (approx)").
     The backbone stays frozen and in eval mode: its parameters and BN buffers are unchanged. Selection = best
-    validation top-1 (last epoch when ds.val is None); the test set is embedded once, at the end, and scored
-    with the selected and the last classifier."""
+    validation top-1 (top-5 on ImageNet-100-LT, as the SDCLR code; last epoch when ds.val is None); the test set
+    is embedded once, at the end, and scored with the selected and the last classifier. The global RNG is not
+    touched (the fc init and the batch order use their own generators)."""
     if mode not in ("full", "few-shot"):
         raise ValueError(f"unknown probe mode {mode!r}; use full or few-shot")
     if aug not in ("crop", "none"):
@@ -265,8 +268,7 @@ def linear_probe(backbone, ds, device, amp_dtype=None, mode="full", aug="crop", 
             loader = data.make_loader(split, batch_size, device, shuffle=True, drop_last=False, sampler="random",
                                       seed=seed, image_size=ds.image_size)
             gen = torch.Generator(device=device).manual_seed(seed)
-        torch.manual_seed(seed)
-        fc = _new_fc(in_dim, ds.num_classes, device)
+        fc = _new_fc(in_dim, ds.num_classes, device, seed)
         opt = torch.optim.SGD(fc.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
         best = {"top1": -1.0, "epoch": None, "state": None}
         history = []
@@ -374,12 +376,11 @@ def cb_linear(backbone, ds, device, amp_dtype=None, lr=10.0, epochs=40, mileston
                                                            recipe=test_recipe)
             return feats_cache[split_name]
 
-        torch.manual_seed(seed)
         in_dim = int(net.out_dim) if hasattr(net, "out_dim") else features("test")[0].shape[1]
-        fc = _new_fc(in_dim, ds.num_classes, device)
+        fc = _new_fc(in_dim, ds.num_classes, device, seed)
         opt = torch.optim.SGD(fc.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
         history, best_test, best_val = [], {"epoch": None, "top1": -1.0}, {"epoch": None, "top1": -1.0}
-        val_state = None
+        val_metrics = None      # test METRICS at the val-selected epoch (stored, not the headline)
         for epoch in range(1, epochs + 1):
             cur_lr = common.multistep_lr(epoch, lr, list(milestones))
             common.set_lr(opt, cur_lr)
@@ -408,7 +409,6 @@ def cb_linear(backbone, ds, device, amp_dtype=None, lr=10.0, epochs=40, mileston
                 rec["val_top1"] = 100.0 * float((_predict(fc, vf) == vy).double().mean())
                 if rec["val_top1"] > best_val["top1"]:
                     best_val = {"epoch": epoch, "top1": rec["val_top1"]}
-                    val_state = {k: v.detach().clone() for k, v in fc.state_dict().items()}
                     val_metrics = compute_metrics(_predict(fc, tf), ty, ds.num_classes, ds.class_counts,
                                                   ds.class_rank)
             history.append(rec)
@@ -425,7 +425,7 @@ def cb_linear(backbone, ds, device, amp_dtype=None, lr=10.0, epochs=40, mileston
            "history": history,
            "probe": {"epochs": epochs, "milestones": list(milestones), "lr": lr, "batch_size": batch_size,
                      "recipe": recipe, "bn": bn, "wall_time_s": time.time() - t0}}
-    if val_state is not None:
+    if val_metrics is not None:
         out["selection"]["val_selected_epoch"] = best_val["epoch"]
         out["at_val_selected"] = val_metrics
     return out

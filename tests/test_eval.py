@@ -221,7 +221,10 @@ def test_probe_reads_test_set_exactly_once(monkeypatch):
 
 def test_probe_without_val_selects_last_epoch():
     ds = _toy_ds(n_val=0)
-    res = ev.linear_probe(TinyNet(), ds, CPU, aug="none", epochs=3, milestones=[2], log=lambda s: None)
+    net = TinyNet()
+    rng = torch.get_rng_state()
+    res = ev.linear_probe(net, ds, CPU, aug="none", epochs=3, milestones=[2], log=lambda s: None)
+    assert torch.equal(rng, torch.get_rng_state())     # a probe inside a training run leaves the global RNG alone
     assert res["selection"]["selected_epoch"] == 3 and "last" in res["selection"]["rule"]
     assert res["at_selected"] == res["at_last"]
 
