@@ -22,6 +22,7 @@ import itertools
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -335,15 +336,16 @@ def paper_target(args: Args, paper_ds: str | None) -> float | None:
 def train(args: Args, ds: data.LTDataset | None = None) -> dict:
     """Full run: data, model, Eq. (1) training (or two-stage), periodic evaluation, results.json."""
     if ds is None:
-        ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio, protocol=args.protocol,
-                               seed=args.seed)
+        # data seed stays 0 (the LDAM subset, D§1.3); --seed only seeds training
+        ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio, protocol=args.protocol)
     args = resolve_args(args, ds.num_classes)
     if args.loss == "psc" and ds.num_classes < 2:
         raise common.UserError("PSC needs at least 2 classes (Eq. 4 contrasts against the other classes' prototypes)")
     if args.prototypes_per_class < 1:
         raise common.UserError(f"--prototypes-per-class must be >= 1, got {args.prototypes_per_class}")
     if len(ds.train) < args.batch_size:
-        raise common.UserError(f"--batch-size {args.batch_size} exceeds the {len(ds.train)} training images; pass a smaller --batch-size")
+        raise common.UserError(f"--batch-size {args.batch_size} exceeds the {len(ds.train)} training images; "
+                               "pass a smaller --batch-size")
     device, amp_dtype = common.setup_device(args.device, args.amp)
     common.seed_everything(args.seed)
     run_dir = common.make_run_dir(method_name(args), args.dataset, args.out_dir, args.resume)
@@ -372,8 +374,9 @@ def train(args: Args, ds: data.LTDataset | None = None) -> dict:
 
     start, history, best, wall0 = 0, [], {"epoch": 0, "top1": -1.0, "selected_on_test": True}, 0.0
     ckpt_path = run_dir / "checkpoint.pt"
+    resume_from = args.resume if args.resume and args.resume != "auto" and Path(args.resume).is_file() else ckpt_path
     if args.resume and (args.resume != "auto" or ckpt_path.exists()):   # a named checkpoint must exist
-        ck = common.load_checkpoint(ckpt_path)
+        ck = common.load_checkpoint(resume_from)
         state = {**{"backbone." + k: v for k, v in ck["backbone"].items()},
                  **{"classifier." + k: v for k, v in ck["classifier"].items()}, **ck["heads"]}
         unwrapped.load_state_dict(state)
@@ -381,7 +384,7 @@ def train(args: Args, ds: data.LTDataset | None = None) -> dict:
         scaler.load_state_dict(ck["scaler"])
         common.set_rng_state(ck["rng"])
         start, history, best, wall0 = ck["epoch"], ck["history"], ck["best_test"], ck["wall_time_s"]
-        print(f"[{method_name(args)}] resumed from {ckpt_path} at epoch {start}/{total_epochs}")
+        print(f"[{method_name(args)}] resumed from {resume_from} at epoch {start}/{total_epochs}")
 
     steps = len(con_loader)
     progress = common.Progress(steps * total_epochs, args.batch_size, every=args.print_every, prefix=method_name(args))
