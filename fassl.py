@@ -55,8 +55,9 @@ class Args:
     # pipeline
     stage: str = common.arg("all", "stages to run: all = sdclr -> prototypes -> rebalance (paper Alg. 1)",
                             choices=["all", *STAGES])
-    init: Optional[str] = common.arg(None, "checkpoint that starts the first stage run here (stage_sdclr.pt for "
-                                     "prototypes, stage_prototypes.pt for rebalance) (Alg. 1 line 4/12)")
+    init: Optional[str] = common.arg(None, "checkpoint that starts the first stage run here: stage_sdclr.pt for "
+                                     "prototypes (and for all: Stage 0 skipped), stage_prototypes.pt for "
+                                     "rebalance (Alg. 1 lines 4, 12)")
     no_init: bool = common.arg(False, "teacher from random weights, Stage 0 skipped (paper Table 9)")
     resume: Optional[str] = common.arg(None, "checkpoint.pt / run dir / 'auto' to continue an interrupted run")
     stop_after_epochs: Optional[int] = common.arg(None, "debug: stop after this many epochs of this invocation "
@@ -96,7 +97,8 @@ class Args:
     epochs_scale: float = common.arg(1.0, "multiply every stage's epochs (quick runs; 1 = paper setting)")
     knn_every: Optional[int] = common.arg(None, "kNN monitor every N epochs; None = max(1, E/20); 0 = off (D§5.4)")
     # evaluation
-    probes: list[str] = common.arg(["full", "few-shot"], "linear probes at the end (Tables 1-2; D§5.1)")
+    probes: list[str] = common.arg(["full", "few-shot"], "linear probes at the end (Tables 1-2; D§5.1)",
+                                   choices=["full", "few-shot"])
     probe_aug: str = common.arg("crop", "probe augmentation; none = cached features, fast, approx. (D§5.1)",
                                 choices=["crop", "none"])
     probe_epochs: Optional[int] = common.arg(None, "override the probe epochs (30 full / 100 few-shot, D§5.1)")
@@ -637,15 +639,18 @@ def main(argv=None):
     common.write_config(run_dir, args, ds.info())
 
     stages = list(STAGES) if args.stage == "all" else [args.stage]
-    if args.no_init and stages[0] == "sdclr" and len(stages) > 1:
-        stages = stages[1:]                                  # Table 9: teacher from random weights, no Stage 0
+    if (args.no_init or args.init) and args.stage == "all":
+        stages = stages[1:]        # Stage 0 skipped: teacher from --init (e.g. a stage_sdclr.pt) or random (Table 9)
     init_ck = prev = common.load_checkpoint(args.init) if args.init else None
     if stages[0] != "sdclr" and prev is None and not args.no_init:
         raise common.UserError(f"--stage {stages[0]} needs a teacher: pass --init <stage_"
                                f"{STAGES[STAGES.index(stages[0]) - 1]}.pt> or --no-init (random teacher)")
-    if stages[0] == "rebalance" and prev is not None and "prototypes" not in prev and args.reweight:
-        raise common.UserError(f"--init {args.init} has no prototypes; pass a stage_prototypes.pt or add "
-                               "--no-reweight")
+    if stages[0] == "rebalance" and (prev is None or "prototypes" not in prev) and args.reweight:
+        if prev is not None:
+            raise common.UserError(f"--init {args.init} has no prototypes; pass a stage_prototypes.pt or add "
+                                   "--no-reweight")
+        print("warning: --stage rebalance --no-init re-weights with random prototypes; add --no-reweight for the "
+              "BYOL-style row")
     groups, outputs, budget = group_of_classes(ds), {}, {"epochs": args.stop_after_epochs}
     for stage in stages:
         final = run_dir / f"stage_{stage}.pt"
