@@ -57,8 +57,7 @@ class Args:
                             choices=["all", *STAGES])
     init: Optional[str] = common.arg(None, "checkpoint that starts the first stage run here: stage_sdclr.pt for "
                                      "prototypes (and for all: Stage 0 skipped), stage_prototypes.pt for "
-                                     "rebalance (Alg. 1 lines 4, 12)")
-    no_init: bool = common.arg(False, "teacher from random weights, Stage 0 skipped (paper Table 9)")
+                                     "rebalance (Alg. 1 lines 4, 12); 'scratch' = random teacher (= --no-init)")
     resume: Optional[str] = common.arg(None, "checkpoint.pt / run dir / 'auto' to continue an interrupted run")
     stop_after_epochs: Optional[int] = common.arg(None, "debug: stop after this many epochs of this invocation "
                                                   "(checkpoint kept; continue with --resume)")
@@ -117,7 +116,7 @@ class Args:
 
 
 RUNTIME_FIELDS = ("resume", "stop_after_epochs", "device", "amp", "compile", "workers")
-ABLATION_FIELDS = ("stage", "no_init", "init", "arch", "prune_ratio", "dual_bn", "tau", "num_prototypes", "ema_tau",
+ABLATION_FIELDS = ("stage", "init", "arch", "prune_ratio", "dual_bn", "tau", "num_prototypes", "ema_tau",
                    "reweight", "clip_sigma")
 
 
@@ -610,8 +609,16 @@ def method_name(args: Args) -> str:
     return "fassl"
 
 
+def parse(argv=None) -> Args:
+    """common.make_parser(Args) plus the --no-init alias the paper's Table 9 row is named after."""
+    parser = common.make_parser(Args)
+    parser.add_argument("--no-init", dest="init", action="store_const", const="scratch",
+                        help="same as --init scratch: teacher from random weights, Stage 0 skipped (Table 9)")
+    return Args(**vars(parser.parse_args(argv)))
+
+
 def main(argv=None):
-    args = common.parse_args(Args, argv)
+    args = parse(argv)
     if args.benchmark:
         return benchmark(args)
     t_start = time.time()
@@ -639,10 +646,10 @@ def main(argv=None):
     common.write_config(run_dir, args, ds.info())
 
     stages = list(STAGES) if args.stage == "all" else [args.stage]
-    if (args.no_init or args.init) and args.stage == "all":
+    if args.init and args.stage == "all":
         stages = stages[1:]        # Stage 0 skipped: teacher from --init (e.g. a stage_sdclr.pt) or random (Table 9)
-    init_ck = prev = common.load_checkpoint(args.init) if args.init else None
-    if stages[0] != "sdclr" and prev is None and not args.no_init:
+    init_ck = prev = common.load_checkpoint(args.init) if args.init not in (None, "scratch") else None
+    if stages[0] != "sdclr" and args.init is None:
         raise common.UserError(f"--stage {stages[0]} needs a teacher: pass --init <stage_"
                                f"{STAGES[STAGES.index(stages[0]) - 1]}.pt> or --no-init (random teacher)")
     if stages[0] == "rebalance" and (prev is None or "prototypes" not in prev) and args.reweight:
@@ -688,10 +695,9 @@ def main(argv=None):
         results["extra"][f"probe_{mode}"] = {k: r[k] for k in ("protocol", "variant", "selection", "at_selected",
                                                                "at_last", "probe")}
     if args.probe_teacher and stages[-1] == "rebalance":
-        tb = common.build_backbone(args.arch, ds.image_size)
-        tb.load_state_dict({k[len("backbone."):]: v for k, v in prev["teacher"].items() if k.startswith("backbone.")})
+        teacher_backbone = {k[len("backbone."):]: v for k, v in prev["teacher"].items() if k.startswith("backbone.")}
         results["extra"]["teacher_probe"] = {m: {k: r[k] for k in ("selection", "at_selected")} for m, r in
-                                             probe_all(tb.state_dict(), args, ds, device, amp_dtype).items()}
+                                             probe_all(teacher_backbone, args, ds, device, amp_dtype).items()}
     stage1 = outputs.get("prototypes") or (init_ck if stages == ["rebalance"] else None)   # Stage-1 teacher + P
     if args.analyze and stage1 is not None and "prototypes" in stage1:
         results["extra"]["prototypes"] = prototype_analysis(stage1, args, ds, device, amp_dtype, run_dir)

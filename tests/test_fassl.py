@@ -196,7 +196,7 @@ def test_ema_update_matches_formula():
 
 
 def test_ema_tau_zero_makes_teacher_equal_student_and_one_freezes_it():
-    args = fassl.resolve_defaults(common.parse_args(fassl.Args, TINY + ["--ema-tau", "0"]), 32)
+    args = fassl.resolve_defaults(fassl.parse(TINY + ["--ema-tau", "0"]), 32)
     x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
     mods, opt, _, step, _, _ = fassl.build_rebalance(args, 32, torch.device("cpu"), None)
     before = {k: v.clone() for k, v in mods["teacher"].state_dict().items()}
@@ -257,3 +257,13 @@ def test_interrupted_sdclr_resumes_to_the_same_weights(tmp_path):
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
     res = json.loads((cut / "results.json").read_text())
     assert res["method"] == "sdclr" and res["at_selected"]["acc_class_mean"] is not None
+
+
+def test_no_init_skips_stage0_with_a_random_teacher(tmp_path):
+    assert fassl.parse(["--no-init"]).init == "scratch" and fassl.parse([]).init is None
+    run_dir = fassl.main(TINY + ["--no-init", "--out-dir", str(tmp_path), "--stop-after-epochs", "1",
+                                 "--knn-every", "0"])
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ck["stage"] == "prototypes" and not (run_dir / "stage_sdclr.pt").exists()
+    with pytest.raises(common.UserError, match="needs a teacher"):
+        fassl.main(TINY + ["--stage", "rebalance", "--out-dir", str(tmp_path)])
