@@ -112,7 +112,6 @@ class HybridNet(nn.Module):
         self.backbone = common.build_backbone(arch, image_size)
         d = self.backbone.out_dim
         self.classifier = nn.Linear(d, num_classes)                       # W r + b, the test-time predictor
-        self.loss = loss
         if loss == "ce":   # CE-CE (Table 4): the feature branch becomes a second linear head (INFERRED reading)
             self.head = nn.Linear(d, num_classes)
         else:              # one-hidden-layer MLP projection, no BN (widths INFERRED, spec §2.4; SupContrast head)
