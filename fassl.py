@@ -222,8 +222,9 @@ def build_predictor(args: Args) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 def prototype_similarities(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Eq. (1): h_i = P^ z^_i, cosine similarity of the embedding to each of the K prototypes (rows of P
-    re-normalised on use, INFERRED, spec §3.2). (B, D), (K, D) -> (B, K) in fp32."""
-    return F.normalize(z.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
+    re-normalised on use, INFERRED, spec §3.2). (B, D), (K, D) -> (B, K) in fp32, also under autocast (N1)."""
+    with torch.autocast(z.device.type, enabled=False):
+        return F.normalize(z.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
 
 
 def prototype_contrastive_loss(z1, z2, prototypes, beta: float = 0.2) -> torch.Tensor:
@@ -240,7 +241,8 @@ def frequency_weights(z_teacher, prototypes, clip_sigma: float = 2.0) -> torch.T
 
     computed in log space (phi itself would overflow: exp(128)), so the weights are phi~_i / mean(phi~) and
     average exactly 1 over the batch. No gradient: the weights come from the teacher (spec §3.9)."""
-    s = F.normalize(z_teacher.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).sum(0)
+    with torch.autocast(z_teacher.device.type, enabled=False):
+        s = F.normalize(z_teacher.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).sum(0)
     if clip_sigma > 0:                                           # population std (spec §3.9); sigma = 0 -> no-op
         mu, sigma = s.mean(), s.std(unbiased=False)
         s = torch.clamp(s, min=mu - clip_sigma * sigma, max=mu + clip_sigma * sigma)
@@ -280,6 +282,12 @@ def two_views(x, gen, args, image_size, device):
     if device.type == "cuda" and args.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     return views
+
+
+def counts(idx, n, weights=None):
+    """bincount without a host sync (CUDA bincount reads the max index back to size its output)."""
+    w = weights.float() if weights is not None else torch.ones(idx.shape, device=idx.device)
+    return torch.zeros(n, device=idx.device).index_add_(0, idx, w)
 
 
 def backward_step(loss, opt, scaler):
@@ -345,7 +353,7 @@ def build_prototypes(args, image_size, device, amp_dtype, init=None):
             z1, z2 = run(torch.cat([x1, x2])).chunk(2)                         # z^T = F^T(x), Eq. (1)
             loss = prototype_contrastive_loss(z1, z2, protos.weight, args.beta)  # Eq. (2)
         backward_step(loss, opt, scaler)
-        usage = torch.bincount(prototype_similarities(z1.detach(), protos.weight).argmax(1), minlength=K)
+        usage = counts(prototype_similarities(z1.detach(), protos.weight).argmax(1), K)   # argmax_k h
         return {"loss": loss.detach(), "usage": usage}
 
     return {"teacher": teacher, "prototypes": protos}, opt, scaler, step, None, teacher
@@ -382,7 +390,7 @@ def build_rebalance(args, image_size, device, amp_dtype, init=None, group_of_cla
         # diagnostics only (labels never enter the loss): mean weight per Frequent/Medium/Rare group
         g = groups[y] if len(groups) > 1 else torch.zeros_like(y)
         return {"loss": loss.detach(), "w_max": w2.max(), "w_min": w2.min(),
-                "w_group_sum": torch.bincount(g, weights=w2, minlength=3), "w_group_n": torch.bincount(g, minlength=3)}
+                "w_group_sum": counts(g, 3, w2), "w_group_n": counts(g, 3)}
 
     return ({"student": student, "predictor": predictor, "teacher": teacher, "prototypes": protos}, opt, scaler,
             step, None, student)

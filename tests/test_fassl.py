@@ -267,3 +267,13 @@ def test_no_init_skips_stage0_with_a_random_teacher(tmp_path):
     assert ck["stage"] == "prototypes" and not (run_dir / "stage_sdclr.pt").exists()
     with pytest.raises(common.UserError, match="needs a teacher"):
         fassl.main(TINY + ["--stage", "rebalance", "--out-dir", str(tmp_path)])
+
+
+def test_prototype_loss_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    z, P = torch.randn(8, 16), torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = fassl.prototype_similarities(z.bfloat16(), P)
+        w = fassl.frequency_weights(z.bfloat16(), P)
+    assert h.dtype == torch.float32 and w.dtype == torch.float32
+    assert torch.allclose(h, fassl.prototype_similarities(z.bfloat16().float(), P), atol=1e-6)
