@@ -500,7 +500,8 @@ def train_stage(stage, args, ds, device, amp_dtype, run_dir, method, init=None, 
             record["knn"] = {"acc_class_mean": m["acc_class_mean"], "groups_thirds": m["groups_thirds"]}
             print(f"[{stage}] ep {epoch + 1} kNN class-mean acc {m['acc_class_mean']:.2f}", flush=True)
         common.append_metrics(run_dir, record)
-        state = checkpoint_state(args, ds.image_size, stage, epoch + 1, mods, opt, scaler, common.unwrap(evaluated), method)
+        state = checkpoint_state(args, ds.image_size, stage, epoch + 1, mods, opt, scaler, common.unwrap(evaluated),
+                                 method)
         common.save_checkpoint(run_dir / "checkpoint.pt", state)
         if budget["epochs"] is not None:
             budget["epochs"] -= 1
