@@ -754,8 +754,9 @@ def evaluate_checkpoint(cli) -> dict:
                                f"({str(e).splitlines()[0]}); the checkpoint is from another architecture") from e
     backbone = backbone.to(device)
     ds = _dataset_from_ckpt(ckpt.get("args"), cli)
-    method = ckpt.get("method", "unknown")
-    supervised = method in SUPERVISED
+    # a script may store the label results.json should carry (tase.py: "TASE-R (reconstruction)" / "simclr" / ...)
+    method = ckpt.get("results_method", ckpt.get("method", "unknown"))
+    supervised = ckpt.get("method") in SUPERVISED
     recipe = cli.recipe or ("crop_flip_cifar" if supervised else "crop_flip_imagenet")
     test_recipe = _test_recipe(recipe)
     t0 = time.time()
@@ -805,7 +806,8 @@ def evaluate_checkpoint(cli) -> dict:
     res.update(out)
     res["extra"]["checkpoint"] = str(cli.ckpt)
     res["extra"]["stage"] = ckpt.get("stage", "")
-    run_dir = pathlib.Path(cli.out) if cli.out else pathlib.Path(cli.ckpt).parent
+    # default: a sub-directory per probe, so the results.json the training run wrote beside it survives
+    run_dir = pathlib.Path(cli.out) if cli.out else pathlib.Path(cli.ckpt).parent / f"eval-{cli.probe}"
     write_results(run_dir, res)
     if cli.tsne:
         feats, labels = extract_features(backbone, ds.test, device, amp_dtype, recipe=test_recipe)
@@ -849,7 +851,7 @@ def build_parser():
     p.add_argument("--recipe", default=None,
                    help="train augmentation recipe of data.augment (default: crop_flip_imagenet for SSL "
                         "checkpoints, crop_flip_cifar for dscl/hybrid)")
-    p.add_argument("--out", default=None, help="output directory (default: the checkpoint's run directory)")
+    p.add_argument("--out", default=None, help="output directory (default: <the checkpoint's run directory>/eval-<probe>)")
     p.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=True,
                    help="also write tsne.png of test features (default: on)")
     p.add_argument("--tsne-points", type=int, default=None,

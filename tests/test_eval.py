@@ -405,8 +405,10 @@ def test_cli_ckpt_writes_results_and_plots(tmp_path, capsys, probe):
     extra = ["--probe-aug", "none", "--epochs", "2", "--milestones", "1"] if probe == "linear" else ["--no-tsne"]
     res = ev.main(["--ckpt", str(path), "--probe", probe, "--device", "cpu", "--amp", "off", "--tsne-points", "30",
                    *extra])
-    run = path.parent
+    (path.parent / "results.json").write_text('{"from": "training"}')   # the training run's own results
+    run = path.parent / f"eval-{probe}"                                    # default output: a sub-directory
     saved = json.loads((run / "results.json").read_text())
+    assert json.loads((path.parent / "results.json").read_text()) == {"from": "training"}
     assert saved["method"] == "sdclr" and saved["dataset"]["name"] == "synthetic-lt"
     assert saved["dataset"]["class_counts"] == data.lt_counts(12, 3, 4.0)
     assert saved["at_selected"]["per_class_acc"] == res["at_selected"]["per_class_acc"]
@@ -431,3 +433,14 @@ def test_cli_ckpt_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.strip().count("\n") == 0
+
+
+def test_cli_ckpt_uses_the_results_method_label(tmp_path):
+    """A checkpoint's results_method (tase.py: "TASE-R (reconstruction)") names the method in results.json."""
+    path = _synthetic_ckpt(tmp_path)
+    ckpt = common.load_checkpoint(path)
+    ckpt["results_method"] = "TASE-R (reconstruction)"
+    common.save_checkpoint(path, ckpt)
+    ev.main(["--ckpt", str(path), "--probe", "knn", "--device", "cpu", "--amp", "off", "--no-tsne",
+             "--out", str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["method"] == "TASE-R (reconstruction)"
