@@ -22,10 +22,13 @@ The same file runs the baselines by switches (spec §4.8):
   --no-sample-temperature / --no-reweight                      one TASE-R component alone
 
 Run: python tase.py --dataset cifar10-lt         (python tase.py --help lists every switch and its source)
+Demo: python tase.py --dataset synthetic-lt       (CPU-sized SYNTHETIC_DEMO schedule, not a paper setting)
 """
+import argparse
 import dataclasses
 import math
 import pathlib
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -43,6 +46,13 @@ from common import arg
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Arguments (every default: its source; INFERRED = the project's decision, spec ssl.md §4.5)
 # ----------------------------------------------------------------------------------------------------------------
+# Not a paper setting: a CPU-sized demo for synthetic-lt (sized for about 3 minutes on an idle 2-core CPU; it
+# re-clusters at epochs 5, 9, 13, 17). resolve_args() fills these values in only with --dataset synthetic-lt and
+# only for options not given on the command line.
+SYNTHETIC_DEMO = {"arch": "resnet8", "epochs": 20, "batch_size": 128, "lr_warmup_epochs": 2,
+                  "warmup_epochs": 4, "recluster_every": 4, "probe_aug": "none"}
+
+
 @dataclass
 class Args:
     """TASE-R: a RECONSTRUCTION of TASE (paper 001) from its abstract, NOT the authors' method. SimCLR with
@@ -62,15 +72,17 @@ class Args:
     synthetic_n_max: int = arg(500, "synthetic-lt head-class count (data.py; tests pass small values)")
     synthetic_n_test: int = arg(100, "synthetic-lt test images per class (data.py)")
     # model
-    arch: str = arg("resnet18", "backbone; ResNet-18 CIFAR stem (ssl.md §1.4, SDCLR code)",
+    arch: str = arg("resnet18", "backbone; ResNet-18 CIFAR stem (ssl.md §1.4, SDCLR code); synthetic-lt demo: resnet8",
                     choices=["resnet18", "resnet34", "resnet50", "resnet152", "resnet8", "resnet20", "resnet32"])
     proj_dim: int = arg(128, "projection output dim (SDCLR scripts --output_ch 128; ssl.md §1.4)")
     # optimisation: the SimCLR baseline recipe (ssl.md §1.4 / §4.4 step 1)
-    epochs: int = arg(2000, "pre-training epochs (SDCLR scripts, CIFAR; ssl.md §1.4, §4.5)")
-    batch_size: int = arg(512, "images per batch B (SDCLR scripts; ssl.md §1.4)")
+    epochs: int = arg(2000, "pre-training epochs (SDCLR scripts, CIFAR; ssl.md §1.4, §4.5); "
+                              "synthetic-lt demo: 20")
+    batch_size: int = arg(512, "images per batch B (SDCLR scripts; ssl.md §1.4); synthetic-lt demo: 128")
     lr: float = arg(0.5, "base LR (SDCLR code train_simCLR.py; ssl.md §1.4)")
     final_lr: float = arg(1e-6, "LR at the end of the per-iteration cosine (SDCLR code; ssl.md §1.4)")
-    lr_warmup_epochs: int = arg(10, "linear LR warm-up epochs (SDCLR code; ssl.md §1.4)")
+    lr_warmup_epochs: int = arg(10, "linear LR warm-up epochs (SDCLR code; ssl.md §1.4); "
+                                        "synthetic-lt demo: 2")
     momentum: float = arg(0.9, "SGD momentum (SDCLR code; ssl.md §1.4)")
     weight_decay: float = arg(1e-4, "weight decay on all parameters (SDCLR code; ssl.md §1.4)")
     augment: str = arg("auto", "augmentation recipe; auto = simclr_cifar (<= 64 px) or mocov2_imagenet "
@@ -92,8 +104,10 @@ class Args:
     reweight_power: float = arg(0.5, "re-weight exponent a of eq. T4 (INFERRED, spec ssl.md §4.5)")
     clusters: Optional[int] = arg(None, "k-means clusters K_c; default = number of classes "
                                         "(INFERRED, spec ssl.md §4.5)")
-    warmup_epochs: int = arg(50, "plain SimCLR epochs W before the first clustering (INFERRED, spec ssl.md §4.5)")
-    recluster_every: int = arg(20, "re-cluster every R epochs after the warm-up (INFERRED, spec ssl.md §4.5)")
+    warmup_epochs: int = arg(50, "plain SimCLR epochs W before the first clustering (INFERRED, spec ssl.md "
+                                     "§4.5); synthetic-lt demo: 4")
+    recluster_every: int = arg(20, "re-cluster every R epochs after the warm-up (INFERRED, spec ssl.md §4.5); "
+                                       "synthetic-lt demo: 4")
     kmeans_iters: int = arg(100, "max Lloyd iterations (INFERRED, spec ssl.md §4.4 step 5)")
     kmeans_restarts: int = arg(3, "k-means restarts, lowest inertia kept (INFERRED, spec ssl.md §4.4 step 5)")
     kmeans_tol: float = arg(0.001, "stop when this fraction of assignments changes (INFERRED, spec ssl.md §4.4)")
@@ -104,7 +118,8 @@ class Args:
                      choices=["both", "full", "few-shot", "none"])
     probe_epochs: Optional[int] = arg(None, "override probe epochs (default D§5.1: 30 full / 100 few-shot); "
                                             "for quick runs")
-    probe_aug: str = arg("crop", "probe train augmentation: crop = RandomCrop+flip (D§5.1) or none (quick runs)",
+    probe_aug: str = arg("crop", "probe train augmentation: crop = RandomCrop+flip (D§5.1) or none (quick runs); "
+                                   "synthetic-lt demo: none",
                          choices=["crop", "none"])
     # machinery
     seed: int = arg(10, "training seed (SDCLR CIFAR scripts; ssl.md §1.4)")
@@ -118,6 +133,22 @@ class Args:
     log_every: int = arg(20, "progress line every N iterations")
     benchmark: bool = arg(False, "time training steps (images/s) on random data and exit")
     benchmark_steps: int = arg(30, "timed steps of --benchmark")
+
+
+def resolve_args(argv=None) -> tuple[Args, dict]:
+    """Parse the command line; with --dataset synthetic-lt, fill SYNTHETIC_DEMO into every option NOT given there.
+
+    Returns (args, demo) where demo holds the values the demo profile actually set ({} for every other dataset).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = common.parse_args(Args, argv)
+    if args.dataset != "synthetic-lt":
+        return args, {}
+    unset = object()                         # parsing into a namespace of sentinels leaves only given options set
+    ns = argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Args)})
+    given = {k for k, v in vars(common.make_parser(Args).parse_args(argv, ns)).items() if v is not unset}
+    demo = {k: v for k, v in SYNTHETIC_DEMO.items() if k not in given}
+    return dataclasses.replace(args, **demo), demo
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,9 +483,13 @@ def check_args(args) -> None:
         raise common.UserError("need --batch-size >= 2 (NT-Xent needs negatives) and --epochs >= 1")
 
 
-def main(args):
+def main(args, demo=None):
+    """Train and evaluate. `demo`: the SYNTHETIC_DEMO values resolve_args() set (recorded in results.json)."""
     check_args(args)
     t_start = time.time()
+    if demo:
+        print("synthetic-lt demo profile in use (not a paper setting; flags given on the command line win): "
+              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in demo.items()))
     device, amp_dtype = common.setup_device(args.device, args.amp)
     amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     common.seed_everything(args.seed)
@@ -577,7 +612,9 @@ def main(args):
     # 6. Evaluation: SDCLR linear probe, full-shot and 1% few-shot (D§5.1; ssl.md §4.6)
     # ----------------------------------------------------------------------------------------------------------
     extra = {"num_reclusters": n_recluster, "augment": recipe, "clusters": k if tase_active else None,
-             "reconstruction_note": "TASE-R is reconstructed from the abstract of paper 001; not the authors' method"}
+             "reconstruction_note": "TASE-R is reconstructed from the abstract of paper 001; not the authors' method",
+             "demo_profile": dict(demo) if demo else None}
+    variant = ("synthetic-lt demo profile; " if demo else "") + variant_name(args)
     if assign is not None:
         extra["final_cluster_sizes"] = sorted(sizes.tolist(), reverse=True)
         last = rec.get("pseudo_labels", {})
@@ -594,7 +631,7 @@ def main(args):
                                         epochs=args.probe_epochs, batch_size=128 if ds.image_size <= 64 else 512,
                                         seed=args.seed)
         res = evaluation.results_skeleton(
-            method, variant_name(args), method != "TASE-R (reconstruction)", ds, probe["protocol"], "backbone",
+            method, variant, method != "TASE-R (reconstruction)" and not demo, ds, probe["protocol"], "backbone",
             args.arch, {"pretrain": args.epochs, "probe": probe.get("selection", {}).get("last_epoch")},
             args.seed, amp_name, wall_before + time.time() - t_start)
         res.update({key: probe[key] for key in ("selection", "at_selected", "at_last") if key in probe})
@@ -611,6 +648,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    _args = common.parse_args(Args)
+    _args, _demo = resolve_args()
     with common.user_errors():
-        main(_args)
+        main(_args, _demo)

@@ -1,4 +1,5 @@
 """Tests for tase.py (TASE-R reconstruction, spec ssl.md §4; SimCLR and TS baselines, §1.4 and §2)."""
+import dataclasses
 import json
 import math
 
@@ -167,6 +168,48 @@ def test_bad_settings_raise_one_line_user_errors():
             tase.check_args(tase.Args(**kw))
         assert "\n" not in str(e.value)
     tase.check_args(tase.Args())
+
+
+# ------------------------------------------------------------------------------------ synthetic-lt demo profile
+def test_demo_profile_only_for_synthetic_lt_and_only_for_options_not_given():
+    args, demo = tase.resolve_args(["--dataset", "synthetic-lt"])
+    assert demo == tase.SYNTHETIC_DEMO
+    assert all(getattr(args, k) == v for k, v in tase.SYNTHETIC_DEMO.items())
+    # the demo must re-cluster at least twice, so the TASE-R diagnostics show up
+    assert sum(tase.is_recluster_epoch(e, args.warmup_epochs, args.recluster_every)
+               for e in range(1, args.epochs + 1)) >= 2
+    # explicit flags win, in every spelling argparse accepts (--opt v, --opt=v, an unambiguous prefix)
+    args, demo = tase.resolve_args(["--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs=7", "--batch", "64"])
+    assert (args.arch, args.epochs, args.batch_size) == ("resnet20", 7, 64)
+    assert not {"arch", "epochs", "batch_size"} & set(demo) and args.warmup_epochs == demo["warmup_epochs"]
+    args, demo = tase.resolve_args(["--dataset", "synthetic-lt", "--epochs", "2000", "--probe-aug", "crop"])
+    assert args.epochs == 2000 and args.probe_aug == "crop" and "epochs" not in demo   # a default value given
+    # other datasets keep the paper / spec defaults untouched
+    for ds in ("cifar10-lt", "cifar100-lt"):
+        args, demo = tase.resolve_args(["--dataset", ds])
+        assert demo == {} and args == tase.Args(dataset=ds)
+    assert (tase.Args().arch, tase.Args().epochs, tase.Args().batch_size) == ("resnet18", 2000, 512)
+
+
+def test_demo_defaults_are_documented_in_help():
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(tase.Args)}
+    for k, v in tase.SYNTHETIC_DEMO.items():
+        assert f"synthetic-lt demo: {v}" in helps[k], k
+
+
+def test_demo_run_prints_the_profile_and_records_it(tmp_path, capsys):
+    argv = ["--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "24", "--synthetic-n-test", "6",
+            "--imb-ratio", "4", "--epochs", "1", "--batch-size", "24", "--warmup-epochs", "0", "--kmeans-iters", "5",
+            "--kmeans-restarts", "1", "--probe", "full", "--probe-epochs", "1", "--device", "cpu", "--amp", "off",
+            "--out-dir", str(tmp_path), "--log-every", "100"]
+    args, demo = tase.resolve_args(argv)
+    assert demo == {k: tase.SYNTHETIC_DEMO[k] for k in ("arch", "lr_warmup_epochs", "recluster_every", "probe_aug")}
+    run_dir = tase.main(args, demo)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "demo profile" in ln]
+    assert len(lines) == 1 and "--arch resnet8" in lines[0] and "--batch-size" not in lines[0]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["paper_setting"] is False and res["extra"]["demo_profile"] == demo
+    assert res["variant"].startswith("synthetic-lt demo profile") and res["backbone"] == "resnet8"
 
 
 # ---------------------------------------------------------------------------------------------------- tiny runs
