@@ -49,16 +49,16 @@ class Args:
     imb_ratio: float = arg(100.0, "imbalance ratio rho = n_max / n_min: 100 | 50 | 10 (paper 003 Sec. 4.1, Table 1)")
     protocol: str = arg("ldam", "CIFAR-LT convention; paper 003 follows Cui et al. / LDAM (spec supervised.md §2.8, D§1.3)", choices=["ldam", "sdclr"])
     loss: str = arg("sc", "feature-branch loss: sc = Hybrid-SC (Eq. 2-3), psc = Hybrid-PSC (Eq. 4), ce = CE-CE row of Table 4 (INFERRED reading, spec §2.7)", choices=["sc", "psc", "ce"])
-    arch: Optional[str] = arg(None, "backbone; default resnet32 on CIFAR (paper 003 Sec. 4.2), resnet50 on inat2018 (Sec. 4.2)")
+    arch: Optional[str] = arg(None, "backbone; default resnet32 on CIFAR (paper 003 Sec. 4.2), resnet50 on inat2018 (Sec. 4.2), resnet8 on synthetic-lt (demo, not a paper setting)")
     proj_hidden: Optional[int] = arg(None, "projection MLP hidden width (one hidden layer, Sec. 3.1); default = backbone width, 64 for resnet32 (INFERRED, spec §2.4)")
     proj_dim: int = arg(128, "dimension of the normalised embedding z (INFERRED, spec §2.4)")
-    epochs: Optional[int] = arg(None, "training epochs T_max; default 200 on CIFAR, 100 on inat2018 (paper 003 Sec. 4.2)")
-    batch_size: Optional[int] = arg(None, "random (contrastive) batch N, each image in two views; default 512 on CIFAR (Hybrid repro), 100 on inat2018 (Sec. 4.2)")
+    epochs: Optional[int] = arg(None, "training epochs T_max; default 200 on CIFAR, 100 on inat2018 (paper 003 Sec. 4.2), 16 on synthetic-lt (demo, not a paper setting)")
+    batch_size: Optional[int] = arg(None, "random (contrastive) batch N, each image in two views; default 512 on CIFAR (Hybrid repro), 100 on inat2018 (Sec. 4.2), 128 on synthetic-lt (demo, not a paper setting)")
     cb_batch_size: Optional[int] = arg(None, "class-balanced CE batch; default = --batch-size (INFERRED, spec §2.4)")
-    lr: Optional[float] = arg(None, "base LR; default 0.5 on CIFAR (Hybrid repro), 0.1 on inat2018 (lost; INFERRED)")
+    lr: Optional[float] = arg(None, "base LR; default 0.5 on CIFAR (Hybrid repro), 0.1 on inat2018 (lost; INFERRED), 0.1 on synthetic-lt (demo, not a paper setting)")
     momentum: float = arg(0.9, "SGD momentum (paper 003 Sec. 4.2)")
     weight_decay: float = arg(1e-4, "weight decay, not on PSC prototypes (Hybrid repro; iNat value lost, INFERRED; prototypes INFERRED)")
-    milestones: list[int] = arg([], "LR decay epochs, 1-based; empty = dataset default: 120 160 on CIFAR (Hybrid repro), 60 80 on inat2018 (Sec. 4.2)")
+    milestones: list[int] = arg([], "LR decay epochs, 1-based; empty = dataset default: 120 160 on CIFAR (Hybrid repro), 60 80 on inat2018 (Sec. 4.2), 60% and 80% of --epochs on synthetic-lt (demo, not a paper setting)")
     lr_gamma: float = arg(0.1, "LR decay factor (Hybrid repro; iNat factor lost, INFERRED)")
     tau: Optional[float] = arg(None, "temperature; default SC 0.1, PSC 1.0 on CIFAR-10 and 0.1 on CIFAR-100 (Hybrid repro, Sec. 4.2), 0.1 on inat2018 (lost; INFERRED)")
     alpha_schedule: Optional[str] = arg(None, "curriculum of Eq. 1: parabolic 1-(T/T_max)^2 (default on CIFAR) or linear 1-T/T_max (default on inat2018) (Sec. 4.2)", choices=["parabolic", "linear"])
@@ -86,10 +86,27 @@ class Args:
     benchmark_steps: int = arg(10, "timed steps of --benchmark (project convention)")
 
 
+# Not a paper setting: a CPU-sized demo for synthetic-lt (a few minutes on a 2-core CPU). It fills only the
+# fields left unset on the command line. The LR decays at 60% and 80% of the epochs, the ratio of the CIFAR
+# milestones 120/160 of 200, and the Eq. (1) curriculum runs its full course over these epochs.
+SYNTHETIC_DEMO = {"arch": "resnet8", "epochs": 16, "batch_size": 128, "lr": 0.1, "milestones": (0.6, 0.8)}
+
+
+def demo_defaults(args: Args) -> dict:
+    """The SYNTHETIC_DEMO values this run takes: synthetic-lt only, and only fields not set on the command line."""
+    if args.dataset != "synthetic-lt":
+        return {}
+    demo = {k: v for k, v in SYNTHETIC_DEMO.items() if k != "milestones" and getattr(args, k) is None}
+    if not args.milestones:   # fractions of the epochs this run will train (the demo's or --epochs)
+        epochs = demo.get("epochs", args.epochs)
+        demo["milestones"] = [round(f * epochs) for f in SYNTHETIC_DEMO["milestones"]]
+    return demo
+
+
 def resolve_args(args: Args, num_classes: int) -> Args:
-    """Fill the dataset-dependent defaults (paper 003 Sec. 4.2; spec supervised.md §2.4)."""
+    """Fill the dataset-dependent defaults (paper 003 Sec. 4.2; spec supervised.md §2.4; synthetic-lt demo)."""
     inat = args.dataset == "inat2018"
-    r = dataclasses.replace(args)
+    r = dataclasses.replace(args, **demo_defaults(args))
     r.arch = r.arch or ("resnet50" if inat else "resnet32")
     r.epochs = r.epochs or (100 if inat else 200)
     r.batch_size = r.batch_size or (100 if inat else 512)
@@ -337,6 +354,7 @@ def train(args: Args, ds: data.LTDataset | None = None) -> dict:
     if ds is None:
         # data seed stays 0 (the LDAM subset, D§1.3); --seed only seeds training
         ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio, protocol=args.protocol)
+    demo = demo_defaults(args)
     args = resolve_args(args, ds.num_classes)
     if args.loss == "psc" and ds.num_classes < 2:
         raise common.UserError("PSC needs at least 2 classes (Eq. 4 contrasts against the other classes' prototypes)")
@@ -353,6 +371,11 @@ def train(args: Args, ds: data.LTDataset | None = None) -> dict:
         print(f"[{method_name(args)}] run dir {run_dir} | {args.arch} | batch {args.batch_size}+{args.cb_batch_size} "
               f"| lr {args.lr} x{args.lr_gamma} at {args.milestones} | {args.epochs} epochs | tau {args.tau} "
               f"| alpha {args.alpha_schedule if args.no_curriculum is None else args.no_curriculum} | {device} {amp_dtype}")
+        if demo:
+            flags = " ".join(f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+                             for k, v in demo.items())
+            print(f"[{method_name(args)}] synthetic-lt demo profile in use (SYNTHETIC_DEMO, not a paper setting): "
+                  f"{flags}; pass any of these flags to override it")
     common.write_config(run_dir, args, ds.info())
 
     unwrapped = HybridNet(args.arch, ds.num_classes, ds.image_size, args.loss, args.proj_hidden, args.proj_dim,
@@ -453,7 +476,8 @@ def train(args: Args, ds: data.LTDataset | None = None) -> dict:
     epochs = {"train": args.epochs, **({"stage2": args.stage2_epochs} if args.two_stage else {})}
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off")
     paper_ds = paper_dataset(ds)
-    results = evaluation.results_skeleton(method_name(args), variant_of(args), is_paper_setting(args, paper_ds), ds,
+    variant = variant_of(args) + (" synthetic-lt demo profile (not a paper setting)" if demo else "")
+    results = evaluation.results_skeleton(method_name(args), variant, is_paper_setting(args, paper_ds), ds,
                                           "hybrid-e2e", "backbone", args.arch, epochs, args.seed, amp,
                                           wall0 + time.time() - t0)
     results["selection"] = {"rule": "last-epoch", "selected_epoch": total_epochs, "last_epoch": total_epochs}
@@ -462,7 +486,7 @@ def train(args: Args, ds: data.LTDataset | None = None) -> dict:
     results["best_test"] = best
     target = paper_target(args, paper_ds)
     results["extra"] = {"tau": args.tau, "alpha_schedule": args.alpha_schedule, "no_curriculum": args.no_curriculum,
-                        "test_history": history, "paper_top1": target}
+                        "test_history": history, "paper_top1": target, "synthetic_demo": demo}
     evaluation.write_results(run_dir, results)
     if common.is_main():
         print(f"[{method_name(args)}] | Top-1 |  (last epoch; paper: {target if target is not None else 'n/a'})")

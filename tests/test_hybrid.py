@@ -183,6 +183,33 @@ def test_cifar10_lt_starts_with_the_paper_settings():
     assert hybrid.paper_target(a, None) is None
 
 
+def test_synthetic_lt_demo_profile_fills_only_unset_fields_and_keeps_paper_defaults():
+    def parse(*argv):
+        return common.parse_args(hybrid.Args, list(argv))
+
+    demo = hybrid.resolve_args(parse("--dataset", "synthetic-lt"), num_classes=10)
+    assert (demo.arch, demo.epochs, demo.batch_size, demo.cb_batch_size, demo.lr) == ("resnet8", 16, 128, 128, 0.1)
+    assert demo.milestones == [10, 13]                                        # 60% / 80%, like 120 / 160 of 200
+    assert (demo.tau, demo.alpha_schedule, demo.loss) == (0.1, "parabolic", "sc")   # the method itself unchanged
+    alphas = [hybrid.curriculum_alpha(t, demo.epochs, demo.alpha_schedule) for t in range(demo.epochs)]
+    assert alphas[0] == 1.0 and alphas[demo.epochs // 2] == pytest.approx(0.75)
+    assert alphas[-1] == pytest.approx(1 - (15 / 16) ** 2)                  # the full course, 1 -> 0.12
+    # explicit flags win; the milestones follow an explicit --epochs
+    own = parse("--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs", "50", "--lr", "0.5")
+    assert hybrid.demo_defaults(own) == {"batch_size": 128, "milestones": [30, 40]}
+    r = hybrid.resolve_args(own, num_classes=10)
+    assert (r.arch, r.epochs, r.lr, r.batch_size, r.milestones) == ("resnet20", 50, 0.5, 128, [30, 40])
+    r = hybrid.resolve_args(parse("--dataset", "synthetic-lt", "--milestones", "5", "--batch-size", "64"), 10)
+    assert (r.milestones, r.batch_size, r.cb_batch_size, r.epochs) == ([5], 64, 64, 16)
+    assert hybrid.resolve_args(demo, 10) == demo                               # resolving twice changes nothing
+    # never on the paper datasets, and the paper defaults stay as they were
+    for name in ("cifar10-lt", "cifar100-lt", "inat2018"):
+        assert hybrid.demo_defaults(parse("--dataset", name)) == {}
+    c = hybrid.resolve_args(parse("--dataset", "cifar10-lt"), 10)
+    assert (c.arch, c.epochs, c.batch_size, c.lr, c.milestones) == ("resnet32", 200, 512, 0.5, [120, 160])
+    assert "synthetic-lt" in hybrid.Args.__dataclass_fields__["epochs"].metadata["help"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tiny end-to-end runs on synthetic-lt (CPU, resnet8)
 # ---------------------------------------------------------------------------------------------------------
@@ -211,6 +238,20 @@ def test_tiny_synthetic_run_beats_chance_and_writes_results(tmp_path):
     assert ck["method"] == "hybrid" and ck["epoch"] == 6 and "classifier" in ck and "backbone" in ck
     bb = common.build_backbone("resnet8")
     bb.load_state_dict(ck["backbone"])   # eval.py --ckpt relies on build_backbone keys
+
+
+def test_demo_profile_is_announced_and_recorded(tmp_path, capsys):
+    # milestones left unset: the demo fills them (60% / 80% of --epochs 5); every other field is explicit and tiny
+    res = hybrid.train(tiny_args(tmp_path, epochs=5, milestones=[], eval_every=100), tiny(n_max=24, n_test=8))
+    out = capsys.readouterr().out
+    assert "synthetic-lt demo profile in use" in out and "--milestones 3 4" in out
+    assert res["paper_setting"] is False and "demo profile" in res["variant"]
+    assert res["extra"]["synthetic_demo"] == {"milestones": [3, 4]}
+    (run_dir,) = list(tmp_path.iterdir())
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["extra"]["synthetic_demo"] == {"milestones": [3, 4]} and saved["paper_setting"] is False
+    assert [json.loads(x)["lr"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
+        pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001])                          # x0.1 at epochs 3 and 4
 
 
 def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path, monkeypatch):
