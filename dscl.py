@@ -39,23 +39,26 @@ from common import arg
 class Args:
     """DSCL + PBSD (AAAI 2024) on long-tailed data: stage 1 contrastive pre-training, stage 2 class-balanced
     linear classifier. Defaults are the paper's ImageNet-LT settings; CIFAR-LT gets the (non-paper) adaptation
-    of spec supervised.md §1.4 for every option not given on the command line."""
+    of spec supervised.md §1.4 for every option not given on the command line, and synthetic-lt a CPU-sized demo
+    profile on top of it (SYNTHETIC_DEMO; not a paper setting)."""
     dataset: str = arg("imagenet-lt", "dataset (paper: imagenet-lt, inat2018, places-lt; CIFAR/synthetic/folder = "
                        "non-paper adaptation, spec §1.4)", choices=list(data.DATASETS))
     data_dir: str = arg("./data", "dataset root (list files / images; D§3)")
     imb_ratio: float = arg(100.0, "CIFAR-LT / synthetic imbalance ratio rho (D§1.3)")
+    data_seed: int = arg(0, "seed of the LT subset generator (D§1.3; 0 reproduces LDAM-DRW)")
     num_classes: int = arg(10, "synthetic-lt only: number of classes (data.py)")
     synthetic_n_max: int = arg(500, "synthetic-lt only: images of the head class (data.py)")
     synthetic_n_test: int = arg(100, "synthetic-lt only: test images per class (data.py)")
     stage: str = arg("all", "pretrain = stage 1, linear = stage 2 from --ckpt, all = both (spec §0)",
                      choices=["pretrain", "linear", "all"])
     # --- stage 1: model (paper 002; DSCL code) ---
-    arch: str = arg("resnet50", "backbone (paper 002: ResNet-50; Places-LT ResNet-152; CIFAR: resnet32, INFERRED)")
+    arch: str = arg("resnet50", "backbone (paper 002: ResNet-50; Places-LT ResNet-152; CIFAR: resnet32, INFERRED; "
+                      "synthetic-lt demo: resnet8)")
     pretrained: str = arg("", "backbone weights file to start from (Places-LT: ImageNet-1K ResNet-152, paper 002)")
     finetune: str = arg("all", "backbone parameters trained in stage 1: all | layer4 (Places-LT last block, paper 002)",
                         choices=["all", "layer4"])
     feat_dim: int = arg(128, "projection-head output dim (paper 002)")
-    queue_size: int = arg(65536, "memory queue K (paper 002; CIFAR 8192, INFERRED spec §1.4)")
+    queue_size: int = arg(65536, "memory queue K (paper 002; CIFAR 8192, INFERRED spec §1.4; synthetic-lt demo: 1024)")
     ema: float = arg(0.999, "key-encoder EMA momentum m, parameters only (paper 002; CIFAR 0.99, INFERRED)")
     temperature: float = arg(0.07, "softmax temperature tau (paper 002)")
     alpha: float = arg(0.1, "own-key target weight alpha, eq. 9 (paper 002; 0.1111111 = released code beta 8)")
@@ -65,7 +68,7 @@ class Args:
     queue_label_init: str = arg("random", "initial queue labels: random in [0,C) (DSCL code) | none (-1, never "
                                 "positive) (spec §1.3)", choices=["random", "none"])
     pbsd_weight: float = arg(1.5, "lambda of eq. 15 (paper 002); 0 switches PBSD off (Table 1)")
-    num_patches: int = arg(5, "boxes / patches L per query view (paper 002; Fig. 5b)")
+    num_patches: int = arg(5, "boxes / patches L per query view (paper 002; Fig. 5b; synthetic-lt demo: 2)")
     patch_scale: list[float] = arg([0.05, 0.6], "box area scale range (paper 002; supp Table 4; 1.0 1.0 = "
                                    "global features, Table 1 row 4)")
     patch_size: int = arg(64, "patch crop resize S (paper 002; CIFAR 16, INFERRED spec §1.4)")
@@ -78,10 +81,10 @@ class Args:
     shuffle_bn_chunks: int = arg(2, "key-encoder BN run on this many random chunks: 1-GPU shuffle-BN emulation "
                                  "(INFERRED, spec §1.3)")
     # --- stage 1: optimisation (paper 002; DSCL code main.py) ---
-    epochs: int = arg(200, "stage-1 epochs (paper 002; Places-LT 30)")
-    batch_size: int = arg(256, "stage-1 batch size B (paper 002)")
+    epochs: int = arg(200, "stage-1 epochs (paper 002; Places-LT 30; synthetic-lt demo: 40)")
+    batch_size: int = arg(256, "stage-1 batch size B (paper 002; synthetic-lt demo: 128)")
     lr: float = arg(0.1, "stage-1 base LR at batch 256, scaled by B/256 (paper 002; code)")
-    warmup_epochs: int = arg(10, "linear LR warm-up epochs before the cosine (DSCL code)")
+    warmup_epochs: int = arg(10, "linear LR warm-up epochs before the cosine (DSCL code; synthetic-lt demo: 2)")
     momentum: float = arg(0.9, "SGD momentum (DSCL code)")
     weight_decay: float = arg(5e-4, "SGD weight decay, all parameters (DSCL code)")
     # --- stage 2: class-balanced linear classifier (paper 002; D§5.2) ---
@@ -104,6 +107,8 @@ class Args:
     print_every: int = arg(20, "progress line every N iterations")
     benchmark: bool = arg(False, "time training steps on random data and print images/s, then exit")
     dry_run: bool = arg(False, "print the resolved settings and the dataset summary, build the model, then exit")
+    demo: dict = dataclasses.field(default_factory=dict, init=False, metadata={
+        "help": "set by resolve_args, not a flag: the SYNTHETIC_DEMO values it applied (not a paper setting)"})
 
 
 # Per-dataset settings applied to every option NOT given on the command line (kept short and visible).
@@ -116,6 +121,10 @@ SMALL_IMAGE_DATASETS = ("cifar10-lt", "cifar100-lt", "synthetic-lt", "folder", "
 CIFAR_ADAPTATION = {                      # NOT in the paper: spec §1.4, every value INFERRED
     "arch": "resnet32", "queue_size": 8192, "ema": 0.99, "patch_size": 16, "crop_scale": [0.2, 1.0],
     "linear_batch_size": 512, "linear_lr": 2.5,
+}
+SYNTHETIC_DEMO = {  # not a paper setting: a CPU-sized demo for synthetic-lt (layered on CIFAR_ADAPTATION);
+    # ~9 iterations per epoch on the default 1,236 images; queue = 8 batches, below N_train
+    "arch": "resnet8", "batch_size": 128, "queue_size": 1024, "epochs": 40, "warmup_epochs": 2, "num_patches": 2,
 }
 
 
@@ -133,9 +142,12 @@ def resolve_args(argv=None) -> Args:
         a = a[3:] if a.startswith("no_") and a[3:] in names else a      # --no-flag sets `flag`
         given |= {a} if a in names else {n for n in names if n.startswith(a)}   # argparse accepts prefixes
     table = CIFAR_ADAPTATION if args.dataset in SMALL_IMAGE_DATASETS else PAPER_SETTINGS.get(args.dataset, {})
+    if args.dataset == "synthetic-lt":
+        table = {**table, **SYNTHETIC_DEMO}
+        args.demo = {name: value for name, value in SYNTHETIC_DEMO.items() if name not in given}
     for name, value in table.items():
         if name not in given:
-            setattr(args, name, value)
+            setattr(args, name, copy.deepcopy(value))
     return args
 
 
@@ -454,7 +466,8 @@ def linear_stage(args: Args, ds, backbone: nn.Module, device, amp_dtype, run_dir
     res.update(out)
     alpha_beta = {"alpha": "scl" if args.scl else args.alpha,
                   "beta": None if args.scl or args.alpha == 0 else (1 - args.alpha) / args.alpha}  # pitfall §1.8
-    res.setdefault("extra", {}).update(alpha_beta, stage1_checkpoint=stage1["checkpoint"])
+    res.setdefault("extra", {}).update(alpha_beta, stage1_checkpoint=stage1["checkpoint"],
+                                       demo_profile=dict(args.demo))   # SYNTHETIC_DEMO values applied, if any
     lt_eval.write_results(run_dir, res)
     common.append_metrics(run_dir, {"stage": "linear", "epoch": args.linear_epochs,
                                     "top1": res["at_last"]["top1_overall"]})
@@ -469,7 +482,9 @@ def variant_string(args: Args) -> str:
     keys = ("scl", "alpha", "pbsd_weight", "num_patches", "patch_scale", "multicrop", "contrast_batch",
             "queue_label_init", "fuse_patch_passes", "linear_lr", "linear_bn")
     diff = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in keys if getattr(args, k) != getattr(ref, k)]
-    return " ".join(diff) or "default"
+    demo = ["synthetic-lt demo profile (" + ", ".join(f"{k}={v}" for k, v in args.demo.items()) + ")"] \
+        if args.demo else []
+    return " ".join(demo + diff) or "default"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -500,7 +515,7 @@ def benchmark(args: Args, steps: int = 20) -> float:
 
 
 def load_data(args: Args):
-    kw = dict(imb_ratio=args.imb_ratio, protocol="ldam", seed=args.seed)
+    kw = dict(imb_ratio=args.imb_ratio, protocol="ldam", seed=args.data_seed)   # D§1.3: fixed, not --seed
     if args.dataset == "synthetic-lt":
         kw.update(num_classes=args.num_classes, synthetic_n_max=args.synthetic_n_max,
                   synthetic_n_test=args.synthetic_n_test)
@@ -523,6 +538,9 @@ def main(args: Args) -> dict | None:
     label = "paper setting" if is_paper_setting(args) else "dscl-cifar (non-paper adaptation, spec §1.4)"
     print(f"dscl: {label}; resolved settings:")
     print(json.dumps(dataclasses.asdict(args), indent=None))
+    if args.demo:
+        print("dscl: synthetic-lt DEMO profile in use (not a paper setting; a CPU-sized demo), it set "
+              + ", ".join(f"{k}={v}" for k, v in args.demo.items()) + "; explicit flags override these")
     if args.dry_run:
         DSCLNet(args.arch, ds.image_size, args.feat_dim)
         return None

@@ -1,5 +1,6 @@
 """Tests for dscl.py: the DSCL / PBSD losses against direct formulas, the queue, the boxes, the settings, and a
 tiny two-stage run on synthetic-lt (budget: 60 s on 2 CPU cores)."""
+import dataclasses
 import json
 import math
 
@@ -192,11 +193,51 @@ def test_settings_cifar_adaptation_and_explicit_override():
     assert dscl.resolve_args(["--dataset", "inat2018"]).linear_lr == 30.0
 
 
+def test_synthetic_demo_profile_only_fills_options_not_given():
+    a = dscl.resolve_args(["--dataset", "synthetic-lt"])
+    assert a.demo == dscl.SYNTHETIC_DEMO
+    assert (a.arch, a.batch_size, a.queue_size, a.epochs, a.warmup_epochs, a.num_patches) == \
+        ("resnet8", 128, 1024, 40, 2, 2)
+    assert (a.ema, a.patch_size, a.crop_scale, a.linear_lr) == (0.99, 16, [0.2, 1.0], 2.5)   # CIFAR table below it
+    n_train = sum(data.lt_counts(a.synthetic_n_max, a.num_classes, a.imb_ratio))
+    assert a.queue_size % a.batch_size == 0 and a.queue_size < n_train
+    b = dscl.resolve_args(["--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs=3", "--no-contrast-batch"])
+    assert (b.arch, b.epochs, b.contrast_batch, b.queue_size) == ("resnet20", 3, False, 1024)
+    assert "arch" not in b.demo and "epochs" not in b.demo and b.demo["queue_size"] == 1024
+    c = dscl.resolve_args(["--dataset", "cifar10-lt"])                  # the CIFAR / paper defaults are untouched
+    assert (c.arch, c.batch_size, c.queue_size, c.epochs, c.num_patches, c.demo) == ("resnet32", 256, 8192, 200, 5, {})
+    assert dscl.resolve_args(["--dataset", "imagenet-lt"]).demo == {}
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(dscl.Args)}
+    assert all("synthetic-lt demo" in helps[name] for name in dscl.SYNTHETIC_DEMO)
+    assert "--demo" not in common.make_parser(dscl.Args).format_help()  # recorded, not a command-line option
+
+
+def test_synthetic_demo_is_announced(tmp_path, capsys):
+    dscl.main(dscl.resolve_args(["--dataset", "synthetic-lt", "--synthetic-n-max", "12", "--synthetic-n-test", "2",
+                                 "--num-classes", "3", "--imb-ratio", "4", "--arch", "resnet20",
+                                 "--out-dir", str(tmp_path), "--dry-run"]))
+    line = [s for s in capsys.readouterr().out.splitlines() if "DEMO profile" in s]
+    assert len(line) == 1 and "not a paper setting" in line[0]
+    assert "queue_size=1024" in line[0] and "arch=" not in line[0]
+
+
+def test_lt_subset_uses_data_seed_not_training_seed():
+    def train_images(*flags):
+        return dscl.load_data(dscl.resolve_args(["--dataset", "synthetic-lt", "--synthetic-n-max", "8",
+                                                 "--synthetic-n-test", "1", "--num-classes", "3", "--imb-ratio", "4",
+                                                 *flags])).train.x
+    assert dscl.Args().data_seed == 0
+    ref = train_images()
+    assert torch.equal(ref, train_images("--seed", "7"))               # D§1.3: the subset ignores --seed
+    assert not torch.equal(ref, train_images("--data-seed", "7"))
+
+
 def _tiny(out_dir, *extra):
+    # every SYNTHETIC_DEMO option is given except --num-patches, which the demo profile fills in (2)
     return dscl.resolve_args([
         "--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "12", "--synthetic-n-test", "6",
         "--imb-ratio", "10", "--arch", "resnet8", "--queue-size", "32", "--batch-size", "8", "--epochs", "2",
-        "--warmup-epochs", "1", "--num-patches", "2", "--linear-epochs", "1", "--linear-milestones", "1",
+        "--warmup-epochs", "1", "--linear-epochs", "1", "--linear-milestones", "1",
         "--linear-batch-size", "16", "--device", "cpu", "--amp", "off", "--workers", "0",
         "--out-dir", str(out_dir), "--print-every", "1000", *extra])
 
@@ -217,6 +258,8 @@ def test_tiny_two_stage_run_writes_results(tiny_run):
     assert saved["method"] == "dscl-cifar (non-paper)" and saved["paper_setting"] is False
     assert saved["protocol"] == "dscl-linear-cb" and saved["extra"]["alpha"] == 0.1
     assert saved["extra"]["beta"] == pytest.approx(9.0)
+    assert saved["extra"]["demo_profile"] == {"num_patches": 2}
+    assert saved["variant"] == "synthetic-lt demo profile (num_patches=2)"
     ck = common.load_checkpoint(run_dir / "checkpoint.pt")
     iters = saved["dataset"]["n_train"] // 8
     assert ck["epoch"] == 2 and ck["queue"].shape == (32, 128) and ck["queue_ptr"] == (2 * iters * 8) % 32
