@@ -12,6 +12,7 @@ Spec: shared/specs/ssl.md §1 (SDCLR / SimCLR, "Stage 0") and §3 (FASSL). Three
 
 Evaluation: SDCLR linear probe, full and 1 % few-shot (paper Tables 1-2), and the Sec. 4.5 prototype analysis
 (Tables 4-5, Fig. 4). Usage: `python fassl.py --dataset cifar10-lt`; `python fassl.py --help` lists the ablations.
+Demo: `python fassl.py --dataset synthetic-lt` (offline data, CPU-sized SYNTHETIC_DEMO schedule, not a paper setting).
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ class Args:
     out_dir: str = common.arg("runs", "parent of the run directory")
     # model
     arch: Optional[str] = common.arg(None, "backbone; None = resnet18 (CIFAR stem) for <= 64 px, resnet50 for "
-                                     "224 px (paper Sec. 4.2; spec §1.4); Table 8: resnet34")
+                                     "224 px (paper Sec. 4.2; spec §1.4); Table 8: resnet34; synthetic-lt demo: "
+                                     "resnet8")
     proj_dim: int = common.arg(128, "embedding / prototype dim D (SDCLR --output_ch 128; spec §3.4)")
     proj_layers: Optional[int] = common.arg(None, "projection-head Linear layers; None = 3 for SDCLR, 2 for "
                                             "SimCLR (official SDCLR code, spec §1.4)")
@@ -82,7 +84,8 @@ class Args:
     clip_sigma: float = common.arg(2.0, "clip scores at mean +- c * std before normalising (paper Sec. 4.2 "
                                    "'clip outliers'; c INFERRED; 0 = no clipping)")
     # optimisation
-    batch_size: Optional[int] = common.arg(None, "batch B; None = 512 (<= 64 px), 256 (224 px) (SDCLR scripts)")
+    batch_size: Optional[int] = common.arg(None, "batch B; None = 512 (<= 64 px), 256 (224 px) (SDCLR scripts); "
+                                           "synthetic-lt demo: 128")
     lr: float = common.arg(0.5, "SGD base LR, every stage (SDCLR train_simCLR.py; stages 1-2 INFERRED)")
     final_lr: float = common.arg(1e-6, "cosine end LR (SDCLR code)")
     momentum: float = common.arg(0.9, "SGD momentum (SDCLR code)")
@@ -90,16 +93,19 @@ class Args:
     warmup_epochs: int = common.arg(10, "linear LR warm-up epochs, capped at 10 % of a stage (SDCLR code; cap "
                                     "INFERRED)")
     sdclr_epochs: Optional[int] = common.arg(None, "Stage 0 epochs; None = 2000 (<= 64 px), 500 (224 px) "
-                                             "(SDCLR scripts)")
-    stage1_epochs: int = common.arg(100, "Stage 1 epochs (INFERRED, spec §3.4)")
-    stage2_epochs: int = common.arg(200, "Stage 2 epochs (INFERRED, spec §3.4)")
+                                             "(SDCLR scripts); synthetic-lt demo: 30")
+    stage1_epochs: Optional[int] = common.arg(None, "Stage 1 epochs; None = 100 (INFERRED, spec §3.4); "
+                                              "synthetic-lt demo: 10")
+    stage2_epochs: Optional[int] = common.arg(None, "Stage 2 epochs; None = 200 (INFERRED, spec §3.4); "
+                                              "synthetic-lt demo: 15")
     epochs_scale: float = common.arg(1.0, "multiply every stage's epochs (quick runs; 1 = paper setting)")
-    knn_every: Optional[int] = common.arg(None, "kNN monitor every N epochs; None = max(1, E/20); 0 = off (D§5.4)")
+    knn_every: Optional[int] = common.arg(None, "kNN monitor every N epochs; None = max(1, E/20); 0 = off (D§5.4); "
+                                          "synthetic-lt demo: 0")
     # evaluation
     probes: list[str] = common.arg(["full", "few-shot"], "linear probes at the end (Tables 1-2; D§5.1)",
                                    choices=["full", "few-shot"])
-    probe_aug: str = common.arg("crop", "probe augmentation; none = cached features, fast, approx. (D§5.1)",
-                                choices=["crop", "none"])
+    probe_aug: str = common.arg("auto", "probe augmentation; auto = crop (D§5.1); none = cached features, fast, "
+                                "approx.; synthetic-lt demo: none", choices=["auto", "crop", "none"])
     probe_epochs: Optional[int] = common.arg(None, "override the probe epochs (30 full / 100 few-shot, D§5.1)")
     probe_teacher: bool = common.arg(True, "also probe the teacher, stored under extra (spec §3.9)")
     analyze: bool = common.arg(True, "prototype retrieval analysis: Tables 4-5, Fig. 4 (spec §3.7)")
@@ -120,8 +126,25 @@ ABLATION_FIELDS = ("stage", "init", "arch", "prune_ratio", "dual_bn", "tau", "nu
                    "reweight", "clip_sigma")
 
 
+# Not a paper setting: a CPU-sized demo for synthetic-lt (data.py's generated offline data set), so that
+# `python fassl.py --dataset synthetic-lt` runs all three stages and both probes in a few minutes on a 2-core CPU.
+# Applied only to the fields left unset (None / "auto") on the command line; every explicit flag wins.
+SYNTHETIC_DEMO = {"arch": "resnet8", "batch_size": 128, "sdclr_epochs": 30, "stage1_epochs": 10, "stage2_epochs": 15,
+                  "knn_every": 0, "probe_aug": "none"}
+
+
+def demo_defaults(args: Args) -> dict:
+    """The SYNTHETIC_DEMO entries resolve_defaults applies to `args`: synthetic-lt only, unset fields only."""
+    if args.dataset != "synthetic-lt":
+        return {}
+    return {k: v for k, v in SYNTHETIC_DEMO.items() if getattr(args, k) in (None, "auto")}
+
+
 def resolve_defaults(args: Args, image_size: int) -> Args:
-    """Dataset-dependent defaults (spec §1.4 / §3.4): 224-px datasets use the ResNet-50 recipe."""
+    """Dataset-dependent defaults (spec §1.4 / §3.4): 224-px datasets use the ResNet-50 recipe; synthetic-lt
+    gets the SYNTHETIC_DEMO values for the fields the user did not set."""
+    for k, v in demo_defaults(args).items():
+        setattr(args, k, v)
     big = image_size >= 128            # ImageNet-100-LT, Places-LT (and the other list datasets)
     if args.arch is None:
         args.arch = "resnet50" if big else "resnet18"
@@ -135,6 +158,12 @@ def resolve_defaults(args: Args, image_size: int) -> Args:
         args.sdclr_epochs = 500 if big else 2000
     if args.proj_layers is None:
         args.proj_layers = 3 if args.prune_ratio > 0 else 2
+    if args.stage1_epochs is None:
+        args.stage1_epochs = 100
+    if args.stage2_epochs is None:
+        args.stage2_epochs = 200
+    if args.probe_aug == "auto":
+        args.probe_aug = "crop"
     return args
 
 
@@ -446,7 +475,7 @@ def checkpoint_state(args, image_size, stage, epoch, mods, opt, scaler, evaluate
 
 
 def train_stage(stage, args, ds, device, amp_dtype, run_dir, method, init=None, ck=None, group_of_class=None,
-                budget=None):
+                budget=None, demo=None):
     """Run one stage from epoch 0 (or from `ck`, a mid-stage checkpoint). Returns the final state dict (also
     written to stage_<name>.pt), or None when the --stop-after-epochs budget {"epochs": n} ran out."""
     kw = {"init": init} if stage != "sdclr" else {}
@@ -502,6 +531,7 @@ def train_stage(stage, args, ds, device, amp_dtype, run_dir, method, init=None, 
         common.append_metrics(run_dir, record)
         state = checkpoint_state(args, ds.image_size, stage, epoch + 1, mods, opt, scaler, common.unwrap(evaluated),
                                  method)
+        state["demo_profile"] = demo or {}                  # SYNTHETIC_DEMO values this run took (resume: record)
         common.save_checkpoint(run_dir / "checkpoint.pt", state)
         if budget["epochs"] is not None:
             budget["epochs"] -= 1
@@ -647,10 +677,14 @@ def main(argv=None):
     ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio, protocol=args.protocol,
                            split=args.split, split_file=args.split_file, seed=args.data_seed,
                            num_classes=args.num_classes, sdclr_split_dir=args.sdclr_split_dir, **kw)
+    demo = ck.get("demo_profile", {}) if ck is not None else demo_defaults(args)
     resolve_defaults(args, ds.image_size)
     method = method_name(args)
     run_dir = run_dir or common.make_run_dir(method, args.dataset, args.out_dir)
     print(data.describe(ds))
+    if demo:
+        print("synthetic-lt demo profile (not a paper setting; pass a flag to override): "
+              + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in demo.items()), flush=True)
     print(f"run dir: {run_dir}  device {device}  amp {amp_dtype}  arch {args.arch}")
     common.write_config(run_dir, args, ds.info())
 
@@ -675,7 +709,7 @@ def main(argv=None):
         else:
             resume_ck = ck if ck is not None and ck["stage"] == stage else None
             prev = train_stage(stage, args, ds, device, amp_dtype, run_dir, method, init=prev, ck=resume_ck,
-                               group_of_class=groups, budget=budget)
+                               group_of_class=groups, budget=budget, demo=demo)
             if prev is None:
                 return run_dir
         outputs[stage] = prev
@@ -686,9 +720,11 @@ def main(argv=None):
     probes = probe_all(prev["backbone"], args, ds, device, amp_dtype)
     head_mode = args.probes[0]
     amp_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off")
-    defaults = resolve_defaults(Args(), ds.image_size)
+    defaults = resolve_defaults(Args(dataset=args.dataset), ds.image_size)
     variant = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ABLATION_FIELDS
                        if getattr(args, k) != getattr(defaults, k)) or "default"
+    if demo:
+        variant = "synthetic-lt demo" + ("" if variant == "default" else " " + variant)
     paper = (args.dataset in ("cifar10-lt", "cifar100-lt", "tiny-imagenet-lt", "imagenet100-lt", "places-lt")
              and args.epochs_scale == 1 and args.probe_epochs is None and args.probe_aug == "crop")
     epochs = {"stage0": stage_epochs(args, "sdclr") if "sdclr" in stages else 0,
@@ -700,6 +736,9 @@ def main(argv=None):
     results.update({k: probes[head_mode][k] for k in ("selection", "at_selected", "at_last")})
     results["knn"] = knn_history(run_dir)
     results["extra"]["probe_variant"] = probes[head_mode]["variant"]
+    if demo:
+        results["extra"]["demo_profile"] = {"note": "not a paper setting: SYNTHETIC_DEMO, a CPU-sized demo for "
+                                            "synthetic-lt", "set": demo}
     for mode, r in probes.items():
         results["extra"][f"probe_{mode}"] = {k: r[k] for k in ("protocol", "variant", "selection", "at_selected",
                                                                "at_last", "probe")}

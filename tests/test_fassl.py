@@ -1,4 +1,6 @@
-"""Tests for fassl.py: losses (Eq. S1, 2, 3), SDCLR pruning and dual BN, EMA (Eq. 4), end-to-end run and resume."""
+"""Tests for fassl.py: losses (Eq. S1, 2, 3), SDCLR pruning and dual BN, EMA (Eq. 4), end-to-end run and resume,
+synthetic-lt demo profile."""
+import dataclasses
 import json
 import math
 
@@ -226,6 +228,7 @@ def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     assert fassl.main(["--resume", str(run_dir / "checkpoint.pt")]) == run_dir
     res = json.loads((run_dir / "results.json").read_text())
     assert res["method"] == "fassl" and res["network_evaluated"] == "student"
+    assert "demo_profile" not in res["extra"] and res["variant"] == "--num-prototypes 16"   # demo fields all given
     assert res["epochs"] == {"stage0": 1, "stage1": 1, "stage2": 2, "probe": 1}
     for key in ("many", "medium", "few", "group_mean", "std"):
         assert res["at_selected"]["groups_thirds"][key] is not None
@@ -243,10 +246,15 @@ def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     bb.load_state_dict(final["backbone"])                     # contract: plain build_backbone keys
 
 
-def test_interrupted_sdclr_resumes_to_the_same_weights(tmp_path):
+def test_interrupted_sdclr_resumes_to_the_same_weights(tmp_path, capsys):
     argv = TINY + ["--stage", "sdclr", "--sdclr-epochs", "2", "--knn-every", "0", "--probes", "full",
                    "--no-analyze", "--synthetic-n-max", "16"]
     straight = fassl.main(argv + ["--out-dir", str(tmp_path / "a")])
+    # the only fields left unset are the stage 1/2 epochs: the demo profile fills in those two, says so, records it
+    demo = {k: fassl.SYNTHETIC_DEMO[k] for k in ("stage1_epochs", "stage2_epochs")}
+    out = capsys.readouterr().out
+    assert "synthetic-lt demo profile" in out and f"--stage1-epochs {demo['stage1_epochs']}" in out
+    assert "--arch" not in out.split("synthetic-lt demo profile")[1].splitlines()[0]
     cut = fassl.main(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "1"])
     assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 1
     fassl.main(["--resume", str(cut)])
@@ -257,6 +265,9 @@ def test_interrupted_sdclr_resumes_to_the_same_weights(tmp_path):
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
     res = json.loads((cut / "results.json").read_text())
     assert res["method"] == "sdclr" and res["at_selected"]["acc_class_mean"] is not None
+    assert res["extra"]["demo_profile"]["set"] == demo                     # recorded, also after --resume
+    assert res["variant"] == "synthetic-lt demo --stage sdclr --num-prototypes 16"
+    assert res["paper_setting"] is False
 
 
 def test_no_init_skips_stage0_with_a_random_teacher(tmp_path):
@@ -277,3 +288,43 @@ def test_prototype_loss_stays_fp32_under_bf16_autocast():
         w = fassl.frequency_weights(z.bfloat16(), P)
     assert h.dtype == torch.float32 and w.dtype == torch.float32
     assert torch.allclose(h, fassl.prototype_similarities(z.bfloat16().float(), P), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic-lt demo profile: only for synthetic-lt, only for fields not given on the command line
+# ---------------------------------------------------------------------------------------------------------------
+def test_synthetic_demo_profile_fills_only_unset_fields():
+    demo = fassl.resolve_defaults(fassl.parse(["--dataset", "synthetic-lt"]), 32)
+    assert {k: getattr(demo, k) for k in fassl.SYNTHETIC_DEMO} == fassl.SYNTHETIC_DEMO
+    assert demo.arch == "resnet8" and demo.probe_aug == "none"
+    assert fassl.demo_defaults(fassl.parse(["--dataset", "synthetic-lt"])) == fassl.SYNTHETIC_DEMO
+    explicit = ["--dataset", "synthetic-lt", "--arch", "resnet20", "--batch-size", "64", "--stage1-epochs", "7",
+                "--probe-aug", "crop", "--knn-every", "2"]
+    args = fassl.parse(explicit)
+    assert fassl.demo_defaults(args) == {k: v for k, v in fassl.SYNTHETIC_DEMO.items()
+                                         if k in ("sdclr_epochs", "stage2_epochs")}
+    fassl.resolve_defaults(args, 32)
+    assert (args.arch, args.batch_size, args.stage1_epochs, args.probe_aug, args.knn_every) == \
+        ("resnet20", 64, 7, "crop", 2)                                   # explicit flags win
+    assert (args.sdclr_epochs, args.stage2_epochs) == (fassl.SYNTHETIC_DEMO["sdclr_epochs"],
+                                                       fassl.SYNTHETIC_DEMO["stage2_epochs"])
+    assert fassl.stage_epochs(args, "prototypes") == 7
+
+
+@pytest.mark.parametrize("dataset,size,expected", [
+    ("cifar10-lt", 32, ("resnet18", 512, 2000, 100, 200, None, "crop")),
+    ("folder", 32, ("resnet18", 512, 2000, 100, 200, None, "crop")),
+    ("imagenet100-lt", 224, ("resnet50", 256, 500, 100, 200, None, "crop"))])
+def test_paper_defaults_unchanged_outside_synthetic_lt(dataset, size, expected):
+    args = fassl.parse(["--dataset", dataset])
+    assert fassl.demo_defaults(args) == {}
+    fassl.resolve_defaults(args, size)
+    assert (args.arch, args.batch_size, args.sdclr_epochs, args.stage1_epochs, args.stage2_epochs, args.knn_every,
+            args.probe_aug) == expected
+    assert fassl.resolve_defaults(fassl.Args(), 32).stage1_epochs == 100     # Args() used by other modules
+
+
+def test_help_of_every_demo_field_names_its_synthetic_lt_value():
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(fassl.Args)}
+    for k, v in fassl.SYNTHETIC_DEMO.items():
+        assert f"synthetic-lt demo: {v}" in helps[k], k
