@@ -221,34 +221,35 @@ def dscl_loss(q, k, labels, queue, queue_labels, alpha, temperature, contrast_ba
     the other B keys of the batch (released code). An anchor with |P_i| = 0 gets -log p(z_i^+ | z_i).
     Returns the mean over the B anchors.
     """
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(k.float(), dim=1).detach()
-    queue = queue.float().detach()
-    B = q.shape[0]
-    rows = torch.arange(B, device=q.device)
-    if contrast_batch:  # columns: [batch queries | batch keys | queue]; own key of anchor i = column B + i
-        cols = torch.cat([q, k, queue])
-        col_labels = torch.cat([labels, labels, queue_labels])
-        logits = q @ cols.T / temperature
-        logits[rows, rows] = float("-inf")                               # the anchor itself is no column (N3)
-        own = B + rows
-    else:               # columns: [own key | queue]
-        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature
-        col_labels = torch.cat([labels.new_full((1,), -1), queue_labels])
-        own = torch.zeros_like(rows)
-    pos = labels[:, None] == col_labels[None, :]                          # same-class positives P_i
-    pos[rows, own] = False
-    if contrast_batch:
-        pos[rows, rows] = False
-    log_p = F.log_softmax(logits, dim=1)                                  # Eq. (2) in log space
-    n_pos = pos.sum(1)
-    log_p_own = log_p[rows, own]
-    log_p_pos = log_p.masked_fill(~pos, 0.0).sum(1) / n_pos.clamp(min=1)
-    if isinstance(alpha, str) and alpha == "scl":
-        alpha = 1.0 / (n_pos.float() + 1.0)                               # SCL, eq. (1)
-    a = torch.as_tensor(alpha, dtype=torch.float32, device=q.device).expand(B)
-    a = torch.where(n_pos > 0, a, torch.ones_like(a))                     # no positive -> own key only
-    return -(a * log_p_own + (1.0 - a) * log_p_pos).mean()                # Eq. (8'), (9)
+    with torch.autocast(q.device.type, enabled=False):   # fp32 logits even inside autocast (N1)
+        q = F.normalize(q.float(), dim=1)
+        k = F.normalize(k.float(), dim=1).detach()
+        queue = queue.float().detach()
+        B = q.shape[0]
+        rows = torch.arange(B, device=q.device)
+        if contrast_batch:  # columns: [batch queries | batch keys | queue]; own key of anchor i = column B + i
+            cols = torch.cat([q, k, queue])
+            col_labels = torch.cat([labels, labels, queue_labels])
+            logits = q @ cols.T / temperature
+            logits[rows, rows] = float("-inf")                               # the anchor itself is no column (N3)
+            own = B + rows
+        else:               # columns: [own key | queue]
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature
+            col_labels = torch.cat([labels.new_full((1,), -1), queue_labels])
+            own = torch.zeros_like(rows)
+        pos = labels[:, None] == col_labels[None, :]                          # same-class positives P_i
+        pos[rows, own] = False
+        if contrast_batch:
+            pos[rows, rows] = False
+        log_p = F.log_softmax(logits, dim=1)                                  # Eq. (2) in log space
+        n_pos = pos.sum(1)
+        log_p_own = log_p[rows, own]
+        log_p_pos = log_p.masked_fill(~pos, 0.0).sum(1) / n_pos.clamp(min=1)
+        if isinstance(alpha, str) and alpha == "scl":
+            alpha = 1.0 / (n_pos.float() + 1.0)                               # SCL, eq. (1)
+        a = torch.as_tensor(alpha, dtype=torch.float32, device=q.device).expand(B)
+        a = torch.where(n_pos > 0, a, torch.ones_like(a))                     # no positive -> own key only
+        return -(a * log_p_own + (1.0 - a) * log_p_pos).mean()                # Eq. (8'), (9)
 
 
 def pbsd_loss(student, teacher, k, queue, temperature):
@@ -260,16 +261,17 @@ def pbsd_loss(student, teacher, k, queue, temperature):
     student s (B, L, D) from encoded image patches (eq. 13); teacher c (B, L, D) from ROI-pooled query features
     (eq. 11); k (B, D) own keys; queue (K, D). Returns the mean over anchors and patches.
     """
-    s = F.normalize(student.float(), dim=-1)
-    c = F.normalize(teacher.float().detach(), dim=-1)
-    k = F.normalize(k.float(), dim=-1).detach()
-    queue = queue.float().detach()
+    with torch.autocast(student.device.type, enabled=False):   # fp32 logits even inside autocast (N1)
+        s = F.normalize(student.float(), dim=-1)
+        c = F.normalize(teacher.float().detach(), dim=-1)
+        k = F.normalize(k.float(), dim=-1).detach()
+        queue = queue.float().detach()
 
-    def logits(e):                                                        # Eq. (12): (B, L, 1 + K)
-        return torch.cat([(e * k[:, None, :]).sum(-1, keepdim=True), e @ queue.T], dim=-1) / temperature
+        def logits(e):                                                        # Eq. (12): (B, L, 1 + K)
+            return torch.cat([(e * k[:, None, :]).sum(-1, keepdim=True), e @ queue.T], dim=-1) / temperature
 
-    target = F.softmax(logits(c), dim=-1)
-    return -(target * F.log_softmax(logits(s), dim=-1)).sum(-1).mean()
+        target = F.softmax(logits(c), dim=-1)
+        return -(target * F.log_softmax(logits(s), dim=-1)).sum(-1).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------

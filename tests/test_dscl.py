@@ -342,3 +342,19 @@ def test_ablation_switches_run_one_step(switches, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, st.net_raw.parameters()))
     if args.queue_label_init == "none":
         assert (st.queue_labels[8:] == -1).all()
+
+
+def test_losses_keep_fp32_logits_inside_autocast():
+    """dscl.py calls both losses inside the autocast region; their logits must still be fp32 (spec N1).
+    CPU autocast casts matmuls to bf16 just as CUDA autocast does, so a bf16 matmul would show here."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    queue = F.normalize(torch.randn(64, 32, generator=g), dim=1)
+    y, qy = torch.randint(0, 4, (16,), generator=g), torch.randint(0, 4, (64,), generator=g)
+    s, c = torch.randn(16, 3, 32, generator=g), torch.randn(16, 3, 32, generator=g)
+    plain = (dscl.dscl_loss(q, k, y, queue, qy, 0.1, 0.07, contrast_batch=True), dscl.pbsd_loss(s, c, k, queue, 0.07))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = (dscl.dscl_loss(q, k, y, queue, qy, 0.1, 0.07, contrast_batch=True),
+                dscl.pbsd_loss(s, c, k, queue, 0.07))
+    for a, b in zip(plain, auto):
+        assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
