@@ -343,7 +343,8 @@ def build_backbone(arch: str, image_size: int = 32) -> nn.Module:
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, bn: bool = True,
                    last_bn: bool = False, bias_last: bool = True) -> nn.Sequential:
-    """(Linear [+BN] + ReLU) x (num_layers - 1), then Linear [+BN(affine=False) if last_bn].
+    """(Linear [+BN] + ReLU) x (num_layers - 1), then Linear [+BN if last_bn]. The last BN is a standard
+    affine BatchNorm1d, as in the SDCLR / SimCLR heads (ssl.md §1.4; SDCLR code `models/utils.py`).
 
     num_layers counts the Linear layers. Hidden Linears have no bias when followed by BN (it would be
     cancelled by the BN mean)."""
@@ -356,7 +357,7 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
         dim = hidden_dim
     layers.append(nn.Linear(dim, out_dim, bias=bias_last))
     if last_bn:
-        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        layers.append(nn.BatchNorm1d(out_dim))
     return nn.Sequential(*layers)
 
 

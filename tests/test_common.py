@@ -89,7 +89,7 @@ def test_projection_mlp():
     head = common.projection_mlp(64, 32, 16, num_layers=3, bn=True, last_bn=True, bias_last=False)
     linears = [m for m in head if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 32), (32, 32), (32, 16)]
-    assert linears[-1].bias is None and isinstance(head[-1], nn.BatchNorm1d)
+    assert linears[-1].bias is None and isinstance(head[-1], nn.BatchNorm1d) and head[-1].affine  # ssl.md §1.4
     assert head(torch.randn(5, 64)).shape == (5, 16)
     plain = common.projection_mlp(8, 8, 4, bn=False)
     assert [type(m) for m in plain] == [nn.Linear, nn.ReLU, nn.Linear]
