@@ -1,13 +1,17 @@
 """Shared machinery for the four method scripts (fassl.py, tase.py, dscl.py, hybrid.py) and eval.py.
 
-What lives here (spec ssl.md §0.1, §0.3-§0.5; supervised.md §0):
-  * a tiny dataclass -> argparse helper (`arg`, `parse_args`) and one-line user errors (`UserError`, `fatal`);
+What lives here:
+  * the run harness every script uses the same way (README, 'One command line for four scripts'):
+    `RunArgs` (the shared runtime flags), `arg` and `parse_args` (a dataclass -> argparse, the per-dataset
+    DEFAULTS table and the demo profile, argument checks), `Run` (resume, run directory, config.json, the
+    loss guard, checkpoints, the paper-setting rule, results.json), `benchmark`, `Progress`, one-line user
+    errors (`UserError`, `fatal`, `main_guard`);
   * seeding, device / AMP / TF32 setup, channels_last and optional torch.compile;
   * backbones: torchvision ResNet-18/34/50/152 (CIFAR stem for inputs <= 64 px) and the He et al. CIFAR
     ResNet-8/20/32 in the LDAM-DRW layout; a projection-MLP builder;
   * EMA of parameters with foreach ops; LR schedules that are pure functions of the step / epoch;
-  * the shared NT-Xent loss with per-anchor temperature (ssl.md eq. S1);
-  * run directories, atomic JSON / checkpoint writes, RNG state capture, the progress line.
+  * the shared NT-Xent loss with per-anchor temperature (SimCLR, Chen et al. 2020);
+  * run directories, atomic JSON / checkpoint writes, RNG state capture.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import sys
 import time
 import types
 import typing
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 import numpy as np
 import torch
@@ -35,87 +39,46 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import resnet as tv_resnet
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: dataclass -> argparse
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# Command line: one dataclass per script -> argparse, dataset defaults, checks
+# ------------------------------------------------------------------------------------------------------------
 
 
 def arg(default, help: str, **kw) -> dataclasses.Field:
-    """A dataclass field with a one-line doc. `kw` (e.g. choices=[...]) goes into the field metadata.
-
-    Mutable defaults (list / dict / set) become a default_factory that returns a fresh copy.
-    """
+    """A dataclass field with a one-line doc. Keywords go into the field metadata:
+    choices=[...]; check=">0" | ">=0" | ">=1" | "[0,1]" | "[0,1)" | "(0,1]" | "(0,1)" | "batch" (validated by
+    `check_args`); runtime=True (a flag that does not change the method: left out of the variant label).
+    A list default becomes a default_factory that returns a fresh copy."""
     metadata = {"help": help, **kw}
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _or_none(base):
-    """argparse type for Optional[...] fields: "none" / "null" -> None, anything else -> base(value)."""
-    def convert(text: str):
-        return None if text.lower() in ("none", "null") else base(text)
-    convert.__name__ = getattr(base, "__name__", "value")  # argparse names it in "invalid <name> value" errors
-    return convert
-
-
-def make_parser(cls) -> argparse.ArgumentParser:
-    """Build the argparse parser for dataclass `cls` (see `parse_args`)."""
-    doc = inspect.getdoc(cls) or ""
-    if doc.startswith(cls.__name__ + "("):  # the signature dataclasses writes when there is no docstring
-        doc = ""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp, optional = hints[f.name], False
-        if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            members = typing.get_args(tp)
-            rest = [a for a in members if a is not type(None)]
-            optional = len(rest) < len(members)
-            tp = rest[0] if len(rest) == 1 else str
-        kw = {"dest": f.name, "help": f.metadata.get("help", "").replace("%", "%%")}
-        if f.default is not dataclasses.MISSING:
-            kw["default"] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            kw["default"] = f.default_factory()
-        else:
-            kw["required"] = True
-        origin, targs = typing.get_origin(tp), typing.get_args(tp)
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif origin in (list, tuple) or tp in (list, tuple):
-            elem = targs[0] if targs else str
-            kw["nargs"] = len(targs) if origin is tuple and targs and targs[-1] is not Ellipsis else "+"
-            kw["type"] = _or_none(elem) if optional else elem
-        elif origin is typing.Literal:
-            kw["choices"], kw["type"] = list(targs), type(targs[0])
-        else:
-            kw["type"] = _or_none(tp) if optional else tp
-        if "choices" in f.metadata:
-            kw["choices"] = list(f.metadata["choices"])
-        action = parser.add_argument("--" + f.name.replace("_", "-"), **kw)
-        if "%(default)" not in (action.help or ""):  # BooleanOptionalAction appends it itself on Python < 3.14
-            action.help = (action.help + " " if action.help else "") + "(default: %(default)s)"
-    return parser
-
-
-def parse_args(cls, argv=None):
-    """Parse `argv` (default sys.argv[1:]) into an instance of dataclass `cls`.
-
-    --field-name per field (underscores -> dashes); bool -> --flag / --no-flag; Optional[...] accepts "none";
-    list[...] -> nargs='+'; tuple[T, T] -> nargs=2; choices from arg(..., choices=[...]) or Literal[...].
-    `--help` shows each field's doc and default; the class docstring is the description.
-    """
-    ns = vars(make_parser(cls).parse_args(argv))
-    hints = typing.get_type_hints(cls)
-    for name, value in ns.items():  # argparse gives lists; tuple-typed fields get tuples back
-        tp = hints[name]
-        if isinstance(value, list) and (typing.get_origin(tp) is tuple or tp is tuple
-                                        or tuple in [typing.get_origin(a) for a in typing.get_args(tp)]):
-            ns[name] = tuple(value)
-    return cls(**ns)
+@dataclasses.dataclass
+class RunArgs:
+    """The runtime flags every script shares: same names, defaults and meaning in all four (README)."""
+    dataset: str = arg("cifar10-lt", "data set (docs/data.md lists them; synthetic-lt needs no files)")
+    data_dir: str = arg("./data", "data root; for --dataset folder the ImageFolder tree itself", runtime=True)
+    imb_ratio: float = arg(100.0, "imbalance ratio rho = n_max / n_min of the long tail", check=">=1")
+    protocol: Optional[str] = arg(None, "CIFAR-LT convention: the one of the method's paper by default "
+                                  "(docs/data.md, 'CIFAR-LT conventions')", choices=["ldam", "sdclr"])
+    seed: int = arg(0, "training seed (augmentation, initialisation, sampling)")
+    device: str = arg("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N", runtime=True)
+    amp: str = arg("auto", "autocast dtype: auto = bf16 on CUDA (fp16 with a GradScaler where bf16 is "
+                   "unsupported), off on CPU", choices=["auto", "bf16", "fp16", "off"], runtime=True)
+    channels_last: bool = arg(True, "channels_last memory format on CUDA", runtime=True)
+    compile: bool = arg(False, "torch.compile the networks (CUDA only)", runtime=True)
+    workers: int = arg(8, "DataLoader workers for datasets read from image files", check=">=0", runtime=True)
+    out_dir: str = arg("runs", "parent of the run directory <method>-<dataset>-<time>/", runtime=True)
+    resume: Optional[str] = arg(None, "continue a run: its checkpoint.pt, its run directory, or auto (the "
+                                "newest run of this method and dataset); the run's own settings are kept",
+                                runtime=True)
+    print_every: int = arg(20, "progress line every N iterations (and at the end of each epoch)", check=">=1",
+                           runtime=True)
+    benchmark: bool = arg(False, "time the training step on random data, print images/s, exit", runtime=True)
+    benchmark_steps: int = arg(10, "timed steps of --benchmark, after 3 warm-up steps", check=">=1",
+                               runtime=True)
 
 
 class UserError(Exception):
@@ -130,7 +93,7 @@ def fatal(msg: str, code: int = 2) -> NoReturn:
 
 @contextlib.contextmanager
 def user_errors():
-    """`with user_errors(): main(args)` turns UserError into one line + exit 2, Ctrl-C into a line + exit 130."""
+    """`with user_errors(): ...` turns UserError into one line + exit 2, Ctrl-C into a line + exit 130."""
     try:
         yield
     except UserError as e:
@@ -141,24 +104,150 @@ def user_errors():
         sys.exit(130)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+RUNTIME = tuple(f.name for f in dataclasses.fields(RunArgs) if f.metadata.get("runtime"))
+
+
+def _or_none(base):
+    """argparse type for Optional[...] fields: "none" / "null" -> None, anything else -> base(value)."""
+    def convert(text: str):
+        return None if text.lower() in ("none", "null") else base(text)
+    convert.__name__ = getattr(base, "__name__", "value")  # named in argparse's "invalid <name> value"
+    return convert
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        fatal(f"{message} (see {self.prog} --help)")
+
+
+def _table_for(defaults: dict, dataset: str) -> dict:
+    """The entries of a DEFAULTS table that apply to `dataset`: key "*" first, then keys naming it (a dataset
+    name or a tuple of names), later entries winning."""
+    out = dict(defaults.get("*", {}))
+    for key, values in defaults.items():
+        if key != "*" and dataset in ((key,) if isinstance(key, str) else key):
+            out.update(values)
+    return out
+
+
+def _default_help(defaults: dict, name: str) -> str:
+    """ "inat2018: resnet50; synthetic-lt: resnet8; others: resnet32" for the --help of a DEFAULTS field."""
+    parts, other = [], None
+    for key, values in defaults.items():
+        if name in values:
+            shown = "set from other flags" if callable(values[name]) else _flag_value(values[name])
+            if key == "*":
+                other = f"others: {shown}"
+            else:
+                parts.append(f"{key if isinstance(key, str) else '/'.join(key)}: {shown}")
+    return "; ".join(parts + ([other] if other else []))
+
+
+def make_parser(cls, defaults: dict | None = None) -> argparse.ArgumentParser:
+    """argparse parser for dataclass `cls` (a RunArgs subclass): the script's own flags first, then the shared
+    runtime flags. A field that appears in `defaults` shows its per-dataset values."""
+    doc = inspect.getdoc(cls) or ""
+    parser = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    own = [f for f in dataclasses.fields(cls) if f.name not in RunArgs.__dataclass_fields__]
+    shared = [f for f in dataclasses.fields(cls) if f.name in RunArgs.__dataclass_fields__]
+    groups = [(parser.add_argument_group("method flags"), own),
+              (parser.add_argument_group("runtime (shared by the four scripts)"), shared)]
+    for group, fields in groups:
+        for f in fields:
+            tp = hints[f.name]
+            optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            if optional:
+                tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            kw = {"dest": f.name, "default": default, "help": f.metadata.get("help", "").replace("%", "%%")}
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) is list:
+                kw["nargs"], kw["type"] = "*", typing.get_args(tp)[0]
+            else:             # "none" means None, unless it is one of the flag's choices
+                kw["type"] = _or_none(tp) if optional and "none" not in f.metadata.get("choices", ()) else tp
+            if "choices" in f.metadata:
+                kw["choices"] = list(f.metadata["choices"])
+            if f.name == "dataset":
+                import data                           # noqa: PLC0415 (data imports this module)
+                kw["choices"] = list(data.DATASETS)
+            by_dataset = _default_help(defaults or {}, f.name)
+            shown = f"default: {by_dataset}" if by_dataset else "default: %(default)s"
+            if f.metadata.get("check"):
+                rule = f.metadata["check"]
+                shown += "; > 0, at most the training set" if rule == "batch" else f"; {_CHECKS[rule][1]}"
+            kw["help"] += f" ({shown})"
+            group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return parser
+
+
+def parse_args(cls, argv=None, defaults: dict | None = None):
+    """Parse `argv` into `cls`; then fill the dataset-dependent defaults of `defaults` (a script's DEFAULTS
+    table: {"*" or dataset or (datasets...): {field: value or f(args)}}) into every field NOT given on the
+    command line. Callables are evaluated after the plain values, in table order.
+
+    Returns (args, filled): filled = {field: value} applied, printed by `Run` and stored in config.json and
+    results.json. Impossible values exit with one line and status 2 (see `check_args`)."""
+    parser = make_parser(cls, defaults)
+    args = cls(**vars(parser.parse_args(argv)))
+    given = {name for name in given_flags(cls, argv) if getattr(args, name) is not None}   # "none" = unset
+    filled = fill_defaults(args, defaults, given=given)
+    try:
+        check_args(args)
+    except UserError as e:
+        fatal(str(e))
+    return args, filled
+
+
+def given_flags(cls, argv) -> set[str]:
+    """Field names set explicitly on the command line `argv`."""
+    parser = make_parser(cls)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)).keys())
+
+
+_CHECKS = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"),
+           ">=1": (lambda v: v >= 1, ">= 1"),
+           "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"), "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)")}
+
+
+def check_args(args, train_size: int | None = None) -> None:
+    """Raise a one-line UserError for the first field outside the range its arg(check=...) declares.
+    check="batch": > 0, and at most `train_size` once the training set is known."""
+    for f in dataclasses.fields(args):
+        rule, value = f.metadata.get("check"), getattr(args, f.name)
+        if rule is None or value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if rule == "batch":
+                if v <= 0 or (train_size is not None and v > train_size):
+                    limit = f" and at most the {train_size} training images" if train_size else ""
+                    raise UserError(f"{flag} {v} is impossible: a batch size must be > 0{limit}")
+            elif not (isinstance(v, (int, float)) and math.isfinite(v) and _CHECKS[rule][0](v)):
+                raise UserError(f"{flag} {v} is out of range: it must be {_CHECKS[rule][1]}")
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Seeding, ranks, device and precision
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch (CPU and every CUDA device). `deterministic` also asks torch for
-    deterministic kernels (warn-only where none exists) and turns cuDNN autotuning off."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device); cuDNN autotuning on."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = True
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """Seed of one epoch's random stream (augmentation, sampling): a function of (seed, epoch), so a resumed
+    run draws exactly what an uninterrupted one draws. `stream` separates independent streams."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def get_rank_world() -> tuple[int, int]:
@@ -175,7 +264,7 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 def setup_device(device: str = "auto", amp: str = "auto") -> tuple[torch.device, torch.dtype | None]:
-    """Pick the device and the autocast dtype (ssl.md §0.5).
+    """Pick the device and the autocast dtype (README, 'Speed').
 
     device "auto" -> cuda if available else cpu. amp "auto" -> bf16 on a GPU that supports it, else fp16
     (with a GradScaler, see `make_scaler`); off (None) on CPU. "bf16" | "fp16" | "off" force a choice.
@@ -186,9 +275,9 @@ def setup_device(device: str = "auto", amp: str = "auto") -> tuple[torch.device,
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise UserError(f"--device {device!r} is not a device name ({e}); use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"--device {device!r} is not a device ({e}); use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} was asked for but CUDA is not available; use --device cpu or auto")
+        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
     if amp == "auto":
         amp_dtype = None
         if dev.type == "cuda":
@@ -197,11 +286,16 @@ def setup_device(device: str = "auto", amp: str = "auto") -> tuple[torch.device,
         amp_dtype = _AMP[amp]
     else:
         raise UserError(f"--amp {amp!r} is unknown; use one of auto, bf16, fp16, off")
-    if dev.type == "cuda":  # TF32 matmuls / convolutions (ssl.md §0.5); CPU numerics are left exact
+    if dev.type == "cuda":  # TF32 matmuls / convolutions; CPU numerics are left exact
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
     return dev, amp_dtype
+
+
+def amp_name(amp_dtype) -> str:
+    """"bf16" | "fp16" | "off": the name results.json and the progress line use for an autocast dtype."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off")
 
 
 def autocast(device, amp_dtype):
@@ -212,19 +306,19 @@ def autocast(device, amp_dtype):
 
 
 def make_scaler(amp_dtype) -> torch.amp.GradScaler:
-    """GradScaler that is enabled only for fp16 (bf16 and fp32 need no loss scaling, ssl.md N5)."""
+    """GradScaler that is enabled only for fp16 (bf16 and fp32 need no loss scaling)."""
     enabled = amp_dtype == torch.float16
     return torch.amp.GradScaler("cuda" if torch.cuda.is_available() else "cpu", enabled=enabled)
 
 
-def prepare_model(model: nn.Module, device, channels_last: bool = True, compile: bool | str = False) -> nn.Module:
-    """Move to `device`; channels_last memory format on CUDA; torch.compile when `compile` is True on CUDA
-    (on CPU only when compile == "force"). Returns the (maybe compiled) module; `unwrap` gives the original."""
+def prepare_model(model: nn.Module, device, channels_last: bool = True, compile: bool = False) -> nn.Module:
+    """Move to `device`; channels_last memory format and (if asked) torch.compile on CUDA only.
+    Returns the (maybe compiled) module; `unwrap` gives the original."""
     device = torch.device(device)
     model = model.to(device)
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if compile == "force" or (compile and device.type != "cpu"):
+    if compile and device.type == "cuda":
         model = torch.compile(model)
     return model
 
@@ -240,15 +334,15 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Backbones
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class TorchvisionResNet(tv_resnet.ResNet):
     """torchvision ResNet without its fc. State-dict keys are torchvision's (conv1, bn1, layer1..4).
 
-    cifar_stem: conv1 = 3x3 stride 1 (no bias) and no max-pool, used for inputs <= 64 px (ssl.md §0.1).
+    cifar_stem: conv1 = 3x3 stride 1 (no bias) and no max-pool, for inputs <= 64 px (SDCLR's CIFAR code).
     forward(x) -> pooled (N, out_dim); forward(x, return_map=True) -> (pooled, last feature map).
     """
 
@@ -256,7 +350,7 @@ class TorchvisionResNet(tv_resnet.ResNet):
         super().__init__(block, layers)
         if cifar_stem:
             self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
             self.maxpool = nn.Identity()
         self.out_dim = self.fc.in_features
         del self.fc
@@ -299,7 +393,7 @@ class _CifarBlock(nn.Module):
 class CifarResNet(nn.Module):
     """He et al. CIFAR ResNet-(6n+2), LDAM-DRW layout: 3x3 conv 16, stages of n blocks at 16/32/64 channels
     (strides 1/2/2), global average pooling -> 64-d. Kaiming-normal init of convs (LDAM `_weights_init`).
-    The last map is 8x8 at 32 px, so feature_stride = 4 (supervised.md §1.4: spatial_scale = 1/4)."""
+    The last map is 8x8 at 32 px, so feature_stride = 4 (RoIAlign spatial_scale = 1/4 in dscl.py)."""
 
     def __init__(self, depth: int):
         super().__init__()
@@ -325,8 +419,10 @@ class CifarResNet(nn.Module):
         return (pooled, fmap) if return_map else pooled
 
 
-_TORCHVISION = {"resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]), "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
-                "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]), "resnet152": (tv_resnet.Bottleneck, [3, 8, 36, 3])}
+_TORCHVISION = {"resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
+                "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
+                "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+                "resnet152": (tv_resnet.Bottleneck, [3, 8, 36, 3])}
 _CIFAR_DEPTH = {"resnet8": 8, "resnet20": 20, "resnet32": 32}
 ARCHS = tuple(_TORCHVISION) + tuple(_CIFAR_DEPTH)
 
@@ -344,7 +440,7 @@ def build_backbone(arch: str, image_size: int = 32) -> nn.Module:
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, bn: bool = True,
                    last_bn: bool = False, bias_last: bool = True) -> nn.Sequential:
     """(Linear [+BN] + ReLU) x (num_layers - 1), then Linear [+BN if last_bn]. The last BN is a standard
-    affine BatchNorm1d, as in the SDCLR / SimCLR heads (ssl.md §1.4; SDCLR code `models/utils.py`).
+    affine BatchNorm1d, as in the SDCLR / SimCLR heads (SDCLR code `models/utils.py`).
 
     num_layers counts the Linear layers. Hidden Linears have no bias when followed by BN (it would be
     cancelled by the BN mean)."""
@@ -361,35 +457,31 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
     return nn.Sequential(*layers)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # EMA and learning-rate schedules
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, tau: float, buffers: str = "copy") -> None:
+def ema_update(target: nn.Module, source: nn.Module, tau: float, buffers: str) -> None:
     """theta_t <- tau * theta_t + (1 - tau) * theta_s over all parameters (foreach ops, in place).
 
-    Buffers (BN running mean/var, num_batches_tracked):
-      "copy": copied from the source (the teacher uses the student's current BN statistics; MoCo/BYOL code),
-      "ema":  floating buffers averaged like parameters, integer buffers copied,
-      "none": left alone (the teacher keeps its own statistics).
-    """
+    buffers="ema": floating buffers (BN running mean / var) averaged the same way, integer ones copied;
+    buffers="none": the target keeps its own buffers (MoCo's key encoder)."""
     target, source = unwrap(target), unwrap(source)
     t_params, s_params = list(target.parameters()), list(source.parameters())
     if len(t_params) != len(s_params):
         raise ValueError(f"ema_update: target has {len(t_params)} parameters, source {len(s_params)}")
     torch._foreach_mul_(t_params, tau)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
-    if buffers == "none":
-        return
-    if buffers not in ("copy", "ema"):
-        raise ValueError(f"ema_update: buffers={buffers!r}; use 'copy', 'ema' or 'none'")
-    for tb, sb in zip(target.buffers(), source.buffers()):
-        if buffers == "ema" and tb.is_floating_point():
-            tb.lerp_(sb, 1.0 - tau)
-        else:
-            tb.copy_(sb)
+    if buffers not in ("ema", "none"):
+        raise ValueError(f"ema_update: buffers={buffers!r}; use 'ema' or 'none'")
+    if buffers == "ema":
+        for tb, sb in zip(target.buffers(), source.buffers()):
+            if tb.is_floating_point():
+                tb.lerp_(sb, 1.0 - tau)
+            else:
+                tb.copy_(sb)
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_lr: float = 0.0) -> float:
@@ -402,20 +494,20 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, fi
 
 
 def multistep_lr(epoch: int, base_lr: float, milestones: list[int], gamma: float = 0.1) -> float:
-    """base_lr * gamma ** #(milestones <= epoch), epoch 1-based (D§5.1: milestones 10, 20 give lr 30 for
+    """base_lr * gamma ** #(milestones <= epoch), epoch 1-based (SDCLR probe: milestones 10, 20 give lr 30 for
     e = 1..9, 3 for 10..19, 0.3 for 20..30)."""
     return base_lr * gamma ** sum(1 for m in milestones if m <= epoch)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every param group's lr to lr * group.get("lr_scale", 1)."""
+    """Set every param group's learning rate."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Shared contrastive loss
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _per_anchor(value: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -429,44 +521,37 @@ def _per_anchor(value: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, weight=None, reduction: str = "mean"):
-    """NT-Xent with per-anchor temperature, ssl.md §0.4 eq. S1 (SimCLR, Chen et al. 2020):
+    """NT-Xent with per-anchor temperature (SimCLR, Chen et al. 2020; docs/tase.md for the per-anchor form):
 
-        l_j = - a_j . a_p(j) / tau_j + LSE_{k != j}( a_j . a_k / tau_j ),   a = n([z1; z2]),  p(j) = (j + B) mod 2B
+        l_j = - a_j . a_p(j) / tau_j + LSE_{k != j}( a_j . a_k / tau_j ),  a = n([z1; z2]),
+        p(j) = (j + B) mod 2B
 
-    z1, z2: (B, D) views; normalised in fp32 and the logits built in fp32 outside autocast (ssl.md N1-N3).
-    temperature: float, 0-d tensor, (B,) per image or (2B,) per anchor. weight: None, (B,) or (2B,) per anchor.
-    Returns mean_j weight_j * l_j ("mean"), their sum ("sum") or the (2B,) vector ("none").
+    z1, z2: (B, D) views; normalised in fp32 and the logits built in fp32 outside autocast.
+    temperature: float, 0-d tensor, (B,) per image or (2B,) per anchor; weight: None, (B,) or (2B,).
+    Returns mean_j weight_j * l_j ("mean") or the (2B,) vector ("none").
     """
     batch = z1.shape[0]
     with torch.autocast(z1.device.type, enabled=False):
-        a = F.normalize(torch.cat([z1, z2]).float(), dim=-1)                     # N1
+        a = F.normalize(torch.cat([z1, z2]).float(), dim=-1)                     # fp32 unit vectors
         sim = a @ a.T
         if torch.is_tensor(temperature) and temperature.numel() > 1:
             logits = sim / _per_anchor(temperature, batch, "temperature")[:, None]
         else:
             logits = sim / (temperature.float() if torch.is_tensor(temperature) else float(temperature))
         self_mask = torch.eye(2 * batch, dtype=torch.bool, device=a.device)
-        logits = logits.masked_fill(self_mask, float("-inf"))                    # N3: self excluded
+        logits = logits.masked_fill(self_mask, float("-inf"))                    # self excluded
         positives = (torch.arange(2 * batch, device=a.device) + batch) % (2 * batch)
-        loss = F.cross_entropy(logits, positives, reduction="none")               # eq. S1, N2
+        loss = F.cross_entropy(logits, positives, reduction="none")               # l_j above
         if weight is not None:
             loss = loss * (_per_anchor(weight, batch, "weight") if torch.is_tensor(weight) else float(weight))
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"nt_xent: reduction={reduction!r}; use 'mean', 'sum' or 'none'")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"nt_xent: reduction={reduction!r}; use 'mean' or 'none'")
+    return loss.mean() if reduction == "mean" else loss
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Run directory, JSON, metrics, checkpoints, RNG states
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _run_name_re(method: str, dataset: str):
-    return re.compile(re.escape(f"{method}-{dataset}-") + r"\d{8}-\d{6}(-\d+)?")
+# ------------------------------------------------------------------------------------------------------------
 
 
 def make_run_dir(method: str, dataset: str, out_dir: str = "runs", resume: str | None = None) -> pathlib.Path:
@@ -475,8 +560,9 @@ def make_run_dir(method: str, dataset: str, out_dir: str = "runs", resume: str |
     was written last (a new dir if there is none). A resume path that does not exist raises UserError."""
     out = pathlib.Path(out_dir)
     if resume == "auto":
-        pattern = _run_name_re(method, dataset)
-        found = [p for p in out.glob(f"{method}-{dataset}-*/checkpoint.pt") if pattern.fullmatch(p.parent.name)]
+        pattern = re.compile(re.escape(f"{method}-{dataset}-") + r"\d{8}-\d{6}(-\d+)?")
+        found = [p for p in out.glob(f"{method}-{dataset}-*/checkpoint.pt")
+                 if pattern.fullmatch(p.parent.name)]
         if found:
             return max(found, key=lambda p: p.stat().st_mtime).parent
     elif resume:
@@ -501,12 +587,8 @@ def make_run_dir(method: str, dataset: str, out_dir: str = "runs", resume: str |
 
 def _to_json(obj):
     """json.dump `default`: numpy / torch scalars and arrays, paths, dataclasses, dtypes, devices."""
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
+    if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
+        return obj.tolist()                                  # a 0-d tensor or array gives a Python number
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
     if isinstance(obj, (pathlib.Path, torch.dtype, torch.device)):
@@ -518,22 +600,18 @@ def _to_json(obj):
 
 def _fsync_dir(path: pathlib.Path) -> None:
     """Make a rename durable (best effort; directories cannot be opened on every OS)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _atomic_write(path, write) -> None:
     """write(file) into <path>.tmp beside `path`, flush + fsync, then os.replace onto `path`.
 
-    A crash or exception before the replace leaves the previous `path` untouched; only the tmp file is lost."""
+    A crash or exception before the replace leaves the previous `path` untouched."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp") if path.suffix != ".tmp" else path.with_name(path.name + ".part")
@@ -573,23 +651,23 @@ def save_checkpoint(path, state: dict) -> None:
     try:
         _atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
-        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); the previous checkpoint there is "
-                        "intact; free disk space or choose another --out-dir") from None
+        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); the previous checkpoint "
+                        "there is intact; free disk space or choose another --out-dir") from None
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     """torch.load(weights_only=True). A missing, truncated or corrupt file raises a one-line UserError."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass an existing checkpoint file or run directory "
-                        "(--resume / --ckpt), or start without --resume")
+        raise UserError(f"checkpoint {path} does not exist; pass an existing checkpoint file or run "
+                        "directory (--resume / --ckpt), or start without --resume")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, non-weights object: torch raises several kinds
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"checkpoint {path} is unreadable ({reason}); it was truncated or damaged outside this "
-                        "program (checkpoint writes are atomic, older files are untouched); pass another "
-                        "--resume path or start without --resume") from None
+        raise UserError(f"checkpoint {path} is unreadable ({reason}); it was truncated or damaged outside "
+                        "this program (checkpoint writes are atomic, older files are untouched); pass "
+                        "another --resume path or start without --resume") from None
 
 
 def rng_state() -> dict:
@@ -620,26 +698,16 @@ def set_rng_state(d: dict) -> None:
 def git_commit() -> str:
     """Short sha of the repository holding this file, or "unknown"."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def write_config(run_dir, args, dataset_info: dict) -> None:
-    """run_dir/config.json = {"args", "dataset", "git_commit", "command", "torch"} (main rank only)."""
-    if not is_main():
-        return
-    a = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
-    save_json(pathlib.Path(run_dir) / "config.json",
-              {"args": a, "dataset": dataset_info, "git_commit": git_commit(), "command": sys.argv,
-               "torch": torch.__version__})
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Progress line
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -655,7 +723,7 @@ def _fmt_scalar(v) -> str:
 
 
 class Progress:
-    """One progress line, e.g. `[simclr] ep 3/200 it 40/48 | loss 4.1234 | lr 0.4812 | 1234 img/s | ETA 1h02m`.
+    """One progress line, e.g. `[simclr] ep 3/200 it 40/48 | loss 4.1234 | lr 0.4812 | 1234 img/s | ETA 1h02m`
 
     `step(global_step, **scalars)` is called after every optimiser step with the 0-based index of that step
     (the same index the LR schedule gets); it prints every `every` steps, at the end of each epoch and at the
@@ -664,7 +732,8 @@ class Progress:
     """
 
     def __init__(self, total_steps: int, batch_size: int, every: int = 20, prefix: str = ""):
-        self.total_steps, self.batch_size, self.every, self.prefix = total_steps, batch_size, max(1, every), prefix
+        self.total_steps, self.batch_size, self.every = total_steps, batch_size, max(1, every)
+        self.prefix = prefix
         self.epoch = self.epochs = None
         self.start_time = self.last_time = time.perf_counter()
         self.start_step = self.last_step = None
@@ -697,3 +766,213 @@ class Progress:
         line = " | ".join(parts)
         print(line, flush=True)
         return line
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Benchmark timer
+# ------------------------------------------------------------------------------------------------------------
+
+
+def benchmark(name: str, step, images_per_step: int, steps: int, device, amp_dtype, warmup: int = 3) -> float:
+    """Time `step()` (one full training step on random data; returns a device tensor): `warmup` untimed calls,
+    then `steps` timed ones with one host sync at the end. Prints and returns images/s."""
+    for _ in range(warmup):
+        out = step()
+    float(out)
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    float(out)
+    dt = (time.perf_counter() - t) / steps
+    print(f"[{name} benchmark] {dt * 1000:.1f} ms/step, {images_per_step / dt:.0f} images/s "
+          f"({images_per_step} images/step, {torch.device(device)}, amp {amp_name(amp_dtype)})", flush=True)
+    return images_per_step / dt
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One run: resume, run directory, config, loss guard, checkpoints, paper setting, results
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and all(
+            _same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def fill_defaults(args, defaults: dict, given=()) -> dict:
+    """Set the DEFAULTS entries for args.dataset on every field not in `given`; returns what was set."""
+    filled = {}
+    table = _table_for(defaults or {}, args.dataset)
+    for lazy in (False, True):
+        for name, value in table.items():
+            if name in given or callable(value) != lazy:
+                continue
+            value = value(args) if lazy else value
+            setattr(args, name, list(value) if isinstance(value, tuple) else value)
+            filled[name] = getattr(args, name)
+    return filled
+
+
+def paper_dataset(ds) -> str:
+    """The name a paper gives `ds`: its own name, or cifar10-lt / cifar100-lt for a JPEG copy of CIFAR read as
+    --dataset folder (docs/data.md)."""
+    if ds.name == "folder" and ds.image_source == "jpeg-copy" and ds.num_classes in (10, 100):
+        return f"cifar{ds.num_classes}-lt"
+    return ds.name
+
+
+def paper_setting(args, paper: dict, dataset: str) -> bool:
+    """True only on a dataset `paper` names, with every argument the paper fixes at the paper's value."""
+    named = [k for k in paper if k != "*" and dataset in ((k,) if isinstance(k, str) else k)]
+    fixed = _table_for(paper, dataset)
+    return bool(named) and all(_same(getattr(args, k), v(args) if callable(v) else v)
+                               for k, v in fixed.items())
+
+
+def variant_label(args, defaults: dict) -> str:
+    """One rule for every script: the flags (dataset, rho, seed and runtime flags aside) whose value differs
+    from the default run on this dataset; "default" when there is none."""
+    ref = type(args)(dataset=args.dataset)
+    fill_defaults(ref, defaults)
+    diff = [f for f in dataclasses.fields(args) if f.name not in ("dataset", "imb_ratio", "seed")
+            and not f.metadata.get("runtime") and not _same(getattr(args, f.name), getattr(ref, f.name))]
+    return " ".join(f"--{f.name.replace('_', '-')} {_flag_value(getattr(args, f.name))}"
+                    for f in diff) or "default"
+
+
+def _flag_value(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+class NonFiniteLoss(Exception):
+    """A training loss that is NaN or infinite (see Run.end_epoch)."""
+
+
+class Run:
+    """What every script does around its training loops, in one place:
+
+      run = common.Run("hybrid-sc", args, filled, DEFAULTS, PAPER)   # --resume, device, AMP, seed
+      run.start(ds)                      # checks vs the data, run directory, config.json, what was filled
+      ck = run.restore()                 # after building the models: the checkpoint (or None), RNG restored
+      for epoch ...: run.end_epoch(epoch, loss, record, state)   # loss guard, metrics.jsonl, checkpoint.pt
+      results = run.results(ds, protocol, network, epochs); ...; run.finish(results)
+
+    On --resume the run's own settings come from its checkpoint; only the runtime flags of this command line
+    (device, AMP, workers, ...) are taken from the command line."""
+
+    def __init__(self, method: str, args, filled: dict, defaults: dict | None = None,
+                 paper: dict | None = None, label: str | None = None):
+        self.method, self.args, self.filled = method, args, dict(filled)
+        self.defaults, self.paper, self.label = defaults or {}, paper or {}, label or method
+        self.run_dir, self.ckpt, self.t0, self.wall0 = None, None, time.time(), 0.0
+        if args.resume:
+            run_dir = make_run_dir(method, args.dataset, args.out_dir, args.resume)
+            path = pathlib.Path(args.resume)
+            path = path if path.is_file() else run_dir / "checkpoint.pt"
+            if path.is_file():                       # "auto" with no earlier run starts a fresh one
+                self.ckpt, self.run_dir = load_checkpoint(path), run_dir
+                self._restore_args(path)
+        self.device, self.amp_dtype = setup_device(self.args.device, self.args.amp)
+        self.amp = amp_name(self.amp_dtype)
+        seed_everything(self.args.seed)
+
+    def _restore_args(self, path) -> None:
+        saved, now = self.ckpt.get("args", {}), self.args
+        names = {f.name for f in dataclasses.fields(now)}
+        keep = {k: v for k, v in saved.items() if k in names and k not in RUNTIME}
+        changed = [f"--{k.replace('_', '-')}" for k, v in keep.items() if not _same(getattr(now, k), v)]
+        self.args = dataclasses.replace(now, **keep)
+        self.filled = self.ckpt.get("filled", self.filled)
+        print(f"[{self.method}] resuming {path} after epoch {self.ckpt.get('epoch')}"
+              + (f"; the run's own {' '.join(changed)} kept" if changed else ""), flush=True)
+
+    def start(self, ds, header: str = "") -> pathlib.Path:
+        """Check the arguments against the training set, make the run directory, write config.json, print."""
+        import data                                   # noqa: PLC0415 (data imports this module)
+        check_args(self.args, train_size=len(ds.train))
+        self.paper_ds = paper_dataset(ds)
+        fresh = self.run_dir is None
+        if fresh:
+            self.run_dir = make_run_dir(self.method, self.args.dataset, self.args.out_dir)
+        if is_main():
+            print(data.describe(ds))
+            print(f"[{self.method}] run dir {self.run_dir} | {self.device} | amp {self.amp}"
+                  + (f" | {header}" if header else ""), flush=True)
+            if self.filled:
+                demo = (" (a CPU demo profile, not a paper setting)" if self.args.dataset == "synthetic-lt"
+                        else "")
+                print(f"[{self.method}] defaults for {self.args.dataset}{demo}: "
+                      + " ".join(f"--{k.replace('_', '-')} {_flag_value(v)}" for k, v in self.filled.items())
+                      + "; a flag on the command line overrides any of them", flush=True)
+            if fresh:
+                save_json(self.run_dir / "config.json",
+                          {"args": dataclasses.asdict(self.args), "filled_defaults": self.filled,
+                           "dataset": ds.info(), "git_commit": git_commit(), "command": sys.argv,
+                           "torch": torch.__version__})
+        return self.run_dir
+
+    def restore(self) -> dict | None:
+        """The checkpoint this run resumes from (None for a fresh run), with the RNG states put back."""
+        if self.ckpt is not None:
+            set_rng_state(self.ckpt["rng"])
+            self.wall0 = self.ckpt.get("wall_time_s", 0.0)
+        return self.ckpt
+
+    def wall_time(self) -> float:
+        return self.wall0 + time.time() - self.t0
+
+    def progress(self, total_steps: int, batch_size: int, prefix: str | None = None) -> "Progress":
+        return Progress(total_steps, batch_size, self.args.print_every, prefix or self.method)
+
+    def check_loss(self, loss, where: str) -> float:
+        """The loss guard: one host sync per call (once per epoch). A NaN or infinite loss ends the run."""
+        value, last = float(loss), self.run_dir / "checkpoint.pt"
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss is {value} in {where}; usual causes: a learning rate too "
+                                "high (--lr) or fp16 overflow (try --amp bf16 or --amp off); nothing of this "
+                                "epoch was saved" + (f", {last} holds the last finite epoch" if last.is_file()
+                                                     else ""))
+        return value
+
+    def save(self, state: dict, name: str = "checkpoint.pt") -> None:
+        """Atomic checkpoint with the run's args, filled defaults, RNG states and wall time added."""
+        save_checkpoint(self.run_dir / name, {**state, "method": self.label, "filled": self.filled,
+                                              "args": dataclasses.asdict(self.args), "rng": rng_state(),
+                                              "wall_time_s": self.wall_time()})
+
+    def end_epoch(self, epoch: int, loss, record: dict, state: dict, where: str | None = None) -> None:
+        """Loss guard, then one metrics.jsonl line and checkpoint.pt (epoch = epochs done, 1-based)."""
+        value = self.check_loss(loss, where or f"epoch {epoch}")
+        append_metrics(self.run_dir, {"epoch": epoch, "loss": value, **record, "time_s": self.wall_time()})
+        self.save({**state, "epoch": epoch})
+
+    def results(self, ds, protocol: str, network: str, epochs: dict) -> dict:
+        """results.json skeleton with the run's method label, variant, paper_setting, AMP, seed, wall time."""
+        import eval as evaluation                    # noqa: PLC0415 (eval imports this module)
+        res = evaluation.results_skeleton(self.label, variant_label(self.args, self.defaults),
+                                          paper_setting(self.args, self.paper, self.paper_ds), ds, protocol,
+                                          network, getattr(self.args, "arch", None), epochs, self.args.seed,
+                                          self.amp, self.wall_time())
+        res["defaults_filled"] = self.filled
+        return res
+
+    def finish(self, results: dict) -> None:
+        """Write results.json (and its plots); print where."""
+        import eval as evaluation                    # noqa: PLC0415
+        results["wall_time_s"] = self.wall_time()
+        if is_main():
+            evaluation.write_results(self.run_dir, results)
+            print(f"[{self.method}] results: {self.run_dir / 'results.json'}", flush=True)
+
+
+def main_guard(main, argv=None):
+    """Run `main(argv)`: a user error ends in one line + exit 2, a non-finite loss in one line + exit 1."""
+    try:
+        with user_errors():
+            return main(argv)
+    except NonFiniteLoss as e:
+        fatal(str(e), code=1)

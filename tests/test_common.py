@@ -1,4 +1,4 @@
-"""Tests of common.py: backbones, nt_xent (ssl.md eq. S1, N7), EMA, LR schedules, checkpoints and resume,
+"""Tests of common.py: backbones, nt_xent (SimCLR's NT-Xent), EMA, LR schedules, checkpoints and resume,
 run directories, the dataclass -> argparse helper and the progress line. CPU only, tiny models."""
 import dataclasses
 import json
@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,9 +21,9 @@ from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Backbones
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("size, map_size", [(32, 4), (64, 8), (224, 7)])
@@ -37,7 +38,7 @@ def test_resnet18_shapes(size, map_size):
     assert net.feature_stride == size // map_size
     assert torch.equal(pooled, pooled2)
     assert torch.allclose(pooled, fmap.mean(dim=(2, 3)), atol=1e-6)
-    if size <= 64:  # CIFAR stem: 3x3 stride-1 conv without bias, no max-pool (ssl.md §0.1)
+    if size <= 64:  # CIFAR stem: 3x3 stride-1 conv without bias, no max-pool (SDCLR / SimCLR CIFAR code)
         assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1) and net.conv1.bias is None
         assert isinstance(net.maxpool, nn.Identity)
     else:
@@ -89,19 +90,19 @@ def test_projection_mlp():
     head = common.projection_mlp(64, 32, 16, num_layers=3, bn=True, last_bn=True, bias_last=False)
     linears = [m for m in head if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 32), (32, 32), (32, 16)]
-    assert linears[-1].bias is None and isinstance(head[-1], nn.BatchNorm1d) and head[-1].affine  # ssl.md §1.4
+    assert linears[-1].bias is None and isinstance(head[-1], nn.BatchNorm1d) and head[-1].affine  # SDCLR
     assert head(torch.randn(5, 64)).shape == (5, 16)
     plain = common.projection_mlp(8, 8, 4, bn=False)
     assert [type(m) for m in plain] == [nn.Linear, nn.ReLU, nn.Linear]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# nt_xent (ssl.md §0.4 eq. S1; unit tests N7)
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# nt_xent (SimCLR, Chen et al. 2020)
+# ------------------------------------------------------------------------------------------------------------
 
 
 def nt_xent_loop(z1, z2, tau, weight):
-    """Eq. S1 written anchor by anchor, in float64."""
+    """NT-Xent written anchor by anchor, in float64."""
     a = F.normalize(torch.cat([z1, z2]).double(), dim=-1)
     n, b = a.shape[0], z1.shape[0]
     losses = []
@@ -155,14 +156,14 @@ def test_nt_xent_fp32_under_autocast_and_finite_gradients():
     ref = common.nt_xent(z1, z2, 0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         amp = common.nt_xent(z1, z2, 0.1)
-    assert amp.dtype == torch.float32 and torch.allclose(amp, ref)  # logits stay fp32 (ssl.md N1)
+    assert amp.dtype == torch.float32 and torch.allclose(amp, ref)  # logits stay fp32
     ref.backward()
     assert torch.isfinite(z1.grad).all() and z1.grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # EMA and schedules
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _bn_net(seed):
@@ -186,12 +187,10 @@ def test_ema_update_formula_and_buffers():
                 assert torch.equal(p, q if tau == 0.0 else before[name])
             assert torch.allclose(p, want, atol=1e-7)
         assert torch.equal(tgt[1].running_mean, before["1.running_mean"])  # "none": buffers untouched
-    tgt = _bn_net(2)
-    common.ema_update(tgt, src, 0.9, buffers="copy")
-    assert torch.equal(tgt[1].running_var, src[1].running_var)
     tgt, old = _bn_net(2), _bn_net(2)
     common.ema_update(tgt, src, 0.9, buffers="ema")
-    assert torch.allclose(tgt[1].running_mean, 0.9 * old[1].running_mean + 0.1 * src[1].running_mean, atol=1e-7)
+    want = 0.9 * old[1].running_mean + 0.1 * src[1].running_mean
+    assert torch.allclose(tgt[1].running_mean, want, atol=1e-7)
     assert tgt[1].num_batches_tracked == src[1].num_batches_tracked  # integer buffers are copied
     with pytest.raises(ValueError):
         common.ema_update(tgt, src, 0.9, buffers="mean")
@@ -214,16 +213,16 @@ def test_multistep_lr_sdclr_probe_epochs():
     assert all(lrs[e] == pytest.approx(0.3) for e in range(20, 31))
 
 
-def test_set_lr_respects_lr_scale():
+def test_set_lr_sets_every_group():
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr_scale": 0.1}], lr=1.0)
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=1.0)
     common.set_lr(opt, 0.5)
-    assert [g["lr"] for g in opt.param_groups] == [0.5, pytest.approx(0.05)]
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Checkpoints, resume, run directories
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _train(model, opt, steps, start):
@@ -360,10 +359,12 @@ def test_make_run_dir_new_auto_and_paths(tmp_path):
     common.save_checkpoint(second / "checkpoint.pt", {"epoch": 1})
     os.utime(second / "checkpoint.pt", (1e10, 1e10))  # written last
     assert common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume="auto") == second
-    assert common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume=str(first / "checkpoint.pt")) == first
+    assert common.make_run_dir("simclr", "cifar10-lt", out_dir=out,
+                               resume=str(first / "checkpoint.pt")) == first
     assert common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume=str(first)) == first
     with pytest.raises(UserError, match="does not exist") as err:
-        common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume=str(out / "missing" / "checkpoint.pt"))
+        common.make_run_dir("simclr", "cifar10-lt", out_dir=out,
+                            resume=str(out / "missing" / "checkpoint.pt"))
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="without checkpoint.pt"):
         common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume=str(third))
@@ -372,69 +373,101 @@ def test_make_run_dir_new_auto_and_paths(tmp_path):
 def test_json_metrics_and_config(tmp_path):
     common.save_json(tmp_path / "r.json", {"a": np.float32(1.5), "b": torch.tensor(2), "c": np.arange(3),
                                            "d": torch.tensor([1.0, 2.0]), "p": tmp_path})
-    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1.5, "b": 2, "c": [0, 1, 2], "d": [1.0, 2.0],
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1.5, "b": 2, "c": [0, 1, 2],
+                                                             "d": [1.0, 2.0],
                                                              "p": str(tmp_path)}
     common.append_metrics(tmp_path, {"epoch": 1, "loss": torch.tensor(0.5)})
     common.append_metrics(tmp_path, {"epoch": 2, "loss": 0.25})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(s) for s in lines] == [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
 
-    @dataclasses.dataclass
-    class A:
-        lr: float = 0.5
-        milestones: list = dataclasses.field(default_factory=lambda: [1, 2])
-
-    common.write_config(tmp_path, A(), {"name": "synthetic-lt", "class_counts": [5, 2]})
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["args"] == {"lr": 0.5, "milestones": [1, 2]} and cfg["dataset"]["class_counts"] == [5, 2]
-    assert isinstance(cfg["git_commit"], str) and cfg["git_commit"] and isinstance(cfg["command"], list)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Command line, errors, device, progress
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class DemoArgs:
+class DemoArgs(common.RunArgs):
     """Demo method: the description shown by --help."""
-    lr: float = common.arg(0.5, "base LR (SDCLR code train_simCLR.py; 100% faithful)")
-    amp_on: bool = common.arg(True, "use autocast (ssl.md §0.5)")
-    milestones: list[int] = common.arg([10, 20], "probe LR milestones (D§5.1)")
-    resume: str | None = common.arg(None, "checkpoint or run dir or auto")
-    limit: int | None = common.arg(None, "INFERRED: optional step limit")
+    lr: Optional[float] = common.arg(None, "base LR (SDCLR code)", check=">0")
+    amp_on: bool = common.arg(True, "use autocast")
+    milestones: list[int] = common.arg([], "LR milestones", check=">=1")
+    limit: Optional[int] = common.arg(None, "INFERRED: optional step limit", check=">=0")
     arch: str = common.arg("resnet18", "backbone", choices=["resnet18", "resnet32"])
-    scale: tuple[float, float] = common.arg((0.1, 1.0), "crop scale range")
+    tau: float = common.arg(0.2, "temperature", check=">0")
+    ratio: float = common.arg(0.5, "a ratio", check="[0,1)")
+    batch_size: int = common.arg(64, "batch", check="batch")
+    every: int = common.arg(5, "a diagnostic interval", runtime=True)
+
+
+DEMO_DEFAULTS = {"*": {"lr": 0.5, "milestones": [10, 20]},
+                 ("cifar10-lt", "cifar100-lt"): {"arch": "resnet32"},
+                 "synthetic-lt": {"lr": 0.1, "milestones": lambda a: [a.limit or 3]}}
 
 
 def test_parse_args_defaults_and_overrides():
-    a = common.parse_args(DemoArgs, [])
-    assert a == DemoArgs() and a.milestones == [10, 20] and a.milestones is not DemoArgs().milestones
-    b = common.parse_args(DemoArgs, ["--lr", "0.1", "--no-amp-on", "--milestones", "3", "4", "5",
-                                     "--resume", "auto", "--limit", "7", "--arch", "resnet32", "--scale", "0.2", "0.9"])
-    assert b == DemoArgs(lr=0.1, amp_on=False, milestones=[3, 4, 5], resume="auto", limit=7, arch="resnet32",
-                         scale=(0.2, 0.9))
-    assert common.parse_args(DemoArgs, ["--amp-on", "--limit", "none"]).limit is None
+    a, filled = common.parse_args(DemoArgs, [], DEMO_DEFAULTS)
+    assert (a.lr, a.milestones, a.arch) == (0.5, [10, 20], "resnet32")
+    assert filled == {"lr": 0.5, "milestones": [10, 20], "arch": "resnet32"}
+    b, filled = common.parse_args(DemoArgs, ["--lr", "0.1", "--no-amp-on", "--milestones", "3", "4", "5",
+                                             "--resume", "auto", "--limit", "7", "--arch", "resnet18"],
+                                  DEMO_DEFAULTS)
+    assert (b.lr, b.amp_on, b.milestones, b.resume, b.limit, b.arch) == (0.1, False, [3, 4, 5], "auto", 7,
+                                                                         "resnet18")
+    assert filled == {}                                        # every flag given: the command line wins
+    c, filled = common.parse_args(DemoArgs, ["--dataset", "synthetic-lt", "--limit", "9"], DEMO_DEFAULTS)
+    assert (c.lr, c.milestones, c.arch) == (0.1, [9], "resnet18") and filled == {"lr": 0.1, "milestones": [9]}
+    assert common.parse_args(DemoArgs, ["--amp-on", "--limit", "none"])[0].limit is None
 
 
-def test_parse_args_errors_are_one_line(capsys):
-    for bad in (["--arch", "vgg"], ["--lr", "fast"], ["--bogus"]):
-        with pytest.raises(SystemExit) as e:
-            common.parse_args(DemoArgs, bad)
-        assert e.value.code == 2
-        last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert "error:" in last and bad[-1] in last
+def test_variant_label_and_paper_setting():
+    paper = {"cifar100-lt": {"lr": 0.5, "arch": "resnet32", "protocol": None}}
+    a = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt"], DEMO_DEFAULTS)[0]
+    assert common.variant_label(a, DEMO_DEFAULTS) == "default"
+    assert common.paper_setting(a, paper, "cifar100-lt")
+    assert not common.paper_setting(a, paper, "synthetic-lt")  # a dataset the paper does not name
+    for flags in (["--lr", "0.4"], ["--arch", "resnet18"], ["--protocol", "ldam"]):
+        b = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt", *flags], DEMO_DEFAULTS)[0]
+        assert not common.paper_setting(b, paper, "cifar100-lt")
+        assert common.variant_label(b, DEMO_DEFAULTS) == " ".join(flags).replace("0.4", "0.4")
+    c = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt", "--every", "2", "--seed", "3", "--device",
+                                     "cpu"], DEMO_DEFAULTS)[0]
+    assert common.variant_label(c, DEMO_DEFAULTS) == "default"
+    assert common.paper_setting(c, paper, "cifar100-lt")
+
+
+@pytest.mark.parametrize("bad", [["--arch", "vgg"], ["--lr", "fast"], ["--bogus"], ["--lr", "0"],
+                                 ["--lr", "nan"], ["--tau", "-1"], ["--ratio", "1"], ["--limit", "-1"],
+                                 ["--batch-size", "0"],
+                                 ["--milestones", "0"], ["--imb-ratio", "0.5"], ["--dataset", "mnist"]])
+def test_parse_args_errors_are_one_line(capsys, bad):
+    flag = bad[0]
+    with pytest.raises(SystemExit) as e:
+        common.parse_args(DemoArgs, bad, DEMO_DEFAULTS)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and flag in err
+
+
+def test_batch_size_is_checked_against_the_training_set():
+    a = common.parse_args(DemoArgs, ["--batch-size", "64"])[0]
+    common.check_args(a, train_size=64)
+    with pytest.raises(UserError, match="--batch-size 64 is impossible.*at most the 63 training images"):
+        common.check_args(a, train_size=63)
 
 
 def test_parse_args_help_shows_docs_and_defaults(capsys):
     with pytest.raises(SystemExit):
-        common.parse_args(DemoArgs, ["--help"])
+        common.parse_args(DemoArgs, ["--help"], DEMO_DEFAULTS)
     text = " ".join(capsys.readouterr().out.split())
     assert "Demo method: the description shown by --help." in text
-    assert "base LR (SDCLR code train_simCLR.py; 100% faithful) (default: 0.5)" in text
-    assert "--amp-on, --no-amp-on use autocast (ssl.md §0.5) (default: True)" in text
-    assert "probe LR milestones (D§5.1) (default: [10, 20])" in text
-    assert "{resnet18,resnet32}" in text and "INFERRED: optional step limit (default: None)" in text
+    assert "base LR (SDCLR code) (default: synthetic-lt: 0.1; others: 0.5; > 0)" in text
+    assert "--amp-on, --no-amp-on use autocast (default: True)" in text
+    assert "(default: cifar10-lt/cifar100-lt: resnet32; > 0)" not in text and "{resnet18,resnet32}" in text
+    assert "INFERRED: optional step limit (default: None; >= 0)" in text
+    assert text.index("method flags:") < text.index("runtime (shared by the four scripts):")
 
 
 def test_user_errors_and_fatal(capsys):
