@@ -1,27 +1,22 @@
-"""Long-tailed datasets, batched GPU augmentation and loaders shared by every method.
+"""Long-tailed datasets, batched on-device augmentation and loaders shared by the four methods.
 
-Spec: shared/specs/data-and-eval.md (cited as D§x) sections 0-3, 7, 8; recipes from ssl.md §1.4 and
-supervised.md §1.3, §1.4, §2.3.
-
-* Datasets (`load_dataset`): CIFAR-10/100-LT (`ldam` D§1.3 and `sdclr` D§1.4 conventions, or exact SDCLR
-  index files), ImageFolder trees (`folder`, e.g. the CIFAR-10 JPEG copy D§1.6), Tiny-ImageNet-LT (D§2),
-  list datasets (ImageNet-LT, Places-LT, iNaturalist 2018, ImageNet-100-LT; D§3) and a generated
-  `synthetic-lt` set for tests and offline demos.
-* Augmentation (D§7.2): every op works on a whole uint8/float batch on the batch's device and draws its
-  random parameters per image; the named recipes of the specs are in `augment`.
-* Loaders (D§7.1, D§7.3): small datasets stay on the device as one uint8 tensor (randperm / class-balanced /
-  sequential order); list datasets go through a DataLoader with worker processes.
-
-CLI: `python data.py --dataset cifar10-lt --stats` prints the class counts and saves a histogram;
-`python data.py --bench-augment` compares the batched augmentation with torchvision's per-image pipeline.
+`load_dataset` builds every `--dataset` (CIFAR-LT in the `ldam` or `sdclr` convention, folders, Tiny-ImageNet,
+list datasets, `synthetic-lt`); `augment` applies a named recipe to a whole batch on its device with random
+parameters per image; `make_loader` serves device-resident uint8 batches or decodes list datasets in workers.
+CLI: `python data.py --stats` (class counts, histogram), `python data.py --bench-augment`.
+User documentation: docs/data.md; comments cite its sections by name ("docs/data.md, Splits"). INFERRED
+marks a choice that no paper or official code fixes (docs/data.md, Inferred choices).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import math
 import os
 import pickle
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -29,33 +24,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError
+from common import UserError, epoch_seed
 
 DATASETS = ("cifar10-lt", "cifar100-lt", "folder", "synthetic-lt", "tiny-imagenet-lt",
             "imagenet-lt", "places-lt", "inat2018", "imagenet100-lt")
 
-MEAN_STD = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    # LDAM-DRW cifar_train.py values (D§1.3 step 5)
-    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-}
+MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}    # LDAM-DRW (Cao et al. 2019)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-# D§1.4: official SDCLR CIFAR-10 head -> tail class orders of splits 1..5
-SDCLR_C10_ORDERS = {
-    1: (6, 8, 4, 1, 7, 0, 3, 2, 5, 9),
-    2: (3, 9, 7, 4, 0, 1, 2, 6, 8, 5),
-    3: (0, 4, 2, 8, 5, 6, 7, 1, 9, 3),
-    4: (4, 7, 0, 6, 1, 9, 8, 3, 2, 5),
-    5: (2, 4, 8, 1, 0, 3, 9, 7, 6, 5),
-}
+# SDCLR (Jiang et al. 2021) official CIFAR-10 splits 1..5: class at each rank, head -> tail
+SDCLR_C10_ORDERS = {1: (6, 8, 4, 1, 7, 0, 3, 2, 5, 9), 2: (3, 9, 7, 4, 0, 1, 2, 6, 8, 5),
+                    3: (0, 4, 2, 8, 5, 6, 7, 1, 9, 3), 4: (4, 7, 0, 6, 1, 9, 8, 3, 2, 5),
+                    5: (2, 4, 8, 1, 0, 3, 9, 7, 6, 5)}
 
 
-# ------------------------------------------------------------------------------------------------
-# Dataset containers
-# ------------------------------------------------------------------------------------------------
-
+# --- Dataset containers -----------------------------------------------------------------------------------
 @dataclass
 class Split:
     """One set of images: uint8 tensor (tensor-resident datasets) or absolute file paths (list datasets)."""
@@ -70,7 +55,7 @@ class Split:
 
 @dataclass
 class LTDataset:
-    """A long-tailed dataset with its evaluation sets; see the contract in README / D§1.5."""
+    """A long-tailed train set with its evaluation sets (docs/data.md, Splits)."""
     name: str
     num_classes: int
     class_names: list[str]
@@ -80,28 +65,24 @@ class LTDataset:
     val: Split | None
     probe: Split | None
     fewshot: Split | None
-    class_counts: list[int]
-    class_rank: list[int]
-    lt_convention: str
-    image_source: str
+    class_counts: list[int]                 # train images per class, label order
+    class_rank: list[int]                   # 0 = head
+    lt_convention: str                      # ldam | sdclr | sdclr-npy | list | synthetic
+    image_source: str                       # canonical | folder | jpeg-copy | synthetic
     imb_ratio: float | None
     split: int | None
     tensor_resident: bool
-    notes: list[str] = field(default_factory=list)   # e.g. a list file whose hash differs from D§3
+    notes: list[str] = field(default_factory=list)   # e.g. a list file's hash differs from the published one
 
     def info(self) -> dict:
-        """JSON-able description stored in every run's config.json / results.json (D§6)."""
-        return {
-            "name": self.name, "lt_convention": self.lt_convention,
-            "imb_ratio": self.imb_ratio, "split": self.split, "n_train": len(self.train),
-            "class_counts": list(self.class_counts), "class_rank": list(self.class_rank),
-            "n_test": len(self.test),
-            "n_val": len(self.val) if self.val is not None else 0,
-            "n_probe": len(self.probe) if self.probe is not None else 0,
-            "n_fewshot": len(self.fewshot) if self.fewshot is not None else 0,
-            "class_names": list(self.class_names), "image_source": self.image_source,
-            "image_size": self.image_size, "num_classes": self.num_classes, "notes": list(self.notes),
-        }
+        """JSON-able description stored in every run's config.json and results.json."""
+        n = lambda s: len(s) if s is not None else 0  # noqa: E731
+        return {"name": self.name, "lt_convention": self.lt_convention, "imb_ratio": self.imb_ratio,
+                "split": self.split, "n_train": len(self.train), "class_counts": list(self.class_counts),
+                "class_rank": list(self.class_rank), "n_test": len(self.test), "n_val": n(self.val),
+                "n_probe": n(self.probe), "n_fewshot": n(self.fewshot), "class_names": list(self.class_names),
+                "image_source": self.image_source, "image_size": self.image_size,
+                "num_classes": self.num_classes, "notes": list(self.notes)}
 
 
 def describe(ds: LTDataset) -> str:
@@ -111,48 +92,47 @@ def describe(ds: LTDataset) -> str:
              f"{ds.num_classes} classes, {ds.image_size}px, source {ds.image_source}"]
     width = max(len(n) for n in ds.class_names) if ds.class_names else 5
     if ds.num_classes <= 20:
-        for c, (name, n) in enumerate(zip(ds.class_names, ds.class_counts)):
-            lines.append(f"  class {c:3d} {name:<{width}} {n:6d}  (rank {ds.class_rank[c]})")
+        lines += [f"  class {c:3d} {name:<{width}} {n:6d}  (rank {ds.class_rank[c]})"
+                  for c, (name, n) in enumerate(zip(ds.class_names, ds.class_counts))]
     else:
         order = sorted(range(ds.num_classes), key=lambda c: ds.class_rank[c])
         lines.append("  counts by rank (head -> tail): " + ", ".join(str(ds.class_counts[c]) for c in order))
     cc = ds.class_counts
-    lines.append(f"  train total {sum(cc):,} (max {max(cc)}, min {min(cc)}, ratio {max(cc) / max(min(cc), 1):.1f})")
-    for nm in ("test", "val", "probe", "fewshot"):
-        s = getattr(ds, nm)
-        lines.append(f"  {nm:8s} {len(s) if s is not None else 0:,}")
+    lines.append(f"  train total {sum(cc):,} (max {max(cc)}, min {min(cc)}, "
+                 f"ratio {max(cc) / max(min(cc), 1):.1f})")
+    info = ds.info()
+    lines += [f"  {nm:8s} {info['n_' + nm]:,}" for nm in ("test", "val", "probe", "fewshot")]
     lines += [f"  note: {n}" for n in ds.notes]
     return "\n".join(lines)
 
 
 def lt_counts(n_max: int, num_classes: int, imb_ratio: float) -> list[int]:
-    """D§1.1: n_r = int(n_max * (1/rho) ** (r / (C - 1))), float64 product, int() truncation (never round)."""
+    """Exponential profile of LDAM-DRW (Cao et al. 2019): n_r = int(n_max * (1/rho) ** (r / (C - 1))) for
+    rank r, a float64 product truncated by int() (never rounded: 5000 * 0.01 gives 50)."""
     if num_classes == 1:
         return [int(n_max)]
     return [int(n_max * (1.0 / imb_ratio) ** (r / (num_classes - 1.0))) for r in range(num_classes)]
 
 
+def _rank_of_order(order) -> list[int]:
+    """order[r] = class at rank r -> rank[c] (the inverse permutation)."""
+    return [int(r) for r in np.argsort(order)]
+
+
 def _rank_from_counts(counts) -> list[int]:
-    """Rank 0 = head: sort by descending count, ties by ascending class index (D§4.1 list datasets)."""
-    order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
-    rank = [0] * len(counts)
-    for r, c in enumerate(order):
-        rank[c] = r
-    return rank
+    """Rank 0 = head: descending count, ties by ascending class index."""
+    return _rank_of_order(sorted(range(len(counts)), key=lambda c: (-counts[c], c)))
 
 
 def _split_of(x, y, idx) -> Split:
     idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-    return Split(y=y[idx].clone(), x=x[idx] if x is not None else None)
+    return Split(y=y[idx].clone(), x=x[idx])
 
 
-# ------------------------------------------------------------------------------------------------
-# Long-tailed index generators (pure numpy, on a label array in canonical order)
-# ------------------------------------------------------------------------------------------------
-
+# --- Long-tailed index generators (numpy, on a label array in canonical order; docs/data.md, Splits) -----
 def ldam_indices(targets: np.ndarray, counts: list[int], seed: int = 0) -> np.ndarray:
-    """D§1.3 step 2: for c in label order, shuffle np.where(targets == c) with one RandomState(seed)
-    (== np.random.seed(0) + np.random.shuffle in LDAM-DRW) and keep the first counts[c]; class-stacked."""
+    """LDAM-DRW (Cao et al. 2019) `gen_imbalanced_data`: for c in label order, shuffle np.where(targets == c)
+    with one RandomState(seed) (as np.random.seed(0) there) and keep the first counts[c], class by class."""
     rs = np.random.RandomState(seed)
     out = []
     for c, n in enumerate(counts):
@@ -162,107 +142,43 @@ def ldam_indices(targets: np.ndarray, counts: list[int], seed: int = 0) -> np.nd
     return np.concatenate(out).astype(np.int64)
 
 
-def holdout_indices(targets: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """D§1.5 ldam-SSL / D§2 validation: per class the first `per_class` images met in a
-    RandomState(seed).permutation of the full train set (INFERRED)."""
-    perm = np.random.RandomState(seed).permutation(len(targets))
-    lab = targets[perm]
-    out = []
-    for c in range(int(targets.max()) + 1):
-        out.append(perm[lab == c][:per_class])
-    return np.sort(np.concatenate(out)).astype(np.int64)
-
-
-def fewshot_from_lt(lt_idx: np.ndarray, targets: np.ndarray, m: int) -> np.ndarray:
-    """First m members of each class in the LT set's (shuffled) order (D§1.5 ldam few-shot, D§2)."""
-    lab = targets[lt_idx]
-    return np.concatenate([lt_idx[lab == c][:m] for c in range(int(targets.max()) + 1)]).astype(np.int64)
-
-
-def sdclr_class_order(num_classes: int, split: int, seed: int = 0) -> list[int]:
-    """D§1.4 step 3: official CIFAR-10 orders; RandomState(seed + k).permutation(C) otherwise (INFERRED)."""
-    if num_classes == 10 and split in SDCLR_C10_ORDERS:
-        return list(SDCLR_C10_ORDERS[split])
-    return [int(c) for c in np.random.RandomState(seed + split).permutation(num_classes)]
-
-
-def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split: int, seed: int = 0,
-                  val_per_class: int | None = None, probe_per_class: int | None = None) -> dict:
-    """D§1.4 generator: returns dict of int64 index arrays val, probe, train (D_i), fewshot (S_b), balanced
-    (D_b), plus `order` (class at each rank) and `counts` (label order). Counts exact; membership INFERRED."""
+def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split: int, seed: int = 0) -> dict:
+    """The SDCLR (Jiang et al. 2021) split construction, regenerated. Returns int64 index arrays `val`,
+    `probe`, `train` (D_i), `fewshot` (S_b), `balanced` (D_b), plus `order` (class at each rank) and `counts`
+    (label order). Set sizes and counts equal SDCLR's files; image membership is INFERRED."""
     if split not in (1, 2, 3, 4, 5):
         raise UserError(f"--split must be 1..5 for the sdclr protocol (got {split})")
     per = int(np.bincount(targets, minlength=num_classes).min())
-    v = val_per_class if val_per_class is not None else per // 10          # 500 / 50 (D§1.4 step 1)
+    v = per // 10                                                          # val: 500 / 50 per class
     rs = np.random.RandomState(seed)
-    val, pools = [], []
-    for c in range(num_classes):
-        p = rs.permutation(np.where(targets == c)[0])
-        val.append(p[:v])
-        pools.append(p[v:])
+    perms = [rs.permutation(np.where(targets == c)[0]) for c in range(num_classes)]
+    val, pools = [p[:v] for p in perms], [p[v:] for p in perms]
     n_max = per - v                                                        # 4,500 / 450
-    if probe_per_class is None:                                            # step 2: CIFAR-100 keeps 400
-        probe_per_class = 400 if num_classes == 100 and n_max == 450 else n_max
-    k_probe = probe_per_class
-    probe = np.concatenate([p[:k_probe] for p in pools])
-    order = sdclr_class_order(num_classes, split, seed)
+    k_probe = 400 if num_classes == 100 and n_max == 450 else n_max        # SDCLR's CIFAR-100 probe keeps 400
+    order = (list(SDCLR_C10_ORDERS[split]) if num_classes == 10          # class at each rank (else INFERRED)
+             else [int(c) for c in np.random.RandomState(seed + split).permutation(num_classes)])
     prof = lt_counts(n_max, num_classes, imb_ratio)
-    counts = [0] * num_classes
-    for r, c in enumerate(order):
-        counts[c] = prof[r]
-    m = prof[-1]                                                           # 45 / 4 = n_min (step 5)
-    n_bal = sum(prof) // num_classes                                       # 1,116 / 97 (step 6)
+    counts = [prof[r] for r in _rank_of_order(order)]                     # label order
+    m, n_bal = prof[-1], sum(prof) // num_classes                          # 45 / 4 and 1,116 / 97
     rs2 = np.random.RandomState(seed + 10 * split)
-    train, few, bal = [], [], []
-    for c in range(num_classes):
-        sh = rs2.permutation(pools[c])
-        train.append(sh[:counts[c]])
-        few.append(sh[:m])
-        bal.append(sh[:n_bal])
+    sh = [rs2.permutation(p) for p in pools]                               # per-split shuffle of each pool
     cat = lambda a: np.concatenate(a).astype(np.int64)  # noqa: E731
-    return {"val": cat(val), "probe": cat([probe]), "train": cat(train), "fewshot": cat(few),
-            "balanced": cat(bal), "order": order, "counts": counts}
+    return {"val": cat(val), "probe": cat([p[:k_probe] for p in pools]), "order": order, "counts": counts,
+            "train": cat([s[:n] for s, n in zip(sh, counts)]), "fewshot": cat([s[:m] for s in sh]),
+            "balanced": cat([s[:n_bal] for s in sh])}
 
 
-def check_split_indices(idx: np.ndarray, n: int, what: str, path: str) -> np.ndarray:
-    """Validate a loaded index file: 1-D integers in [0, n) without duplicates (D§1.4 validation)."""
-    idx = np.asarray(idx)
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-        raise UserError(f"{path}: {what} must be a 1-D integer index array (got shape {idx.shape}, "
-                        f"dtype {idx.dtype}); pass an SDCLR split file such as split1_D_i.npy")
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise UserError(f"{path}: {what} index {int(idx.min() if idx.min() < 0 else idx.max())} is out of "
-                        f"range [0, {n}); the file must index the canonical {n}-image train array")
-    if np.unique(idx).size != idx.size:
-        raise UserError(f"{path}: {what} contains {idx.size - np.unique(idx).size} duplicate indices; "
-                        f"use an unmodified SDCLR split file")
-    return idx.astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------------------
-# synthetic-lt: class = texture (oriented grating / checker / rings), colour and phase random
-# ------------------------------------------------------------------------------------------------
-
-def _synthetic_class_table(num_classes: int):
-    """(kind, angle, frequency) per class; the first classes differ in kind and angle."""
-    table = []
-    angles = [i * math.pi / 8 for i in range(8)]
-    freqs = [2.0, 3.5, 5.0, 7.0]
-    for f in freqs:
-        for a_i in range(8):
-            for kind in range(3):
-                table.append((kind, angles[(a_i * 3 + kind * 5) % 8], f))
-    if num_classes > len(table):
-        raise UserError(f"synthetic-lt supports at most {len(table)} classes (got {num_classes})")
-    return table[:num_classes]
-
-
+# --- synthetic-lt: class = texture (oriented grating / checker / rings); colour and phase random ---------
 def synthetic_images(labels: torch.Tensor, num_classes: int, generator: torch.Generator,
                      size: int = 32) -> torch.Tensor:
     """uint8 (N,3,size,size) images of the given labels. Each class is a texture (kind, orientation,
     frequency); foreground/background colours, phase (position) jitter and pixel noise are random per image,
     so colour statistics carry no class information."""
-    table = torch.tensor(_synthetic_class_table(num_classes), dtype=torch.float32)
+    table = [(kind, (a * 3 + kind * 5) % 8 * math.pi / 8, f) for f in (2.0, 3.5, 5.0, 7.0)
+             for a in range(8) for kind in range(3)]           # (kind, angle, frequency) per class
+    if num_classes > len(table):
+        raise UserError(f"synthetic-lt supports at most {len(table)} classes (got {num_classes})")
+    table = torch.tensor(table[:num_classes], dtype=torch.float32)
     out = torch.empty(len(labels), 3, size, size, dtype=torch.uint8)
     coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
     yy, xx = torch.meshgrid(coord, coord, indexing="ij")
@@ -294,37 +210,27 @@ def _load_synthetic(num_classes, imb_ratio, seed, n_max, n_test) -> LTDataset:
     g = torch.Generator().manual_seed(seed)
     rho = 1.0 if imb_ratio is None else imb_ratio
     counts = lt_counts(n_max, num_classes, rho)
-
-    def balanced(n):
-        return torch.arange(num_classes).repeat_interleave(n)
-
-    pool_y = balanced(n_max)                       # balanced probe pool; the LT set is a subset of it
-    pool = Split(y=pool_y, x=synthetic_images(pool_y, num_classes, g))
+    balanced = lambda n: torch.arange(num_classes).repeat_interleave(n)  # noqa: E731
+    images = lambda y: Split(y=y, x=synthetic_images(y, num_classes, g))  # noqa: E731
+    pool = images(balanced(n_max))                 # balanced probe pool; the LT set is a subset of it
     lt = np.concatenate([np.arange(c * n_max, c * n_max + n) for c, n in enumerate(counts)])
-    train = _split_of(pool.x, pool.y, lt)
     few = np.concatenate([np.arange(c * n_max, c * n_max + counts[-1]) for c in range(num_classes)])
-    test_y, val_y = balanced(n_test), balanced(n_test)
-    test = Split(y=test_y, x=synthetic_images(test_y, num_classes, g))
-    val = Split(y=val_y, x=synthetic_images(val_y, num_classes, g))
+    test, val = images(balanced(n_test)), images(balanced(n_test))
     return LTDataset(
         name="synthetic-lt", num_classes=num_classes, class_names=[f"texture{c}" for c in range(num_classes)],
-        image_size=32, train=train, test=test, val=val, probe=pool, fewshot=_split_of(pool.x, pool.y, few),
-        class_counts=counts, class_rank=list(range(num_classes)), lt_convention="synthetic",
-        image_source="synthetic", imb_ratio=rho, split=None, tensor_resident=True)
+        image_size=32, train=_split_of(pool.x, pool.y, lt), test=test, val=val, probe=pool,
+        fewshot=_split_of(pool.x, pool.y, few), class_counts=counts, class_rank=list(range(num_classes)),
+        lt_convention="synthetic", image_source="synthetic", imb_ratio=rho, split=None, tensor_resident=True)
 
-
-# ------------------------------------------------------------------------------------------------
-# load_dataset
-# ------------------------------------------------------------------------------------------------
 
 def load_dataset(name, data_dir="./data", imb_ratio=100.0, protocol="ldam", split=1, split_file=None,
                  seed=0, num_classes=10, download=True, *, synthetic_n_max=500, synthetic_n_test=100,
                  sdclr_split_dir=None) -> LTDataset:
-    """Build dataset `name` (one of DATASETS). Raises common.UserError (one line) on bad input.
+    """Build dataset `name` (one of DATASETS); bad input raises common.UserError with a one-line message.
 
-    imb_ratio: rho of D§1.1 (None: the tree / lists as they are). protocol: "ldam" (D§1.3) or "sdclr" (D§1.4)
-    for CIFAR, folder and Tiny. split: SDCLR split k. split_file: exact D_i index file (`sdclr-npy`);
-    sdclr_split_dir: a folder with the SDCLR split files (D§1.4 table). seed: data seed (0 reproduces LDAM).
+    imb_ratio: rho = n_max / n_min (None: the tree or lists as they are). protocol: "ldam" or "sdclr" for
+    CIFAR and folder trees (docs/data.md, CIFAR-LT conventions). split: SDCLR split 1..5. split_file,
+    sdclr_split_dir: docs/data.md, SDCLR index files. seed: data seed (0 reproduces LDAM-DRW).
     num_classes, synthetic_n_max, synthetic_n_test: synthetic-lt only."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; valid names: {', '.join(DATASETS)}")
@@ -335,8 +241,9 @@ def load_dataset(name, data_dir="./data", imb_ratio=100.0, protocol="ldam", spli
     if name == "synthetic-lt":
         return _load_synthetic(num_classes, imb_ratio, seed, synthetic_n_max, synthetic_n_test)
     if name in ("cifar10-lt", "cifar100-lt"):
-        return _load_cifar(name, data_dir, imb_ratio, protocol, split, split_file, sdclr_split_dir, seed,
-                           download)
+        x_tr, t_tr, x_te, t_te, classes = read_cifar(name, data_dir, download)
+        return _build_lt(name, x_tr, t_tr, x_te, t_te, classes, imb_ratio, protocol, split, seed, "canonical",
+                         split_file, sdclr_split_dir)
     if name == "folder":
         return _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed)
     if name == "tiny-imagenet-lt":
@@ -344,11 +251,9 @@ def load_dataset(name, data_dir="./data", imb_ratio=100.0, protocol="ldam", spli
     return _load_list_dataset(name, data_dir)
 
 
-# ------------------------------------------------------------------------------------------------
-# Augmentation (D§7.2). Inputs uint8 (N,3,H,W) or float in [0,1]; outputs float32. Random parameters are
-# drawn per image with `generator` (a torch.Generator on the batch's device) when given.
-# ------------------------------------------------------------------------------------------------
-
+# --- Augmentation (docs/data.md, Augmentation) ------------------------------------------------------------
+# Inputs uint8 (N,3,H,W) or float in [0,1]; outputs float32. Random parameters are drawn per image with
+# `generator` (a torch.Generator on the batch's device) when given.
 def _float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
@@ -360,41 +265,31 @@ def _rand(n, x, generator, *shape):
 def rrc_params(n, height, width, scale, ratio, generator=None, device=None):
     """torchvision RandomResizedCrop.get_params, vectorised: 10 (area, log-ratio) draws per image, first
     valid one, else the centre-crop fallback. Returns float (n,4) boxes (top, left, h, w), integer valued."""
-    area = height * width
     s = torch.rand(n, 10, device=device, generator=generator) * (scale[1] - scale[0]) + scale[0]
     lr = torch.rand(n, 10, device=device, generator=generator) * (math.log(ratio[1]) - math.log(ratio[0])) \
         + math.log(ratio[0])
-    ar = torch.exp(lr)
-    target = area * s
-    w = torch.round(torch.sqrt(target * ar))
-    h = torch.round(torch.sqrt(target / ar))
+    ar, target = torch.exp(lr), height * width * s
+    w, h = torch.round(torch.sqrt(target * ar)), torch.round(torch.sqrt(target / ar))
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.argmax(ok.int(), dim=1, keepdim=True)                 # first valid try
-    any_ok = ok.any(1)
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
     u = torch.rand(n, 2, device=device, generator=generator)
     top = torch.floor(u[:, 0] * (height - h + 1))
     left = torch.floor(u[:, 1] * (width - w + 1))
-    # centre-crop fallback (torchvision semantics)
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fh, fw = height, int(round(height * max(ratio)))
-    else:
-        fw, fh = width, height
+    in_ratio, lo, hi = width / height, min(ratio), max(ratio)          # centre-crop fallback
+    fw = width if in_ratio <= hi else int(round(height * hi))
+    fh = height if in_ratio >= lo else int(round(width / lo))
     fb = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float32, device=device)
     box = torch.stack([top, left, h, w], 1)
-    return torch.where(any_ok[:, None], box, fb.expand(n, 4))
+    return torch.where(ok.any(1)[:, None], box, fb.expand(n, 4))
 
 
 def resized_crop(x, boxes, size):
-    """Crop boxes (top, left, h, w) (float, per image) and resize to size x size, bilinear, as
-    interpolate(align_corners=False) on each crop (== torchvision resized_crop, antialias=False): sample
-    coordinates are clamped to the crop, then read with grid_sample (bilinear, align_corners=False)."""
+    """Crop boxes (top, left, h, w) (float, per image) and resize to size x size, bilinear; equal to
+    torchvision's resized_crop(antialias=False) on each crop: sample coordinates are clamped to the crop,
+    then read with grid_sample (bilinear, align_corners=False)."""
     x = _float(x)
-    n, _, H, W = x.shape
+    H, W = x.shape[-2:]
     size = (size, size) if isinstance(size, int) else tuple(size)
     top, left, h, w = [b[:, None] for b in boxes.float().unbind(1)]
     j = torch.arange(size[1], device=x.device, dtype=torch.float32)[None] + 0.5
@@ -410,23 +305,22 @@ def resized_crop(x, boxes, size):
 
 
 def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
-    """RandomResizedCrop with per-image parameters; bilinear instead of bicubic (D§7.2, INFERRED)."""
+    """RandomResizedCrop with per-image parameters; bilinear instead of bicubic (INFERRED)."""
     n, _, H, W = x.shape
     return resized_crop(x, rrc_params(n, H, W, scale, ratio, generator, x.device), size)
 
 
 def crop(x, top, left, size):
     """Per-image integer crop: top/left int64 (N,) tensors, output (N,3,size,size), input dtype kept."""
-    n = x.shape[0]
     ar = torch.arange(size, device=x.device)
     rows = (top[:, None] + ar)[:, :, None]                                  # (N,S,1)
     cols = (left[:, None] + ar)[:, None, :]                                 # (N,1,S)
-    nidx = torch.arange(n, device=x.device)[:, None, None]
+    nidx = torch.arange(x.shape[0], device=x.device)[:, None, None]
     return x.permute(0, 2, 3, 1)[nidx, rows, cols].permute(0, 3, 1, 2)
 
 
 def random_crop(x, size, padding=0, generator=None):
-    """RandomCrop(size, padding): zero padding, per-image integer offsets, gather (D§7.2)."""
+    """RandomCrop(size, padding): zero padding, per-image integer offsets, gather."""
     if padding:
         x = F.pad(x, (padding,) * 4)
     n, _, H, W = x.shape
@@ -466,8 +360,8 @@ def adjust_saturation(x, f):
 
 
 def _rgb_to_hsv(x):
-    """RGB -> (h, s, v) in fp32 with torchvision's conventions (ties: R before G before B; grey pixels h = s = 0)."""
-    maxc, arg = x.max(1)                                   # first maximal channel on ties, like torchvision's masks
+    """RGB -> (h, s, v) in fp32, torchvision's conventions (ties: R before G before B; grey: h = s = 0)."""
+    maxc, arg = x.max(1)                                   # first maximal channel on ties, like torchvision
     minc = x.amin(1)
     cr = maxc - minc
     s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
@@ -478,14 +372,12 @@ def _rgb_to_hsv(x):
 
 
 def _hsv_to_rgb(h, s, v):
-    """Closed form of the sector table: channel_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6 for
-    n = 5, 3, 1 (R, G, B); equal to torchvision's gather-based _hsv_to_rgb without (3,N,H,W) index tensors."""
-    h6 = (h * 6).unsqueeze(1)
+    """Closed form of the sector table: channel_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    for n = 5, 3, 1 (R, G, B); equals torchvision's gather-based version without (3,N,H,W) index tensors."""
     n = torch.tensor([5.0, 3.0, 1.0], device=h.device).view(1, 3, 1, 1)
-    k = torch.remainder(n + h6, 6.0)
+    k = torch.remainder(n + (h * 6).unsqueeze(1), 6.0)
     a = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    vs = (v * s).unsqueeze(1)
-    return (v.unsqueeze(1) - vs * a).clamp_(0.0, 1.0)
+    return (v.unsqueeze(1) - (v * s).unsqueeze(1) * a).clamp_(0.0, 1.0)
 
 
 def adjust_hue(x, f):
@@ -495,30 +387,19 @@ def adjust_hue(x, f):
     return _hsv_to_rgb(h, s, v)
 
 
-def _factor(n, x, generator, amount, centre=1.0):
-    lo, hi = (max(0.0, centre - amount), centre + amount) if centre == 1.0 else (-amount, amount)
-    return _rand(n, x, generator) * (hi - lo) + lo
-
-
 def color_jitter(x, brightness, contrast, saturation, hue, p=1.0, generator=None):
-    """ColorJitter(b, c, s, h) applied with probability p per image; per-image factors; fixed order
-    brightness -> contrast -> saturation -> hue (D§7.2; torchvision randomises the order)."""
+    """ColorJitter(b, c, s, h) with probability p per image and per-image factors, in the fixed order
+    brightness -> contrast -> saturation -> hue (INFERRED; torchvision randomises the order)."""
     x = _float(x)
     n = x.shape[0]
     apply = _rand(n, x, generator) < p
-    fb = _factor(n, x, generator, brightness)
-    fc = _factor(n, x, generator, contrast)
-    fs = _factor(n, x, generator, saturation)
-    fh = _factor(n, x, generator, hue, centre=0.0)
+    ranges = [(max(0.0, 1.0 - a), 1.0 + a) for a in (brightness, contrast, saturation)] + [(-hue, hue)]
+    f = [_rand(n, x, generator) * (hi - lo) + lo for lo, hi in ranges]
     y = x
-    if brightness:
-        y = adjust_brightness(y, fb)
-    if contrast:
-        y = adjust_contrast(y, fc)
-    if saturation:
-        y = adjust_saturation(y, fs)
-    if hue:
-        y = adjust_hue(y, fh)
+    for amount, op, fac in zip((brightness, contrast, saturation, hue),
+                               (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue), f):
+        if amount:
+            y = op(y, fac)
     return torch.where(apply[:, None, None, None], y, x)
 
 
@@ -536,8 +417,7 @@ def blur(x, sigma, kernel_size):
     half = (kernel_size - 1) * 0.5
     t = torch.linspace(-half, half, kernel_size, device=x.device)
     k = torch.exp(-0.5 * (t[None] / sigma.float().view(-1, 1)) ** 2)
-    k = k / k.sum(1, keepdim=True)                                          # (N,K)
-    k = k.repeat_interleave(c, 0)                                           # (N*C,K)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)               # (N*C,K)
     pad = kernel_size // 2
     y = F.pad(x.reshape(1, n * c, H, W), (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, k[:, None, None, :], groups=n * c)
@@ -546,8 +426,8 @@ def blur(x, sigma, kernel_size):
 
 
 def gaussian_blur(x, sigma=(0.1, 2.0), p=0.5, kernel_size=None, generator=None):
-    """GaussianBlur with probability p and sigma ~ U(sigma) per image. Kernel size defaults to the odd number
-    near 10 % of the image side (23 at 224 px, D§7.2 INFERRED; 3 at 32 px)."""
+    """GaussianBlur with probability p and sigma ~ U(sigma) per image. Kernel size: by default the odd
+    number near 10 % of the image side (INFERRED; 23 at 224 px, 3 at 32 px)."""
     x = _float(x)
     n, _, H, W = x.shape
     if kernel_size is None:
@@ -559,23 +439,15 @@ def gaussian_blur(x, sigma=(0.1, 2.0), p=0.5, kernel_size=None, generator=None):
 
 
 def normalize(x, mean, std):
-    x = _float(x)
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - m) / s
-
-
-def center_crop(x, size):
-    H, W = x.shape[-2:]
-    t, l = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
-    return x[..., t:t + size, l:l + size]
+    m, s = (torch.tensor(v, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+    return (_float(x) - m) / s
 
 
 def sample_boxes(n, num_boxes, height, width, scale=(0.05, 0.6), ratio=(3 / 4, 4 / 3), generator=None,
                  device=None):
-    """DSCL patch boxes (supervised.md §1.3 step 3): area fraction ~ U(scale), log-ratio uniform,
-    w/h rounded, top-left uniform, 10 tries then centre fallback. Returns (n, num_boxes, 4) float
-    (x1, y1, x2, y2) in pixel coordinates (x2 = x1 + w), inside the image."""
+    """DSCL (Xuan & Zhang 2024) patch boxes: area fraction ~ U(scale), log-ratio uniform, w/h rounded,
+    top-left uniform, 10 tries then the centre fallback (as rrc_params). Returns (n, num_boxes, 4) float
+    (x1, y1, x2, y2) pixel coordinates inside the image (x2 = x1 + w)."""
     b = rrc_params(n * num_boxes, height, width, scale, ratio, generator, device)
     top, left, h, w = b.unbind(1)
     return torch.stack([left, top, left + w, top + h], 1).view(n, num_boxes, 4)
@@ -591,46 +463,37 @@ def crop_boxes(x, boxes, size):
     return resized_crop(xi, tlhw, size)
 
 
-# Recipes ---------------------------------------------------------------------------------------
-
-RECIPES = ("simclr_cifar", "mocov2_imagenet", "crop_flip_cifar", "crop_flip_imagenet",
-           "dscl_query_cifar", "dscl_key_cifar", "dscl_patch_cifar", "dscl_query_color_cifar",
-           "dscl_query", "dscl_key", "dscl_patch", "dscl_query_color",
-           "hybrid_base", "hybrid_jitter", "test_cifar", "test_imagenet")
+RECIPES = ("simclr_cifar", "mocov2_imagenet", "crop_flip_cifar", "crop_flip_imagenet", "dscl_query_color",
+           "dscl_query_color_cifar", "dscl_patch", "dscl_patch_cifar", "hybrid_base", "hybrid_jitter",
+           "test_cifar", "test_imagenet")
 
 
 def augment(x, recipe: str, generator=None, image_size=None):
     """Apply a named recipe to a uint8/float batch on its device; returns normalised float32 (N,3,S,S).
 
-    S = image_size (default: the input side). Recipes:
-      simclr_cifar      RRC(S, (0.1,1)), flip, jitter(.4,.4,.4,.1) p.8, gray .2, ImageNet stats (ssl.md §1.4)
-      mocov2_imagenet   RRC(S=224, (0.08,1)), flip, jitter p.8, gray .2, blur p.5, ImageNet stats (ssl.md §1.4)
-      crop_flip_cifar   RandomCrop(S, pad S//8) + flip, LDAM CIFAR stats (D§1.3, D§5.1)
-      crop_flip_imagenet  same with ImageNet stats; when the input is larger than S (list datasets):
-                        RRC(S) + flip (D§5.1 ImageNet probe)
-      dscl_query[_cifar]  RRC (0.08,1) at 224 / (0.2,1) at 32, flip, jitter p.8, gray .2, blur p.5 (ImageNet
-                        only) -- supervised.md §1.3 / §1.4
-      dscl_query_color[_cifar]  only the query's photometric part + normalise, for a batch that dscl.py
-                        already cropped and flipped (patch boxes must live in the flipped view)
-      dscl_key[_cifar]  RRC, jitter(.4,.4,.4,0) p1, flip, normalise
-      dscl_patch[_cifar]  for patches already cut by crop_boxes: flip, jitter p.8, gray .2, blur p.5
-                        (ImageNet only), normalise
-      hybrid_base       RandomCrop(32, pad 4), flip, gray .2, LDAM CIFAR stats (supervised.md §2.3)
-      hybrid_jitter     hybrid_base + jitter(.4,.4,.4,.1) p.8 before the grayscale
-      test_cifar / test_imagenet  normalisation only (LDAM CIFAR / ImageNet stats), centre crop to S if larger
-    DSCL CIFAR recipes use the LDAM CIFAR stats (D§7.2)."""
+    S = image_size (default: the input side). jitter = ColorJitter(.4, .4, .4, .1) p .8, gray =
+    RandomGrayscale(.2), blur = GaussianBlur(sigma 0.1-2) p .5, RRC = RandomResizedCrop; "CIFAR stats" are
+    LDAM-DRW's CIFAR mean/std. Sources: docs/data.md, Augmentation recipes.
+      simclr_cifar      RRC(S, scale (0.1, 1)), flip, jitter, gray; ImageNet stats (SDCLR / SimCLR)
+      mocov2_imagenet   RRC(S or 224, (0.08, 1)), flip, jitter, gray, blur; ImageNet stats (MoCo v2)
+      crop_flip_cifar   RandomCrop(S, pad S//8), flip; CIFAR stats. crop_flip_imagenet: ImageNet stats, and
+                        RRC(S, (0.08, 1)) instead of the crop when the input is larger than S
+      dscl_query_color[_cifar]  jitter, gray, blur (not _cifar); ImageNet (CIFAR) stats: the photometric
+                        half of the DSCL query, for a batch dscl.py already cropped and flipped
+      dscl_patch[_cifar]  flip, then as dscl_query_color[_cifar], for patches cut by crop_boxes
+      hybrid_base       RandomCrop(S, pad 4 at 32 px, else S//8), flip, gray; CIFAR stats (Hybrid)
+      hybrid_jitter     hybrid_base with jitter before the grayscale
+      test_cifar / test_imagenet  centre crop to S if larger; normalisation only"""
     g = generator
     S = image_size or x.shape[-1]
     jit = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
     inet, cif = MEAN_STD["imagenet"], MEAN_STD["cifar"]
-    if recipe == "simclr_cifar":
-        y = random_hflip(random_resized_crop(x, S, (0.1, 1.0), generator=g), generator=g)
-        y = random_grayscale(color_jitter(y, **jit, p=0.8, generator=g), 0.2, g)
-        return normalize(y, *inet)
-    if recipe == "mocov2_imagenet":
-        y = random_hflip(random_resized_crop(x, image_size or 224, (0.08, 1.0), generator=g), generator=g)
-        y = random_grayscale(color_jitter(y, **jit, p=0.8, generator=g), 0.2, g)
-        return normalize(gaussian_blur(y, (0.1, 2.0), 0.5, generator=g), *inet)
+    if recipe in ("simclr_cifar", "mocov2_imagenet"):
+        moco = recipe == "mocov2_imagenet"
+        size, scale = (image_size or 224, (0.08, 1.0)) if moco else (S, (0.1, 1.0))
+        y = random_resized_crop(x, size, scale, generator=g)
+        y = random_grayscale(color_jitter(random_hflip(y, generator=g), **jit, p=0.8, generator=g), 0.2, g)
+        return normalize(gaussian_blur(y, (0.1, 2.0), 0.5, generator=g) if moco else y, *inet)
     if recipe in ("crop_flip_cifar", "crop_flip_imagenet"):
         stats = cif if recipe == "crop_flip_cifar" else inet
         if x.shape[-1] > S:
@@ -638,20 +501,11 @@ def augment(x, recipe: str, generator=None, image_size=None):
         else:
             y = random_crop(x, S, S // 8, g)
         return normalize(random_hflip(y, generator=g), *stats)
-    if recipe in ("dscl_query", "dscl_query_cifar", "dscl_key", "dscl_key_cifar"):
-        is_c = recipe.endswith("_cifar")
-        y = random_resized_crop(x, S if is_c else (image_size or 224), (0.2, 1.0) if is_c else (0.08, 1.0),
-                                generator=g)
-        if recipe.startswith("dscl_key"):
-            y = color_jitter(y, 0.4, 0.4, 0.4, 0.0, p=1.0, generator=g)
-            return normalize(random_hflip(y, generator=g), *(cif if is_c else inet))
-        return augment(random_hflip(y, generator=g), "dscl_query_color" + ("_cifar" if is_c else ""), g)
     if recipe in ("dscl_query_color", "dscl_query_color_cifar", "dscl_patch", "dscl_patch_cifar"):
         is_c = recipe.endswith("_cifar")
         y = random_hflip(x, generator=g) if recipe.startswith("dscl_patch") else _float(x)
         y = random_grayscale(color_jitter(y, **jit, p=0.8, generator=g), 0.2, g)
-        if not is_c:
-            y = gaussian_blur(y, (0.1, 2.0), 0.5, generator=g)
+        y = y if is_c else gaussian_blur(y, (0.1, 2.0), 0.5, generator=g)
         return normalize(y, *(cif if is_c else inet))
     if recipe in ("hybrid_base", "hybrid_jitter"):
         y = random_hflip(random_crop(x, S, 4 if S == 32 else S // 8, g), generator=g)
@@ -659,24 +513,20 @@ def augment(x, recipe: str, generator=None, image_size=None):
             y = color_jitter(y, **jit, p=0.8, generator=g)
         return normalize(random_grayscale(y, 0.2, g), *cif)
     if recipe in ("test_cifar", "test_imagenet"):
-        y = center_crop(x, S) if x.shape[-1] > S else x
+        top, left = int(round((x.shape[-2] - S) / 2.0)), int(round((x.shape[-1] - S) / 2.0))   # centre crop
+        y = x[..., top:top + S, left:left + S] if x.shape[-1] > S else x
         return normalize(y, *(cif if recipe == "test_cifar" else inet))
     raise UserError(f"unknown augmentation recipe '{recipe}'; valid recipes: {', '.join(RECIPES)}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Loaders (D§7.1, D§7.3)
-# ------------------------------------------------------------------------------------------------
-
-def _epoch_generator(device, seed, epoch):
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + epoch * 7_919 + 12_345) % (2 ** 63))
-    return g
+# --- Loaders and the class-balanced sampler (docs/data.md, Loaders and samplers) -------------------------
+def _epoch_generator(device, seed, epoch, stream=0):
+    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, stream + 1) % (2 ** 63))
 
 
 def balanced_indices(y: torch.Tensor, n: int, generator=None) -> torch.Tensor:
-    """Class-balanced sampling with replacement (D§7.3): a class uniformly among the classes present, then
-    an image of that class uniformly; returns n indices into y (on y's device)."""
+    """Class-balanced sampling with replacement (Kang et al. 2020): a class uniformly among the classes
+    present, then an image of that class uniformly; returns n indices into y (on y's device)."""
     counts = torch.bincount(y)
     classes = torch.nonzero(counts).squeeze(1)
     order = torch.argsort(y, stable=True)
@@ -690,12 +540,9 @@ def balanced_indices(y: torch.Tensor, n: int, generator=None) -> torch.Tensor:
 class Loader:
     """Batches of (x uint8 (B,3,H,W), y int64 (B,), idx int64 (B,)), all on `device`; idx indexes the split.
 
-    Tensor-resident splits are copied to the device once and batches are cut with index_select (no host
-    work per step). List datasets use a torch DataLoader whose workers decode with PIL + torchvision v2:
-    train (shuffle=True): Resize(256) + CenterCrop(256) uint8 -- the GPU recipe then applies its
-    RandomResizedCrop(224) to that (documented deviation from a per-image RRC on the full image);
-    eval (shuffle=False): Resize(256) + CenterCrop(224) uint8. Pinned memory, non_blocking copies.
-    The order is a function of (seed, epoch): set_epoch(e) picks it; without it each pass advances the epoch."""
+    Tensor-resident splits are copied to the device once; batches are cut with index_select. List datasets
+    use DataLoader workers that decode to uint8 Resize(256) + CenterCrop(256) for training (the recipe then
+    takes its RandomResizedCrop(224) from that square; INFERRED) or CenterCrop(224) for evaluation."""
 
     def __init__(self, split: Split, batch_size, device, shuffle=True, drop_last=True, sampler="random",
                  seed=0, workers=8, image_size=224):
@@ -705,7 +552,7 @@ class Loader:
             raise UserError("the split has neither images nor files")
         self.split, self.batch_size, self.device = split, int(batch_size), torch.device(device)
         self.sampler = sampler if (shuffle or sampler == "balanced") else "sequential"
-        self.drop_last, self.seed, self.epoch = drop_last, seed, 0
+        self.drop_last, self.seed, self.epoch, self.stream = drop_last, seed, 0, 0
         self.workers, self.image_size, self.shuffle = workers, image_size, shuffle
         if split.x is not None:
             key = str(self.device)
@@ -718,14 +565,16 @@ class Loader:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def set_epoch(self, epoch: int):
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, stream: int = 0):
+        """The order of the next pass: a function of (seed, epoch, stream); stream > 0 gives more batches
+        within one epoch when a second loader runs out first."""
+        self.epoch, self.stream = int(epoch), int(stream)
 
     def _order(self, epoch):
         n = len(self.split)
         if self.sampler == "sequential":
             return torch.arange(n, device=self.device)
-        g = _epoch_generator(self.device, self.seed, epoch)
+        g = _epoch_generator(self.device, self.seed, epoch, self.stream)
         if self.sampler == "random":
             return torch.randperm(n, device=self.device, generator=g)
         y = self.y if self.split.x is not None else self.split.y.to(self.device)
@@ -749,9 +598,8 @@ class Loader:
             ds, batch_size=self.batch_size, sampler=order.cpu().tolist(), num_workers=self.workers,
             drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if self.workers > 0 else None)
-        for x, y, idx in dl:
-            yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
-                   idx.to(self.device, non_blocking=True))
+        for batch in dl:
+            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
 
 class _FileDataset(torch.utils.data.Dataset):
@@ -774,145 +622,119 @@ class _FileDataset(torch.utils.data.Dataset):
         return img, self.y[i], i
 
 
-def make_loader(split: Split, batch_size: int, device, *, shuffle=True, drop_last=True, sampler: str = "random",
+def make_loader(split: Split, batch_size: int, device, *, shuffle=True, drop_last=True, sampler="random",
                 seed: int = 0, workers: int = 8, image_size: int = 224) -> Loader:
-    """See Loader. sampler: "random" (device randperm), "balanced" (D§7.3, len(split) draws with
-    replacement) or "sequential"; shuffle=False with "random" means sequential (evaluation)."""
+    """See Loader. sampler: "random" (device randperm), "balanced" (len(split) draws with replacement, see
+    balanced_indices) or "sequential"; shuffle=False with "random" means sequential (evaluation)."""
     return Loader(split, batch_size, device, shuffle, drop_last, sampler, seed, workers, image_size)
 
 
-
-# ------------------------------------------------------------------------------------------------
-# Building an LTDataset from canonical uint8 arrays (CIFAR pickles, folder trees, Tiny-ImageNet)
-# ------------------------------------------------------------------------------------------------
-
-def _find_named(root: str, names: list[str]) -> str | None:
-    """Path of the first file under `root` (recursive) whose name is in `names`, or None."""
-    for dirpath, _, files in sorted(os.walk(root)):
-        for nm in names:
-            if nm in files:
-                return os.path.join(dirpath, nm)
-    return None
-
-
-def _sdclr_files(num_classes, split, split_file, split_dir):
-    """Locate SDCLR index files (D§1.4 table) by their standard names. split_file is D_i; the other roles
-    are looked up next to it (its folder's parent) or under split_dir."""
-    pre = "cifar100_" if num_classes == 100 else ""
-    root = split_dir or os.path.dirname(os.path.dirname(os.path.abspath(split_file)))
+# --- Building an LTDataset from canonical uint8 arrays (CIFAR pickles, small folder trees, Tiny-ImageNet) ---
+def _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir):
+    """Load SDCLR's index files (docs/data.md, SDCLR index files), found by their standard names: split_file
+    is D_i; the other roles are looked up under split_dir or next to split_file (its folder's parent).
+    Checks that D_i follows the rho profile, misses the validation list and contains S_b."""
+    pre = "cifar100_" if C == 100 else ""
     if split_dir is not None and not os.path.isdir(split_dir):
         raise UserError(f"--sdclr-split-dir {split_dir} does not exist; point it at SDCLR's split/ folder "
                         f"(github.com/VITA-Group/SDCLR)")
-    found = {
-        "train": split_file or _find_named(root, [f"{pre}split{split}_D_i.npy"]),
-        "fewshot": _find_named(root, [f"{pre}split{split}_S_b.npy"]),
-        "val": _find_named(root, [f"{pre}valIdxList.npy"]),
-        "probe": _find_named(root, [f"{pre}trainIdxList.npy"]),
-    }
-    if found["train"] is None:
-        raise UserError(f"no {pre}split{split}_D_i.npy under {root}; pass --split-file PATH or an SDCLR split/ "
-                        f"folder with --sdclr-split-dir")
-    return found
-
-
-def _load_index_file(path, n, what):
-    if not os.path.isfile(path):
-        raise UserError(f"split file {path} not found; give the path of an SDCLR index file such as "
-                        f"split1_D_i.npy")
-    try:
-        idx = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UserError(f"split file {path} is not a readable .npy index array ({type(e).__name__}: {e})")
-    return check_split_indices(idx, n, what, path)
+    root = split_dir or os.path.dirname(os.path.dirname(os.path.abspath(split_file)))
+    walk = sorted(os.walk(root))
+    find = lambda nm: next((os.path.join(d, nm) for d, _, fs in walk if nm in fs), None)  # noqa: E731
+    files = {"train": split_file or find(f"{pre}split{split}_D_i.npy"),
+             "fewshot": find(f"{pre}split{split}_S_b.npy"), "val": find(f"{pre}valIdxList.npy"),
+             "probe": find(f"{pre}trainIdxList.npy")}
+    if files["train"] is None:
+        raise UserError(f"no {pre}split{split}_D_i.npy under {root}; pass --split-file PATH or an SDCLR "
+                        f"split/ folder with --sdclr-split-dir")
+    sets, n = dict.fromkeys(files), len(t_tr)
+    for k, path in [(k, p) for k, p in files.items() if p is not None]:
+        if not os.path.isfile(path):
+            raise UserError(f"split file {path} not found; give the path of an SDCLR index file such as "
+                            f"split1_D_i.npy")
+        try:
+            idx = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+            raise UserError(f"split file {path} is not a readable .npy index array ({type(e).__name__}: {e})")
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise UserError(f"{path}: {k} must be a 1-D integer index array (got shape {idx.shape}, "
+                            f"dtype {idx.dtype}); pass an SDCLR split file such as split1_D_i.npy")
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise UserError(f"{path}: {k} index {int(idx.min() if idx.min() < 0 else idx.max())} is out of "
+                            f"range [0, {n}); the file must index the canonical {n}-image train array")
+        if np.unique(idx).size != idx.size:
+            raise UserError(f"{path}: {k} contains {idx.size - np.unique(idx).size} duplicate indices; "
+                            f"use an unmodified SDCLR split file")
+        sets[k] = idx.astype(np.int64)
+    tr = sets["train"]
+    counts = np.bincount(t_tr[tr], minlength=C).tolist()
+    per = int(np.bincount(t_tr, minlength=C).min())
+    prof = lt_counts(per - per // 10, C, imb_ratio)
+    if sorted(counts, reverse=True) != prof:
+        raise UserError(f"{files['train']}: per-class counts {sorted(counts, reverse=True)} differ from the "
+                        f"rho={imb_ratio:g} profile {prof}; check --imb-ratio or the file")
+    if sets["val"] is not None and np.intersect1d(tr, sets["val"]).size:
+        raise UserError(f"{files['train']} overlaps the validation list {files['val']}; use matching "
+                        f"SDCLR files")
+    if sets["fewshot"] is not None and np.setdiff1d(sets["fewshot"], tr).size:
+        raise UserError(f"{files['fewshot']} is not a subset of {files['train']}; use the S_b file of the "
+                        f"same split")
+    return sets, counts
 
 
 def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split, seed, image_source,
               split_file=None, split_dir=None) -> LTDataset:
-    """Apply the ldam (D§1.3) / sdclr (D§1.4) generators or SDCLR index files to canonical arrays and
-    attach the probe / validation / few-shot sets of D§1.5 (and D§2 for Tiny)."""
+    """Apply the ldam / sdclr generators or SDCLR's index files to canonical arrays and attach the
+    validation, probe and few-shot sets (docs/data.md, CIFAR-LT conventions and Splits)."""
     C = len(classes)
     t_tr = np.asarray(t_tr, dtype=np.int64)
     y_tr = torch.from_numpy(t_tr)
-    y_te = torch.as_tensor(np.asarray(y_te, dtype=np.int64))
-    test = Split(y=y_te, x=x_te)
-    per = int(np.bincount(t_tr, minlength=C).min())
-    common = dict(name=name, num_classes=C, class_names=list(classes), image_size=int(x_tr.shape[-1]),
-                  test=test, image_source=image_source, tensor_resident=True)
+    sub = lambda idx: _split_of(x_tr, y_tr, idx) if idx is not None else None  # noqa: E731
+    base = dict(name=name, num_classes=C, class_names=list(classes), image_size=int(x_tr.shape[-1]),
+                test=Split(y=torch.as_tensor(np.asarray(y_te, dtype=np.int64)), x=x_te),
+                image_source=image_source, tensor_resident=True, imb_ratio=imb_ratio)
     if imb_ratio is None:                                   # the tree exactly as it is
         counts = np.bincount(t_tr, minlength=C).tolist()
-        return LTDataset(train=Split(y=y_tr, x=x_tr), val=None, probe=None, fewshot=None,
-                         class_counts=counts, class_rank=_rank_from_counts(counts), lt_convention="list",
-                         imb_ratio=None, split=None, **common)
-    if split_file is not None or split_dir is not None:     # exact SDCLR membership -> sdclr-npy
-        files = _sdclr_files(C, split, split_file, split_dir)
-        n = len(t_tr)
-        sets = {k: (_load_index_file(p, n, k) if p else None) for k, p in files.items()}
-        tr = sets["train"]
-        counts = np.bincount(t_tr[tr], minlength=C).tolist()
-        prof = lt_counts(per - per // 10, C, imb_ratio)
-        if sorted(counts, reverse=True) != prof:
-            raise UserError(f"{files['train']}: per-class counts {sorted(counts, reverse=True)} differ from the "
-                            f"rho={imb_ratio:g} profile {prof}; check --imb-ratio or the file")
-        if sets["val"] is not None and np.intersect1d(tr, sets["val"]).size:
-            raise UserError(f"{files['train']} overlaps the validation list {files['val']}; use matching "
-                            f"SDCLR files")
-        if sets["fewshot"] is not None and np.setdiff1d(sets["fewshot"], tr).size:
-            raise UserError(f"{files['fewshot']} is not a subset of {files['train']}; use the S_b file of the "
-                            f"same split")
-        rank = _rank_from_counts(counts)
-        return LTDataset(train=_split_of(x_tr, y_tr, tr),
-                         val=_split_of(x_tr, y_tr, sets["val"]) if sets["val"] is not None else None,
-                         probe=_split_of(x_tr, y_tr, sets["probe"]) if sets["probe"] is not None else None,
-                         fewshot=_split_of(x_tr, y_tr, sets["fewshot"]) if sets["fewshot"] is not None else None,
-                         class_counts=counts, class_rank=rank, lt_convention="sdclr-npy", imb_ratio=imb_ratio,
-                         split=split, **common)
-    if protocol == "sdclr":
+        return LTDataset(train=Split(y=y_tr, x=x_tr), val=None, probe=None, fewshot=None, class_counts=counts,
+                         class_rank=_rank_from_counts(counts), lt_convention="list", split=None, **base)
+    if split_file is not None or split_dir is not None:     # SDCLR's exact membership
+        sets, counts = _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir)
+        tr, val, probe, few = sets["train"], sets["val"], sets["probe"], sets["fewshot"]
+        rank, conv = _rank_from_counts(counts), "sdclr-npy"
+    elif protocol == "sdclr":
         s = sdclr_indices(t_tr, C, imb_ratio, split, seed)
-        rank = [0] * C
-        for r, c in enumerate(s["order"]):
-            rank[c] = r
-        return LTDataset(train=_split_of(x_tr, y_tr, s["train"]), val=_split_of(x_tr, y_tr, s["val"]),
-                         probe=_split_of(x_tr, y_tr, s["probe"]), fewshot=_split_of(x_tr, y_tr, s["fewshot"]),
-                         class_counts=s["counts"], class_rank=rank, lt_convention="sdclr",
-                         imb_ratio=imb_ratio, split=split, **common)
-    counts = lt_counts(per, C, imb_ratio)                   # ldam: n_max = 5,000 / 500 (D§1.3, D§2)
-    lt = ldam_indices(t_tr, counts, seed)
-    val = holdout_indices(t_tr, per // 10, seed + 1)        # D§1.5 / D§2 (INFERRED)
-    probe = np.setdiff1d(np.arange(len(t_tr)), val)
-    few = fewshot_from_lt(lt, t_tr, counts[-1])
-    return LTDataset(train=_split_of(x_tr, y_tr, lt), val=_split_of(x_tr, y_tr, val),
-                     probe=_split_of(x_tr, y_tr, probe), fewshot=_split_of(x_tr, y_tr, few),
-                     class_counts=counts, class_rank=list(range(C)), lt_convention="ldam",
-                     imb_ratio=imb_ratio, split=None, **common)
+        tr, val, probe, few, counts = s["train"], s["val"], s["probe"], s["fewshot"], s["counts"]
+        rank, conv = _rank_of_order(s["order"]), "sdclr"
+    else:
+        per = int(np.bincount(t_tr, minlength=C).min())
+        counts = lt_counts(per, C, imb_ratio)               # n_max = 5,000 / 500
+        tr = ldam_indices(t_tr, counts, seed)
+        perm = np.random.RandomState(seed + 1).permutation(len(t_tr))     # INFERRED val / probe / few-shot
+        val = np.sort(np.concatenate([perm[t_tr[perm] == c][:per // 10] for c in range(C)]))
+        probe = np.setdiff1d(np.arange(len(t_tr)), val)
+        few = np.concatenate([tr[t_tr[tr] == c][:counts[-1]] for c in range(C)])
+        rank, conv, split = list(range(C)), "ldam", None
+    return LTDataset(train=sub(tr), val=sub(val), probe=sub(probe), fewshot=sub(few), class_counts=counts,
+                     class_rank=rank, lt_convention=conv, split=split, **base)
 
 
-# ------------------------------------------------------------------------------------------------
-# CIFAR (the official python pickles, read in the order torchvision uses)
-# ------------------------------------------------------------------------------------------------
-
+# --- CIFAR (the official python pickles, read in the order torchvision uses) ------------------------------
 CIFAR_LAYOUT = {
     "cifar10-lt": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
                        test=["test_batch"], meta="batches.meta", names="label_names", labels="labels",
                        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", tv="CIFAR10"),
     "cifar100-lt": dict(folder="cifar-100-python", train=["train"], test=["test"], meta="meta",
                         names="fine_label_names", labels="fine_labels",
-                        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", tv="CIFAR100"),
-}
-
-
-def _cifar_missing(data_dir, lay):
-    return [f for f in lay["train"] + lay["test"] + [lay["meta"]]
-            if not os.path.isfile(os.path.join(data_dir, lay["folder"], f))]
+                        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", tv="CIFAR100")}
 
 
 def _cifar_error(name, data_dir, lay, why):
     files = ",".join(lay["train"][:1] + (["...", lay["train"][-1]] if len(lay["train"]) > 1 else [])
                      + lay["test"] + [lay["meta"]])
-    alt = ("; or use the CIFAR-10 JPEG copy: mkdir -p data/cifar10-jpeg && tar xzf "
-           "../shared/data/cifar10-jpeg.tar.gz -C data/cifar10-jpeg, then --dataset folder --data-dir "
-           "data/cifar10-jpeg") if name == "cifar10-lt" else ""
-    return UserError(f"{name}: {why}; expected {os.path.join(data_dir, lay['folder'])}/{{{files}}} (the python "
-                     f"version of CIFAR); download {lay['url']} and unpack it into {data_dir}{alt}")
+    alt = ("; or use a copy of CIFAR-10 as JPEGs in ImageFolder layout (ROOT/train/<class>/*.jpg, "
+           "ROOT/test/<class>/*.jpg) with --dataset folder --data-dir ROOT") if name == "cifar10-lt" else ""
+    return UserError(f"{name}: {why}; expected {os.path.join(data_dir, lay['folder'])}/{{{files}}} (the "
+                     f"python version of CIFAR); download {lay['url']} and unpack it into {data_dir}{alt}")
 
 
 def _unpickle(path):
@@ -926,29 +748,26 @@ def _unpickle(path):
 
 def read_cifar(name, data_dir, download=True):
     """Canonical CIFAR arrays: (x_train uint8 (N,3,32,32), t_train int64 np, x_test, t_test, class names).
-    Missing files: one download attempt through torchvision (if the data dir exists or is ./data), then a
-    one-line UserError naming the files expected."""
+    Missing files: one torchvision download attempt (if the data dir exists or is ./data), else UserError."""
     lay = CIFAR_LAYOUT[name]
-    missing = _cifar_missing(data_dir, lay)
-    if missing and download and (os.path.isdir(data_dir) or os.path.normpath(data_dir) == "data"):
-        import socket
+    base = os.path.join(data_dir, lay["folder"])
+    missing = lambda: [f for f in lay["train"] + lay["test"] + [lay["meta"]]  # noqa: E731
+                       if not os.path.isfile(os.path.join(base, f))]
+    if missing() and download and (os.path.isdir(data_dir) or os.path.normpath(data_dir) == "data"):
         import torchvision
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)
         try:
-            import contextlib
-            import io
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 getattr(torchvision.datasets, lay["tv"])(data_dir, train=True, download=True)
         except Exception as e:  # noqa: BLE001 - no network, disk full, ...: one line
-            raise _cifar_error(name, data_dir, lay, f"files missing and the download failed ({type(e).__name__})")
+            why = f"files missing and the download failed ({type(e).__name__})"
+            raise _cifar_error(name, data_dir, lay, why)
         finally:
             socket.setdefaulttimeout(old)
-        missing = _cifar_missing(data_dir, lay)
-    if missing:
-        why = "data directory does not exist" if not os.path.isdir(data_dir) else f"missing {', '.join(missing)}"
+    if missing():
+        why = f"missing {', '.join(missing())}" if os.path.isdir(data_dir) else "data dir does not exist"
         raise _cifar_error(name, data_dir, lay, why)
-    base = os.path.join(data_dir, lay["folder"])
 
     def part(files):
         xs, ys = [], []
@@ -958,25 +777,16 @@ def read_cifar(name, data_dir, download=True):
                 xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(d[lay["labels"]], dtype=np.int64))
             except (KeyError, ValueError) as e:
-                raise UserError(f"{os.path.join(base, f)} lacks CIFAR fields ({e}); re-download the python version")
+                raise UserError(f"{os.path.join(base, f)} lacks CIFAR fields ({e}); re-download the python "
+                                f"version")
         return torch.from_numpy(np.concatenate(xs)), np.concatenate(ys)
-
     x_tr, t_tr = part(lay["train"])
     x_te, t_te = part(lay["test"])
     meta = _unpickle(os.path.join(base, lay["meta"]))
     return x_tr, t_tr, x_te, t_te, list(meta[lay["names"]])
 
 
-def _load_cifar(name, data_dir, imb_ratio, protocol, split, split_file, split_dir, seed, download):
-    x_tr, t_tr, x_te, t_te, classes = read_cifar(name, data_dir, download)
-    return _build_lt(name, x_tr, t_tr, x_te, t_te, classes, imb_ratio, protocol, split, seed, "canonical",
-                     split_file, split_dir)
-
-
-# ------------------------------------------------------------------------------------------------
-# Image folders (ImageFolder tree) and Tiny-ImageNet: small images decoded once into a uint8 cache
-# ------------------------------------------------------------------------------------------------
-
+# --- Image folders (ImageFolder trees) and Tiny-ImageNet: small images decoded once into a uint8 cache ----
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -985,8 +795,8 @@ def _list_images(d):
 
 
 def _decode_all(files, size=None):
-    """Decode files with PIL (threads) to one uint8 (N,3,S,S) RGB tensor; images of another size are resized to
-    S x S (antialias). S = size or the first image's side."""
+    """Decode files with PIL (threads) into one uint8 (N,3,S,S) RGB tensor; images of another size are
+    resized to S x S (antialias). S = size or the first image's side."""
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
@@ -999,20 +809,18 @@ def _decode_all(files, size=None):
             raise UserError(f"{path}: cannot decode image ({type(e).__name__}); remove or replace the file")
         return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
-    first = one(files[0])
-    S = size or first.shape[-1]
+    S = size or one(files[0]).shape[-1]
     out = torch.empty(len(files), 3, S, S, dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
         for i, img in enumerate(ex.map(one, files)):
-            if img.shape[-2:] != (S, S):
-                img = TF.resize(img, [S, S], antialias=True)
-            out[i] = img
+            out[i] = TF.resize(img, [S, S], antialias=True) if img.shape[-2:] != (S, S) else img
     return out
 
 
 def _cached_arrays(root, parts: dict, tag: str):
-    """parts = {name: (files, labels)} -> {name: (x uint8, y int64)}; cached in <root>/.cache-<hash>.pt
-    (hash of the relative paths, sizes and mtimes), written atomically; unreadable cache -> rebuilt."""
+    """parts = {name: (files, labels)} -> {name: (x uint8, y int64)}, cached in <root>/.cache-<hash>.pt
+    (hash of the relative paths, sizes and mtimes; docs/data.md, uint8 cache); written atomically, and
+    rebuilt when unreadable. A read-only data dir runs without a cache."""
     h = hashlib.sha1(tag.encode())
     for k in sorted(parts):
         for f in parts[k][0]:
@@ -1020,15 +828,11 @@ def _cached_arrays(root, parts: dict, tag: str):
             h.update(f"{k}|{os.path.relpath(f, root)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
     path = os.path.join(root, f".cache-{h.hexdigest()[:16]}.pt")
     if os.path.isfile(path):
-        try:
+        with contextlib.suppress(Exception):                # a truncated or foreign cache is rebuilt below
             d = torch.load(path, weights_only=True)
             return {k: (d[k + "_x"], d[k + "_y"]) for k in parts}
-        except Exception:  # noqa: BLE001 - truncated / foreign cache: rebuild it below
-            pass
-    out, blob = {}, {}
-    size = None
-    for k in parts:
-        files, labels = parts[k]
+    out, blob, size = {}, {}, None
+    for k, (files, labels) in parts.items():
         x = _decode_all(files, size)
         size = x.shape[-1]
         out[k] = (x, torch.as_tensor(labels, dtype=torch.int64))
@@ -1037,16 +841,17 @@ def _cached_arrays(root, parts: dict, tag: str):
     try:
         torch.save(blob, tmp)
         os.replace(tmp, path)
-    except OSError:                                         # read-only data dir: run without a cache
+    except OSError:
         if os.path.exists(tmp):
             os.remove(tmp)
     return out
 
 
-def _scan_split(d, classes):
+def _scan_split(d, classes, sub=""):
+    """Images of d/<class>/<sub>/ for every class folder that exists; labels = index in `classes`."""
     files, labels = [], []
     for c, name in enumerate(classes):
-        cd = os.path.join(d, name)
+        cd = os.path.join(d, name, sub)
         if os.path.isdir(cd):
             fs = _list_images(cd)
             files += [os.path.join(cd, f) for f in fs]
@@ -1057,14 +862,13 @@ def _scan_split(d, classes):
 def _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed):
     root = os.path.abspath(data_dir)
     tr_dir = os.path.join(root, "train")
-    te_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
+    te_dir = next((p for p in (f"{root}/test", f"{root}/val") if os.path.isdir(p)), None)
     if not os.path.isdir(tr_dir) or te_dir is None:
-        raise UserError(f"folder dataset: expected {root}/train/<class>/*.jpg and {root}/test/<class>/* (or val/); "
-                        f"for the CIFAR-10 JPEG copy run: mkdir -p {data_dir} && tar xzf "
-                        f"../shared/data/cifar10-jpeg.tar.gz -C {data_dir}")
+        raise UserError(f"folder dataset: expected {root}/train/<class>/*.jpg and {root}/test/<class>/* (or "
+                        f"val/), e.g. a copy of CIFAR-10 as JPEGs (see docs/data.md, CIFAR-10 JPEG copy)")
     if split_file is not None:
-        raise UserError("--split-file indexes the canonical CIFAR arrays; the file order of a folder tree is "
-                        "unknown (D§1.6), so use --protocol sdclr without it or --dataset cifar10-lt")
+        raise UserError("--split-file indexes the canonical CIFAR arrays and the file order of a folder tree "
+                        "is unknown; use --protocol sdclr without it, or --dataset cifar10-lt")
     classes = sorted(d for d in os.listdir(tr_dir) if os.path.isdir(os.path.join(tr_dir, d)))
     if not classes:
         raise UserError(f"folder dataset: no class folders in {tr_dir}; expected train/<class>/*.jpg")
@@ -1072,63 +876,57 @@ def _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed):
     te_files, te_y = _scan_split(te_dir, classes)
     empty = [c for c, n in zip(classes, np.bincount(tr_y, minlength=len(classes))) if n == 0]
     if empty or not te_files:
-        raise UserError(f"folder dataset: {'class folders without images: ' + ', '.join(empty[:5]) if empty else 'no test images in ' + te_dir}; "
-                        f"every class needs images in {tr_dir}/<class>/ and the test split in {te_dir}/<class>/")
+        what = f"class folders without images: {', '.join(empty[:5])}" if empty else f"no images in {te_dir}"
+        raise UserError(f"folder dataset: {what}; every class needs images in {tr_dir}/<class>/ and the test "
+                        f"split in {te_dir}/<class>/")
     from PIL import Image
     with Image.open(tr_files[0]) as im:
         side = max(im.size)
-    jpeg_copy = tuple(classes) == CIFAR10_CLASSES and side == 32 and len(tr_files) == 50000
+    jpeg_copy = tuple(classes) == CIFAR10_CLASSES and side == 32 and len(tr_files) == 50000   # CIFAR-10 copy
     source = "jpeg-copy" if jpeg_copy else "folder"
-    if side > 64:                                           # large images: decoded per step like list datasets
+    if side > 64:                                           # large images: decoded per step, as list datasets
         return _files_dataset("folder", tr_files, tr_y, te_files, te_y, None, classes, source)
     arr = _cached_arrays(root, {"train": (tr_files, tr_y), "test": (te_files, te_y)}, "folder")
     (x_tr, y_tr), (x_te, y_te) = arr["train"], arr["test"]
-    return _build_lt("folder", x_tr, y_tr.numpy(), x_te, y_te, classes, imb_ratio, protocol, split, seed, source)
+    return _build_lt("folder", x_tr, y_tr.numpy(), x_te, y_te, classes, imb_ratio, protocol, split, seed,
+                     source)
 
 
 def _load_tiny(data_dir, imb_ratio, seed):
+    """Tiny-ImageNet-LT (FASSL paper Sec. 4.1): ldam construction with n_max 500; test = the official val."""
     root = next((r for r in (data_dir, os.path.join(data_dir, "tiny-imagenet-200"))
                  if os.path.isfile(os.path.join(r, "wnids.txt"))), None)
     if root is None:
-        raise UserError(f"tiny-imagenet-lt: {data_dir}/tiny-imagenet-200/wnids.txt not found; expected wnids.txt, "
-                        f"train/<wnid>/images/*.JPEG and val/val_annotations.txt; download "
+        raise UserError(f"tiny-imagenet-lt: {data_dir}/tiny-imagenet-200/wnids.txt not found; expected "
+                        f"wnids.txt, train/<wnid>/images/*.JPEG and val/val_annotations.txt; download "
                         f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {data_dir}")
     root = os.path.abspath(root)
     with open(os.path.join(root, "wnids.txt")) as f:
-        wnids = sorted(w.strip() for w in f if w.strip())      # label = sorted wnid index (D§2, INFERRED)
+        wnids = sorted(w.strip() for w in f if w.strip())      # label = sorted wnid index (INFERRED)
     lab = {w: i for i, w in enumerate(wnids)}
-    tr_files, tr_y = [], []
-    for w in wnids:
-        d = os.path.join(root, "train", w, "images")
+    for d in (os.path.join(root, "train", w, "images") for w in wnids):
         if not os.path.isdir(d):
             raise UserError(f"tiny-imagenet-lt: {d} missing; re-extract tiny-imagenet-200.zip")
-        fs = _list_images(d)
-        tr_files += [os.path.join(d, f) for f in fs]
-        tr_y += [lab[w]] * len(fs)
+    tr_files, tr_y = _scan_split(os.path.join(root, "train"), wnids, "images")
     ann = os.path.join(root, "val", "val_annotations.txt")
-    te_files, te_y = [], []
     if not os.path.isfile(ann):
         raise UserError(f"tiny-imagenet-lt: {ann} missing; re-extract tiny-imagenet-200.zip")
+    test = []
     with open(ann) as f:
         for ln, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 2 or parts[1] not in lab:
                 raise UserError(f"{ann}:{ln}: expected '<file>\\t<wnid>\\t...' with a wnid from wnids.txt")
-            te_files.append(os.path.join(root, "val", "images", parts[0]))
-            te_y.append(lab[parts[1]])
-    order = np.argsort(te_files, kind="stable")
-    te_files, te_y = [te_files[i] for i in order], [te_y[i] for i in order]
+            test.append((os.path.join(root, "val", "images", parts[0]), lab[parts[1]]))
+    te_files, te_y = (list(t) for t in zip(*sorted(test, key=lambda p: p[0])))     # sorted by file name
     arr = _cached_arrays(root, {"train": (tr_files, tr_y), "test": (te_files, te_y)}, "tiny")
     (x_tr, y_tr), (x_te, y_te) = arr["train"], arr["test"]
     return _build_lt("tiny-imagenet-lt", x_tr, y_tr.numpy(), x_te, y_te, wnids,
                      100.0 if imb_ratio is None else imb_ratio, "ldam", None, seed, "canonical")
 
 
-# ------------------------------------------------------------------------------------------------
-# List datasets (D§3): `relative/path label` per line, decoded per step by DataLoader workers
-# ------------------------------------------------------------------------------------------------
-
-LIST_FILES = {   # role -> file name (D§3); roles missing from a folder are None unless required
+# --- List datasets: `relative/path label` per line, decoded per step by DataLoader workers ----------------
+LIST_FILES = {   # role -> file name (docs/data.md, List datasets); only train and test are required
     "imagenet-lt": dict(train="ImageNet_LT_train.txt", val="ImageNet_LT_val.txt", test="ImageNet_LT_test.txt",
                         src="github.com/facebookresearch/classifier-balancing data/ImageNet_LT/"),
     "places-lt": dict(train="Places_LT_train.txt", val="Places_LT_val.txt", test="Places_LT_test.txt",
@@ -1137,12 +935,10 @@ LIST_FILES = {   # role -> file name (D§3); roles missing from a folder are Non
                      src="github.com/facebookresearch/classifier-balancing data/iNaturalist18/"),
     "imagenet100-lt": dict(train="imageNet_100_LT_train.txt", val="ImageNet_100_val.txt",
                            test="ImageNet_100_test.txt", fewshot="imageNet_100_sub_balance_train_0.01.txt",
-                           probe="ImageNet_100_train.txt", src="github.com/VITA-Group/SDCLR split/imagenet-100/"),
-}
+                           probe="ImageNet_100_train.txt",
+                           src="github.com/VITA-Group/SDCLR split/imagenet-100/")}
 
-
-# D§3 published hashes: md5, or the git blob id where only that is known
-LIST_HASHES = {
+LIST_HASHES = {   # of the published lists: md5, or the git blob id where only that is known
     "imageNet_100_LT_train.txt": ("md5", "b1bcc230d12318f4fe99c498cb24b672"),
     "ImageNet_LT_train.txt": ("git", "a063f095fcd475db4cf8b0658c4b73955535bbf9"),
     "ImageNet_LT_val.txt": ("md5", "ef44f8e43fbc904809a77216042e7498"),
@@ -1150,20 +946,18 @@ LIST_HASHES = {
     "Places_LT_train.txt": ("md5", "e7795ab1bf428a89f900854127b1e556"),
     "Places_LT_val.txt": ("md5", "2f6e727cd6c99c7b7fdecc9876875b1b"),
     "Places_LT_test.txt": ("md5", "1347af35b053bd31cf782256306affe7"),
-    "iNaturalist18_val.txt": ("md5", "b7ed52f3854c157c487cc3be9deb8abf"),
-}
+    "iNaturalist18_val.txt": ("md5", "b7ed52f3854c157c487cc3be9deb8abf")}
 
 
 def list_hash_ok(path: str) -> bool | None:
-    """True / False when D§3 publishes a hash for this file name, None otherwise."""
+    """True / False when a published hash is known for this file name, None otherwise."""
     kind, want = LIST_HASHES.get(os.path.basename(path), (None, None))
     if kind is None:
         return None
     with open(path, "rb") as f:
         raw = f.read()
-    got = hashlib.md5(raw).hexdigest() if kind == "md5" else \
-        hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest()
-    return got == want
+    got = hashlib.md5(raw) if kind == "md5" else hashlib.sha1(b"blob %d\0" % len(raw) + raw)    # git blob id
+    return got.hexdigest() == want
 
 
 def parse_list(path: str, root: str):
@@ -1186,77 +980,54 @@ def parse_list(path: str, root: str):
 
 
 def _files_dataset(name, tr_files, tr_y, te_files, te_y, extra, classes, source) -> LTDataset:
-    y = torch.as_tensor(tr_y, dtype=torch.int64)
-    C = len(classes)
-    counts = torch.bincount(y, minlength=C).tolist()
+    counts = torch.bincount(torch.as_tensor(tr_y, dtype=torch.int64), minlength=len(classes)).tolist()
     mk = lambda fs, ys: Split(y=torch.as_tensor(ys, dtype=torch.int64), files=fs)  # noqa: E731
     extra = extra or {}
-    return LTDataset(name=name, num_classes=C, class_names=list(classes), image_size=224,
-                     train=mk(tr_files, tr_y), test=mk(te_files, te_y),
-                     val=mk(*extra["val"]) if "val" in extra else None,
-                     probe=mk(*extra["probe"]) if "probe" in extra else None,
-                     fewshot=mk(*extra["fewshot"]) if "fewshot" in extra else None,
-                     class_counts=counts, class_rank=_rank_from_counts(counts), lt_convention="list",
-                     image_source=source, imb_ratio=None, split=None, tensor_resident=False)
-
-
-def _imagenet100_probe(root, tr_files, tr_y, C, val_files):
-    """D§3.1 INFERRED ImageNet_100_train.txt: every train/<wnid>/ image of the 100 wnids (label from the LT list's
-    wnid -> label map) minus the 2,000 validation images."""
-    wnid = {}
-    for f, c in zip(tr_files, tr_y):
-        wnid.setdefault(c, os.path.basename(os.path.dirname(f)))
-    skip = set(val_files)
-    files, labels = [], []
-    for c in range(C):
-        d = os.path.join(root, "train", wnid[c])
-        if os.path.isdir(d):
-            fs = [os.path.join(d, f) for f in _list_images(d)]
-            files += [f for f in fs if f not in skip]
-            labels += [c] * sum(f not in skip for f in fs)
-    return files, labels
+    opt = {r: mk(*extra[r]) if r in extra else None for r in ("val", "probe", "fewshot")}
+    return LTDataset(name=name, num_classes=len(classes), class_names=list(classes), image_size=224,
+                     train=mk(tr_files, tr_y), test=mk(te_files, te_y), **opt, class_counts=counts,
+                     class_rank=_rank_from_counts(counts), lt_convention="list", image_source=source,
+                     imb_ratio=None, split=None, tensor_resident=False)
 
 
 def _load_list_dataset(name, data_dir):
-    spec = LIST_FILES[name]
+    lists = LIST_FILES[name]
     root = os.path.abspath(data_dir)
-    need = [spec["train"], spec["test"]]
-    missing = [f for f in need if not os.path.isfile(os.path.join(root, f))]
+    have = lambda role: role in lists and os.path.isfile(os.path.join(root, lists[role]))  # noqa: E731
+    missing = [os.path.join(root, lists[r]) for r in ("train", "test") if not have(r)]
     if missing:
-        raise UserError(f"{name}: list files missing: {', '.join(os.path.join(root, f) for f in missing)}; get "
-                        f"them from {spec['src']} and put them in {root} next to the image folders they index")
-    sets = {}
-    for role in ("train", "test", "val", "fewshot", "probe"):
-        if role in spec and os.path.isfile(os.path.join(root, spec[role])):
-            sets[role] = parse_list(os.path.join(root, spec[role]), root)
+        raise UserError(f"{name}: list files missing: {', '.join(missing)}; get them from {lists['src']} and "
+                        f"put them in {root} next to the image folders they index")
+    sets = {r: parse_list(os.path.join(root, lists[r]), root)
+            for r in ("train", "test", "val", "fewshot", "probe") if have(r)}
     tr_files, tr_y = sets.pop("train")
     if not os.path.isfile(tr_files[0]):
-        raise UserError(f"{name}: image {tr_files[0]} (line 1 of {spec['train']}) not found; the list paths are "
-                        f"relative to --data-dir ({root})")
+        raise UserError(f"{name}: image {tr_files[0]} (line 1 of {lists['train']}) not found; the list paths "
+                        f"are relative to --data-dir ({root})")
     C = max(tr_y) + 1
-    names = [""] * C
-    for f, c in zip(tr_files, tr_y):
-        if not names[c]:
-            names[c] = os.path.basename(os.path.dirname(f))
-    notes = [f"{spec[r]}: hash differs from the published list (D§3); results may not be comparable"
-             for r in ("train", "val", "test", "fewshot") if r in spec
-             and os.path.isfile(os.path.join(root, spec[r])) and list_hash_ok(os.path.join(root, spec[r])) is False]
+    first = {c: f for f, c in reversed(list(zip(tr_files, tr_y)))}           # first file of each class
+    names = [os.path.basename(os.path.dirname(first[c])) if c in first else "" for c in range(C)]
+    notes = [f"{lists[r]}: hash differs from the published list; results may not be comparable"
+             for r in ("train", "val", "test", "fewshot")
+             if have(r) and list_hash_ok(os.path.join(root, lists[r])) is False]
     if name == "imagenet100-lt" and "probe" not in sets and os.path.isdir(os.path.join(root, "train")):
-        sets["probe"] = _imagenet100_probe(root, tr_files, tr_y, C, sets.get("val", ([], []))[0])
-        notes.append("full-shot probe pool built from train/<wnid>/ minus the val list (D§3.1, INFERRED)")
+        # INFERRED full-shot probe pool (SDCLR's ImageNet_100_train.txt is unpublished): train/<wnid>/ - val
+        skip = set(sets.get("val", ([], []))[0])
+        files, labels = _scan_split(os.path.join(root, "train"), names)
+        keep = [i for i, f in enumerate(files) if f not in skip]
+        sets["probe"] = [files[i] for i in keep], [labels[i] for i in keep]
+        notes.append("full-shot probe pool built from train/<wnid>/ minus the val list (INFERRED)")
     te_files, te_y = sets.pop("test")
     bad = [c for c in te_y if c >= C]
     if bad:
-        raise UserError(f"{name}: {spec['test']} has label {bad[0]} but {spec['train']} has only {C} classes")
+        raise UserError(f"{name}: {lists['test']} has label {bad[0]} but {lists['train']} has only {C} "
+                        f"classes")
     ds = _files_dataset(name, tr_files, tr_y, te_files, te_y, sets, names, "canonical")
     ds.notes += notes
     return ds
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI: --stats and --bench-augment
-# ------------------------------------------------------------------------------------------------
-
+# --- CLI: --stats and --bench-augment (docs/data.md, Command line) ----------------------------------------
 def save_histogram(ds: LTDataset, path: str) -> None:
     """Bar chart of the per-class train counts, head -> tail (generator rank)."""
     import matplotlib
@@ -1285,9 +1056,9 @@ class _PILTwoViews(torch.utils.data.Dataset):
     def __init__(self, x_uint8):
         import torchvision.transforms as T
         self.x = x_uint8.permute(0, 2, 3, 1).numpy()
-        self.tf = T.Compose([T.RandomResizedCrop(32, scale=(0.1, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                             T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                             T.RandomGrayscale(p=0.2), T.ToTensor(),
+        rrc = T.RandomResizedCrop(32, scale=(0.1, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+        jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)
+        self.tf = T.Compose([rrc, T.RandomHorizontalFlip(), jitter, T.RandomGrayscale(p=0.2), T.ToTensor(),
                              T.Normalize(*MEAN_STD["imagenet"])])
 
     def __len__(self):
@@ -1302,17 +1073,10 @@ class _PILTwoViews(torch.utils.data.Dataset):
 def bench_augment(n=2048, batch_size=512, workers=2, device="auto") -> dict:
     """Images/s (two simclr_cifar views per image) of the batched augmentation on `device` and of
     torchvision's per-image PIL pipeline in a DataLoader with `workers` processes, measured in one run."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    g = torch.Generator().manual_seed(0)
-    x = synthetic_images(torch.arange(n) % 10, 10, g)
-    xd = x.to(dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    x = synthetic_images(torch.arange(n) % 10, 10, torch.Generator().manual_seed(0))
+    xd, gen = x.to(dev), torch.Generator(device=dev).manual_seed(0)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(2):                                      # warm-up
         augment(xd[:batch_size], "simclr_cifar", gen)
     sync()
@@ -1322,49 +1086,44 @@ def bench_augment(n=2048, batch_size=512, workers=2, device="auto") -> dict:
         augment(xb, "simclr_cifar", gen), augment(xb, "simclr_cifar", gen)
     sync()
     batched = n / (time.perf_counter() - t)
-    dl = torch.utils.data.DataLoader(_PILTwoViews(x), batch_size=batch_size, shuffle=True, num_workers=workers,
-                                     drop_last=False)
-    it = iter(dl)
-    first = next(it)                                        # worker start-up excluded
+    it = iter(torch.utils.data.DataLoader(_PILTwoViews(x), batch_size=batch_size, shuffle=True,
+                                          num_workers=workers, drop_last=False))
+    next(it)                                                # worker start-up excluded
     t = time.perf_counter()
-    seen = 0
-    for v1, _ in it:
-        seen += v1.shape[0]
-    pil = seen / max(time.perf_counter() - t, 1e-9)
-    del first
+    pil = sum(v1.shape[0] for v1, _ in it) / max(time.perf_counter() - t, 1e-9)
     return {"device": str(dev), "n": n, "batch_size": batch_size, "workers": workers,
             "batched_img_s": batched, "pil_img_s": pil, "ratio": batched / pil}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Long-tailed datasets (D§1-3): print class counts (--stats) or benchmark the batched "
-                    "augmentation (--bench-augment).")
-    p.add_argument("--dataset", default="cifar10-lt", help=f"one of: {', '.join(DATASETS)} (default: cifar10-lt)")
-    p.add_argument("--data-dir", default="./data", help="dataset root (default: ./data)")
-    p.add_argument("--imb-ratio", type=float, default=None,
-                   help="rho = n_max / n_min (D§1.1); default 100, except folder: the tree as it is")
-    p.add_argument("--protocol", default="ldam", choices=["ldam", "sdclr"], help="LT convention (D§0) (default: ldam)")
-    p.add_argument("--split", type=int, default=1, help="SDCLR split 1..5 (D§1.4) (default: 1)")
-    p.add_argument("--split-file", default=None, help="exact D_i index file, e.g. SDCLR split1_D_i.npy (sdclr-npy)")
-    p.add_argument("--sdclr-split-dir", default=None, help="SDCLR split/ folder; files found by name (D§1.4)")
-    p.add_argument("--seed", type=int, default=0, help="data seed (0 reproduces LDAM-DRW) (default: 0)")
-    p.add_argument("--num-classes", type=int, default=10, help="synthetic-lt classes (default: 10)")
+    p = argparse.ArgumentParser(description="Long-tailed datasets: print class counts (--stats) or benchmark "
+                                "the batched augmentation (--bench-augment). See docs/data.md.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="cifar10-lt", help=f"one of: {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", default="./data", help="dataset root")
+    p.add_argument("--imb-ratio", type=float, default=None, help="rho = n_max / n_min; None: 100, or for "
+                   "folder the tree as it is")
+    p.add_argument("--protocol", default="ldam", choices=["ldam", "sdclr"], help="CIFAR-LT convention")
+    p.add_argument("--split", type=int, default=1, help="SDCLR split 1..5")
+    p.add_argument("--split-file", default=None, help="exact D_i index file, e.g. SDCLR's split1_D_i.npy")
+    p.add_argument("--sdclr-split-dir", default=None, help="SDCLR split/ folder; its files are found by name")
+    p.add_argument("--seed", type=int, default=0, help="data seed (0 reproduces LDAM-DRW)")
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic-lt classes")
     p.add_argument("--no-download", action="store_true", help="never try to download CIFAR")
     p.add_argument("--stats", action="store_true", help="print per-class counts and totals, save a histogram")
-    p.add_argument("--plot", default=None, help="histogram path (default: runs/data-stats/<dataset>-<convention>.png)")
-    p.add_argument("--bench-augment", action="store_true", help="batched augmentation vs per-image PIL, images/s")
-    p.add_argument("--bench-n", type=int, default=2048, help="images in the benchmark (default: 2048)")
-    p.add_argument("--bench-workers", type=int, default=2, help="DataLoader workers for the PIL side (default: 2)")
-    p.add_argument("--device", default="auto", help="benchmark device: auto | cpu | cuda (default: auto)")
+    p.add_argument("--plot", default=None, help="histogram; None: runs/data-stats/<dataset>-<convention>.png")
+    p.add_argument("--bench-augment", action="store_true", help="batched augmentation vs per-image PIL")
+    p.add_argument("--bench-n", type=int, default=2048, help="images in the benchmark")
+    p.add_argument("--bench-workers", type=int, default=2, help="DataLoader workers for the PIL side")
+    p.add_argument("--device", default="auto", help="benchmark device: auto | cpu | cuda")
     a = p.parse_args(argv)
-    if not (a.stats or a.bench_augment):
-        a.stats = True
+    a.stats = a.stats or not a.bench_augment                # --stats is the default action
     if a.stats:
         rho = a.imb_ratio if a.imb_ratio is not None or a.dataset == "folder" else 100.0
         t = time.perf_counter()
         ds = load_dataset(a.dataset, a.data_dir, rho, a.protocol, a.split, a.split_file, seed=a.seed,
-                          num_classes=a.num_classes, download=not a.no_download, sdclr_split_dir=a.sdclr_split_dir)
+                          num_classes=a.num_classes, download=not a.no_download,
+                          sdclr_split_dir=a.sdclr_split_dir)
         print(describe(ds))
         print(f"loaded in {time.perf_counter() - t:.1f}s")
         tag = ds.lt_convention + (f"-split{ds.split}" if ds.split else "")
@@ -1373,9 +1132,10 @@ def main(argv=None):
         print(f"histogram saved to {path}")
     if a.bench_augment:
         r = bench_augment(a.bench_n, workers=a.bench_workers, device=a.device)
-        print(f"batched augment('simclr_cifar'), 2 views, on {r['device']}: {r['batched_img_s']:,.0f} images/s")
-        print(f"torchvision per-image PIL pipeline, DataLoader with {r['workers']} workers: {r['pil_img_s']:,.0f} images/s")
-        print(f"ratio batched / PIL: {r['ratio']:.1f}x  ({r['n']} images of 32x32, {os.cpu_count()} CPU cores)")
+        print(f"batched augment('simclr_cifar'), 2 views, on {r['device']}: {r['batched_img_s']:,.0f} "
+              f"images/s\ntorchvision per-image PIL pipeline, DataLoader with {r['workers']} workers: "
+              f"{r['pil_img_s']:,.0f} images/s\nratio batched / PIL: {r['ratio']:.1f}x  ({r['n']} images "
+              f"of 32x32, {os.cpu_count()} CPU cores)")
 
 
 if __name__ == "__main__":
