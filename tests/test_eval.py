@@ -1,5 +1,5 @@
-"""Tests of eval.py: group metrics (D§4), the SDCLR probe (D§5.1), cb-linear (D§5.2), kNN (D§5.4), t-SNE,
-results.json / plots and the --table CLI (D§6)."""
+"""Tests of eval.py: group metrics, the probe settings table and the SDCLR probe (Jiang et al. 2021), DSCL's
+cb-linear stage, kNN, t-SNE, results.json / plots and the CLI. Reference: docs/evaluation.md."""
 import json
 import math
 import os
@@ -73,12 +73,12 @@ def _state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _lt_counts(n_max, C, rho):   # D§1.1 profile, float64 then int() truncation
+def _lt_counts(n_max, C, rho):   # exponential LT profile of LDAM (Cao et al. 2019), int() truncation
     return [int(n_max * (1.0 / rho) ** (r / (C - 1))) for r in range(C)]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# group metrics (D§4)
+# group metrics (docs/evaluation.md, Groupings)
 # ---------------------------------------------------------------------------------------------------------
 def test_thirds_ties_are_broken_by_rank_tail_first():
     counts = [100, 50, 50, 50, 50, 5]
@@ -111,7 +111,7 @@ def test_strict_and_oltr_thresholds_at_exactly_20_and_100():
     (450, 100, 100, [34, 33, 33], [33, 34, 33], [33, 33, 34]),   # CIFAR-100-LT sdclr
     (500, 200, 100, [68, 66, 66], [70, 70, 60], [70, 67, 63]),   # Tiny-ImageNet-LT
 ])
-def test_group_sizes_match_spec_table(n_max, C, rho, thirds, strict, oltr):
+def test_group_sizes_match_known_counts(n_max, C, rho, thirds, strict, oltr):
     counts = _lt_counts(n_max, C, rho)
     m = ev.compute_metrics(torch.zeros(C, dtype=torch.long), torch.arange(C), C, counts, list(range(C)))
     assert m["groups_thirds"]["n_classes"] == thirds
@@ -121,12 +121,12 @@ def test_group_sizes_match_spec_table(n_max, C, rho, thirds, strict, oltr):
 
 def test_worked_examples_group_mean_and_std():
     groups = {"many": [0], "medium": [1], "few": [2]}
-    g = ev.group_stats([86.55, 76.73, 78.80], groups)        # FASSL CIFAR10-LT row (paper 000 Table 1)
+    g = ev.group_stats([86.55, 76.73, 78.80], groups)        # FASSL CIFAR10-LT row (FASSL Table 1)
     assert round(g["group_mean"], 2) == 80.69
     assert round(g["std"], 2) == 4.23
     assert round(ev.group_stats([57.74, 54.52, 53.55], groups)["std"], 2) == 1.79
     assert round(ev.group_stats([32.47, 31.73, 32.12], groups)["std"], 2) == 0.30
-    # group_mean differs from the class mean with 3/3/4 groups (D§4.5)
+    # group_mean (FASSL's "All") differs from the class mean with 3/3/4 groups
     per_class = [78.80] * 3 + [76.73] * 3 + [86.55] * 4
     counts = [10, 11, 12, 100, 101, 102, 1000, 1001, 1002, 1003]
     m = ev.compute_metrics(*_preds_for_accuracy(per_class, 10000), 10, counts)
@@ -177,7 +177,7 @@ def test_compute_metrics_on_hand_built_predictions():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SDCLR linear probe (D§5.1)
+# SDCLR linear probe (docs/evaluation.md, SDCLR linear probe)
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("aug", ["crop", "none"])
 def test_probe_reaches_95_percent_on_separable_toy(aug):
@@ -213,7 +213,8 @@ def test_probe_reads_test_set_exactly_once(monkeypatch):
     # few-shot: validation every 5 epochs (and at the last), test once
     seen.clear()
     net.batch_sizes.clear()
-    res = ev.linear_probe(net, ds, CPU, mode="few-shot", aug="none", epochs=7, milestones=[4], log=lambda s: None)
+    res = ev.linear_probe(net, ds, CPU, mode="few-shot", aug="none", epochs=7, milestones=[4],
+                          log=lambda s: None)
     assert res["protocol"] == "sdclr-probe-fewshot"
     assert [h["epoch"] for h in res["history"] if h["val_top1"] is not None] == [5, 7]
     assert seen.count("test") == 1 and net.batch_sizes.count(len(ds.test)) == 1
@@ -224,7 +225,7 @@ def test_probe_without_val_selects_last_epoch():
     net = TinyNet()
     rng = torch.get_rng_state()
     res = ev.linear_probe(net, ds, CPU, aug="none", epochs=3, milestones=[2], log=lambda s: None)
-    assert torch.equal(rng, torch.get_rng_state())     # a probe inside a training run leaves the global RNG alone
+    assert torch.equal(rng, torch.get_rng_state())     # a probe inside a training run leaves the RNG alone
     assert res["selection"]["selected_epoch"] == 3 and "last" in res["selection"]["rule"]
     assert res["at_selected"] == res["at_last"]
 
@@ -240,6 +241,84 @@ def test_label_fraction_split_and_imagenet100_top5_selection():
     ds.name = "imagenet100-lt"                                # SDCLR selects ImageNet-100 probes on val top-5
     res = ev.linear_probe(TinyNet(), ds, CPU, aug="none", epochs=2, milestones=[1], log=lambda s: None)
     assert res["selection"]["rule"] == "best-val-top5" and "val_top5" in res["history"][0]
+
+
+def _places_like(image_size=224, size=8, seed=0):
+    """A Places-LT-style dataset: no probe pool, no few-shot split; tensors are `size` px, the declared
+    image_size is what the settings table reads."""
+    gen = torch.Generator().manual_seed(seed)
+    return data.LTDataset(
+        name="places-lt", num_classes=4, class_names=["a", "b", "c", "d"], image_size=image_size,
+        train=_images(30, size, gen), test=_images(10, size, gen), val=_images(5, size, gen), probe=None,
+        fewshot=None, class_counts=[300, 120, 40, 10], class_rank=[0, 1, 2, 3], lt_convention="list",
+        image_source="synthetic", imb_ratio=None, split=None, tensor_resident=True)
+
+
+def test_probe_settings_table_covers_every_dataset():
+    assert set(ev.PROBE_SETTINGS) == set(data.DATASETS)
+    sizes = {"cifar10-lt": 32, "cifar100-lt": 32, "synthetic-lt": 32, "folder": 32, "tiny-imagenet-lt": 64,
+             "imagenet-lt": 224, "places-lt": 224, "inat2018": 224, "imagenet100-lt": 224}
+    for name in data.DATASETS:
+        ds = _places_like(image_size=sizes[name])
+        ds.name = name
+        s = ev.probe_settings(ds)
+        assert s["lr"] == 30.0 and s["epochs"] == {"full": 30, "few-shot": 100}
+        assert s["milestones"] == {"full": (10, 20), "few-shot": (40, 60)}
+        assert s["batch_size"] == (512 if sizes[name] == 224 else 128), name   # SDCLR: 512 at 224 px
+        assert s["row"] == ("ssl" if s["groups"] == "thirds" else "strict")
+    ds = _places_like(image_size=224)
+    for name, batch in (("folder", 512), ("an-unknown-name", 512), ("cifar10-lt", 128)):
+        ds.name = name                          # folder and unknown names: by image size
+        assert ev.probe_settings(ds)["batch_size"] == batch
+    s = ev.probe_settings(_places_like())
+    assert s["split"] == {"full": "train", "few-shot": "fewshot"} and s["groups"] == "thirds"
+    ds = _places_like()
+    ds.name = "imagenet100-lt"
+    s = ev.probe_settings(ds)
+    assert s["split"]["full"] == "probe" and s["groups"] == "strict" and s["select_topk"] == 5
+    ev.probe_settings(ds)["split"]["full"] = "changed"      # callers get a copy, the table is unchanged
+    assert ev.PROBE_SETTINGS["imagenet100-lt"]["split"]["full"] == "probe"
+
+
+def test_run_probes_places_lt_trains_on_train_split_and_skips_few_shot(monkeypatch, capsys):
+    ds = _places_like()
+    seen = []
+    real = ev.extract_features
+
+    def spy(backbone, split, *a, **kw):
+        seen.append("train" if split is ds.train else "test" if split is ds.test else "val")
+        return real(backbone, split, *a, **kw)
+
+    monkeypatch.setattr(ev, "extract_features", spy)
+    res = ev.run_probes(TinyNet(), ds, ["full", "few-shot"], CPU, aug="none", epochs=2, log=lambda s: None)
+    assert list(res) == ["full"]                                      # few-shot skipped with a note
+    assert "no few-shot split" in capsys.readouterr().out
+    p = res["full"]["probe"]
+    assert p["train_split"] == "train" and p["n_train"] == len(ds.train) and "train" in seen
+    assert p["batch_size"] == 512 and p["epochs"] == 2 and p["row"] == "ssl" and p["groups"] == "thirds"
+    assert res["full"]["protocol"] == "sdclr-probe-full" and seen[-1] == "test"
+    # linear_probe on its own reads the same table (the Places-LT probe needs no train_split argument)
+    alone = ev.linear_probe(TinyNet(), ds, CPU, aug="none", epochs=1, log=lambda s: None)
+    assert alone["probe"]["n_train"] == len(ds.train) == 120
+
+
+def test_run_probes_epochs_override_and_label_fraction():
+    ds = _toy_ds()
+    res = ev.run_probes(TinyNet(), ds, ["full", "few-shot"], CPU, aug="none", log=lambda s: None)
+    assert [len(res[m]["history"]) for m in ("full", "few-shot")] == [30, 100]   # the table's epochs
+    full, few = res["full"]["probe"], res["few-shot"]["probe"]
+    assert full["milestones"] == [10, 20] and few["milestones"] == [40, 60]
+    assert full["train_split"] == "probe" and few["train_split"] == "fewshot" and full["batch_size"] == 128
+    res = ev.run_probes(TinyNet(), ds, ["full", "few-shot"], CPU, aug="none", epochs=3, log=lambda s: None)
+    assert [len(res[m]["history"]) for m in ("full", "few-shot")] == [3, 3]       # explicit epochs win
+    assert res["full"]["probe"]["epochs"] == 3
+    res = ev.run_probes(TinyNet(), ds, ["full"], CPU, aug="none", epochs=1, label_fraction=0.5,
+                        batch_size=16, log=lambda s: None)
+    assert res["full"]["variant"].endswith("label fraction 0.5") and res["full"]["probe"]["batch_size"] == 16
+    assert res["full"]["probe"]["n_train"] == len(ev.label_fraction_split(ds, 0.5))
+    m = res["full"]["at_selected"]
+    assert ev.paper_row(m, "strict") == ev.paper_row(m, "dscl")
+    assert ev.PAPER_HEADER["strict"].startswith("| Many")
 
 
 def test_frozen_backbone_params_and_bn_buffers_bit_identical():
@@ -290,11 +369,12 @@ def test_classifier_eval_matches_manual_predictions():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# kNN monitor (D§5.4), t-SNE
+# kNN monitor, t-SNE
 # ---------------------------------------------------------------------------------------------------------
 def test_knn_monitor_on_easy_blobs():
     ds = _toy_ds(n_probe=50)
-    m = ev.knn_monitor(TinyNet(), ds.probe, ds.val, CPU, 4, class_counts=ds.class_counts, class_rank=ds.class_rank)
+    m = ev.knn_monitor(TinyNet(), ds.probe, ds.val, CPU, 4, class_counts=ds.class_counts,
+                       class_rank=ds.class_rank)
     assert m["acc_class_mean"] > 90.0 and m["groups_thirds"]["n_classes"] == [2, 1, 1]
     # feature-level vote: four Gaussian blobs, cosine kNN
     gen = torch.Generator().manual_seed(1)
@@ -323,8 +403,8 @@ def test_tsne_separates_two_gaussian_blobs():
 # ---------------------------------------------------------------------------------------------------------
 def test_write_results_and_plots(tmp_path):
     ds = _toy_ds()
-    res = ev.results_skeleton("sdclr", "", True, ds, "sdclr-probe-full", "backbone", "resnet8", {"probe": 2}, 0,
-                              "off", 1.5)
+    res = ev.results_skeleton("sdclr", "", True, ds, "sdclr-probe-full", "backbone", "resnet8", {"probe": 2},
+                              0, "off", 1.5)
     res.update(ev.linear_probe(TinyNet(), ds, CPU, aug="none", epochs=2, milestones=[1], log=lambda s: None))
     ev.write_results(tmp_path, res)
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -332,7 +412,8 @@ def test_write_results_and_plots(tmp_path):
                 "epochs", "seed", "amp", "git_commit", "wall_time_s", "selection", "at_selected", "at_last"):
         assert key in saved
     assert saved["dataset"]["class_counts"] == ds.class_counts
-    assert set(saved["at_selected"]["groups_thirds"]) == {"many", "medium", "few", "group_mean", "std", "n_classes"}
+    assert set(saved["at_selected"]["groups_thirds"]) == {"many", "medium", "few", "group_mean", "std",
+                                                          "n_classes"}
     assert (tmp_path / "per_class_acc.png").stat().st_size > 1000
     assert (tmp_path / "group_acc.png").stat().st_size > 1000
     feats, labels = ev.extract_features(TinyNet(), ds.test, CPU)
@@ -367,8 +448,8 @@ def test_table_aggregates_mean_and_population_std(tmp_path, capsys):
     assert sdclr["Top-1"] == pytest.approx((84.0, math.sqrt(((81 - 84) ** 2 + (83 - 84) ** 2 + 16) / 3)))
     assert sdclr["Rare"] == pytest.approx((72.0, math.sqrt(8 / 3)))
     assert sdclr["Few (strict)"] is None
-    out = subprocess.run([sys.executable, "eval.py", "--table", *files], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "eval.py", "--table", *files], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     line = next(l for l in out.stdout.splitlines() if l.startswith("| sdclr"))
     assert "| 3 |" in line and "82.00 ± 1.63" in line and "84.00 ± 2.94" in line and "72.00 ± 1.63" in line
@@ -387,14 +468,14 @@ def test_table_aggregates_mean_and_population_std(tmp_path, capsys):
 def _synthetic_ckpt(tmp_path):
     torch.manual_seed(0)
     bb = common.build_backbone("resnet8", 32)
-    args = {"dataset": "synthetic-lt", "data_dir": str(tmp_path / "data"), "imb_ratio": 4.0, "protocol": "sdclr",
-            "split": 1, "split_file": None, "seed": 0, "data_seed": 0, "num_classes": 3, "synthetic_n_max": 12,
-            "synthetic_n_test": 6}
+    args = {"dataset": "synthetic-lt", "data_dir": str(tmp_path / "data"), "imb_ratio": 4.0,
+            "protocol": "sdclr", "split": 1, "split_file": None, "seed": 0, "data_seed": 0, "num_classes": 3,
+            "synthetic_n_max": 12, "synthetic_n_test": 6}
     run = tmp_path / "runs" / "sdclr-synthetic-lt-1"
     run.mkdir(parents=True)
     path = run / "checkpoint.pt"
-    common.save_checkpoint(path, {"method": "sdclr", "arch": "resnet8", "image_size": 32, "args": args, "epoch": 1,
-                                  "stage": "", "backbone": bb.state_dict(),
+    common.save_checkpoint(path, {"method": "sdclr", "arch": "resnet8", "image_size": 32, "args": args,
+                                  "epoch": 1, "stage": "", "backbone": bb.state_dict(),
                                   "classifier": nn.Linear(bb.out_dim, 3).state_dict()})
     return path
 
@@ -402,9 +483,11 @@ def _synthetic_ckpt(tmp_path):
 @pytest.mark.parametrize("probe", ["linear", "knn", "classifier"])
 def test_cli_ckpt_writes_results_and_plots(tmp_path, capsys, probe):
     path = _synthetic_ckpt(tmp_path)
-    extra = ["--probe-aug", "none", "--epochs", "2", "--milestones", "1"] if probe == "linear" else ["--no-tsne"]
-    res = ev.main(["--ckpt", str(path), "--probe", probe, "--device", "cpu", "--amp", "off", "--tsne-points", "30",
-                   *extra])
+    extra = ["--no-tsne"]
+    if probe == "linear":
+        extra = ["--probe-aug", "none", "--epochs", "2", "--milestones", "1"]
+    res = ev.main(["--ckpt", str(path), "--probe", probe, "--device", "cpu", "--amp", "off",
+                   "--tsne-points", "30", *extra])
     (path.parent / "results.json").write_text('{"from": "training"}')   # the training run's own results
     run = path.parent / f"eval-{probe}"                                    # default output: a sub-directory
     saved = json.loads((run / "results.json").read_text())
@@ -420,6 +503,7 @@ def test_cli_ckpt_writes_results_and_plots(tmp_path, capsys, probe):
         assert saved["protocol"] == "hybrid-e2e" and saved["selection"]["selected_epoch"] == 1
     elif probe == "linear":
         assert saved["protocol"] == "sdclr-probe-full" and saved["variant"] == "sdclr-probe-cached (approx)"
+        assert saved["probe"]["train_split"] == "probe" and saved["probe"]["row"] == "ssl"   # via run_probes
         assert len(saved["history"]) == 2 and (run / "tsne.png").exists()
     else:
         assert saved["protocol"] == "knn-monitor" and not (run / "tsne.png").exists()
