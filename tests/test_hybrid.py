@@ -93,7 +93,8 @@ def test_psc_matches_eq4():
     assert hybrid.psc_loss(z, labels, protos[:, None], tau).item() == pytest.approx(expect, rel=1e-5)
     # the softmax-style variant (positive kept in the denominator) is cross-entropy on cosine logits
     ce = F.cross_entropy((zn @ pn.t()).float() / tau, labels)
-    assert hybrid.psc_loss(z, labels, protos, tau, include_pos=True).item() == pytest.approx(ce.item(), rel=1e-5)
+    got = hybrid.psc_loss(z, labels, protos, tau, include_pos=True).item()
+    assert got == pytest.approx(ce.item(), rel=1e-5)
 
 
 def test_psc_gradient_wrt_positive_affinity_is_minus_one_over_tau():
@@ -159,55 +160,66 @@ def test_balanced_sampler_histogram_is_flat():
     n = hist["balanced"].sum()
     sigma = math.sqrt(n * 0.25 * 0.75)
     assert (hist["balanced"] - n / 4).abs().max() < 4 * sigma           # flat within sampling noise
-    frac = hist["random"] / hist["random"].sum()                         # the random batch keeps the LT profile
+    frac = hist["random"] / hist["random"].sum()                    # the random batch keeps the LT profile
     assert torch.allclose(frac, torch.tensor(counts, dtype=torch.float) / sum(counts), atol=0.02)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Paper defaults
 # ---------------------------------------------------------------------------------------------------------
+def parse(*argv):
+    return common.parse_args(hybrid.Args, list(argv), hybrid.DEFAULTS)
+
+
 def test_cifar10_lt_starts_with_the_paper_settings():
-    a = hybrid.resolve_args(common.parse_args(hybrid.Args, ["--dataset", "cifar10-lt"]), num_classes=10)
+    a, filled = parse("--dataset", "cifar10-lt")
     assert (a.arch, a.batch_size, a.cb_batch_size, a.epochs) == ("resnet32", 512, 512, 200)
     assert (a.lr, a.momentum, a.weight_decay, a.milestones, a.lr_gamma) == (0.5, 0.9, 1e-4, [120, 160], 0.1)
-    assert (a.loss, a.tau, a.alpha_schedule, a.protocol, a.imb_ratio) == ("sc", 0.1, "parabolic", "ldam", 100.0)
+    assert (a.loss, a.tau, a.alpha_schedule, a.protocol) == ("sc", 0.1, "parabolic", "ldam")
     assert a.no_curriculum is None and not a.two_stage and not a.fused_forward and a.con_sampler == "random"
-    psc10 = hybrid.resolve_args(common.parse_args(hybrid.Args, ["--loss", "psc"]), num_classes=10)
-    psc100 = hybrid.resolve_args(common.parse_args(hybrid.Args, ["--dataset", "cifar100-lt", "--loss", "psc"]), 100)
+    assert filled["arch"] == "resnet32" and "momentum" not in filled
+    psc10, psc100 = parse("--loss", "psc")[0], parse("--dataset", "cifar100-lt", "--loss", "psc")[0]
     assert psc10.tau == 1.0 and psc100.tau == 0.1
-    assert hybrid.resolve_args(common.parse_args(hybrid.Args, ["--loss", "psc", "--tau", "0.3"]), 10).tau == 0.3
-    inat = hybrid.resolve_args(common.parse_args(hybrid.Args, ["--dataset", "inat2018", "--loss", "psc"]), 8142)
+    assert parse("--loss", "psc", "--tau", "0.3")[0].tau == 0.3
+    inat = parse("--dataset", "inat2018", "--loss", "psc")[0]
     assert (inat.arch, inat.batch_size, inat.epochs, inat.milestones, inat.alpha_schedule, inat.tau) == \
         ("resnet50", 100, 100, [60, 80], "linear", 0.1)
-    assert hybrid.paper_target(a, "cifar10-lt") == 81.40 and hybrid.paper_target(psc100, "cifar100-lt") == 44.97
-    assert hybrid.paper_target(a, None) is None
+    for args, ds in ((a, "cifar10-lt"), (psc10, "cifar10-lt"), (psc100, "cifar100-lt")):
+        assert common.paper_setting(args, hybrid.PAPER, ds)
+    assert not common.paper_setting(inat, hybrid.PAPER, "inat2018")
+    assert hybrid.paper_target(a, "cifar10-lt", True) == 81.40
+    assert hybrid.paper_target(psc100, "cifar100-lt", True) == 44.97
+    assert hybrid.paper_target(a, "cifar10-lt", False) is None
+
+
+@pytest.mark.parametrize("flags", [("--epochs", "100"), ("--batch-size", "256"), ("--lr", "0.1"),
+                                   ("--milestones", "100", "150"), ("--tau", "0.2"), ("--protocol", "sdclr"),
+                                   ("--fused-forward",), ("--cb-batch-size", "128")])
+def test_paper_setting_turns_false_when_a_paper_fixed_argument_changes(flags):
+    assert common.paper_setting(parse("--dataset", "cifar100-lt")[0], hybrid.PAPER, "cifar100-lt")
+    args = parse("--dataset", "cifar100-lt", *flags)[0]
+    assert not common.paper_setting(args, hybrid.PAPER, "cifar100-lt")
+    assert common.variant_label(args, hybrid.DEFAULTS).startswith(flags[0])
 
 
 def test_synthetic_lt_demo_profile_fills_only_unset_fields_and_keeps_paper_defaults():
-    def parse(*argv):
-        return common.parse_args(hybrid.Args, list(argv))
-
-    demo = hybrid.resolve_args(parse("--dataset", "synthetic-lt"), num_classes=10)
-    assert (demo.arch, demo.epochs, demo.batch_size, demo.cb_batch_size, demo.lr) == ("resnet8", 16, 128, 128, 0.1)
-    assert demo.milestones == [10, 13]                                        # 60% / 80%, like 120 / 160 of 200
-    assert (demo.tau, demo.alpha_schedule, demo.loss) == (0.1, "parabolic", "sc")   # the method itself unchanged
+    demo, filled = parse("--dataset", "synthetic-lt")
+    assert (demo.arch, demo.epochs, demo.batch_size, demo.cb_batch_size) == ("resnet8", 16, 128, 128)
+    assert demo.lr == 0.1 and demo.milestones == [10, 13]          # 60% / 80%, like 120 / 160 of 200
+    assert (demo.tau, demo.alpha_schedule, demo.loss) == (0.1, "parabolic", "sc")   # the method unchanged
+    assert filled["epochs"] == 16 and filled["milestones"] == [10, 13]
     alphas = [hybrid.curriculum_alpha(t, demo.epochs, demo.alpha_schedule) for t in range(demo.epochs)]
     assert alphas[0] == 1.0 and alphas[demo.epochs // 2] == pytest.approx(0.75)
     assert alphas[-1] == pytest.approx(1 - (15 / 16) ** 2)                  # the full course, 1 -> 0.12
     # explicit flags win; the milestones follow an explicit --epochs
-    own = parse("--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs", "50", "--lr", "0.5")
-    assert hybrid.demo_defaults(own) == {"batch_size": 128, "milestones": [30, 40]}
-    r = hybrid.resolve_args(own, num_classes=10)
+    r, filled = parse("--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs", "50", "--lr", "0.5")
     assert (r.arch, r.epochs, r.lr, r.batch_size, r.milestones) == ("resnet20", 50, 0.5, 128, [30, 40])
-    r = hybrid.resolve_args(parse("--dataset", "synthetic-lt", "--milestones", "5", "--batch-size", "64"), 10)
+    assert "arch" not in filled and "epochs" not in filled and filled["milestones"] == [30, 40]
+    r = parse("--dataset", "synthetic-lt", "--milestones", "5", "--batch-size", "64")[0]
     assert (r.milestones, r.batch_size, r.cb_batch_size, r.epochs) == ([5], 64, 64, 16)
-    assert hybrid.resolve_args(demo, 10) == demo                               # resolving twice changes nothing
-    # never on the paper datasets, and the paper defaults stay as they were
-    for name in ("cifar10-lt", "cifar100-lt", "inat2018"):
-        assert hybrid.demo_defaults(parse("--dataset", name)) == {}
-    c = hybrid.resolve_args(parse("--dataset", "cifar10-lt"), 10)
+    c = parse("--dataset", "cifar10-lt")[0]
     assert (c.arch, c.epochs, c.batch_size, c.lr, c.milestones) == ("resnet32", 200, 512, 0.5, [120, 160])
-    assert "synthetic-lt" in hybrid.Args.__dataclass_fields__["epochs"].metadata["help"]
+    assert "synthetic-lt: 16" in hybrid.common.make_parser(hybrid.Args, hybrid.DEFAULTS).format_help()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,11 +233,13 @@ def tiny(n_max=48, n_test=40):
 def tiny_args(tmp_path, **kw):
     base = dict(dataset="synthetic-lt", arch="resnet8", batch_size=16, lr=0.1, milestones=[1000], epochs=6,
                 eval_every=3, device="cpu", out_dir=str(tmp_path), print_every=1000, workers=0)
-    return dataclasses.replace(hybrid.Args(), **{**base, **kw})
+    args = dataclasses.replace(hybrid.Args(), **{**base, **kw})
+    common.fill_defaults(args, hybrid.DEFAULTS, given=set(base) | set(kw))
+    return args
 
 
 def test_tiny_synthetic_run_beats_chance_and_writes_results(tmp_path):
-    res = hybrid.train(tiny_args(tmp_path, loss="sc", tau=0.2), tiny())
+    res = hybrid.train(tiny_args(tmp_path, loss="sc", tau=0.2), None, tiny())
     (run_dir,) = list(tmp_path.iterdir())
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["method"] == "hybrid-sc" and saved["protocol"] == "hybrid-e2e"
@@ -235,21 +249,25 @@ def test_tiny_synthetic_run_beats_chance_and_writes_results(tmp_path):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["alpha"] for x in lines] == [pytest.approx(1 - (t / 6) ** 2) for t in range(6)]
     ck = common.load_checkpoint(run_dir / "checkpoint.pt")
-    assert ck["method"] == "hybrid" and ck["epoch"] == 6 and "classifier" in ck and "backbone" in ck
+    assert ck["method"] == "hybrid-sc" and ck["epoch"] == 6 and "classifier" in ck and "backbone" in ck
     bb = common.build_backbone("resnet8")
     bb.load_state_dict(ck["backbone"])   # eval.py --ckpt relies on build_backbone keys
 
 
 def test_demo_profile_is_announced_and_recorded(tmp_path, capsys):
-    # milestones left unset: the demo fills them (60% / 80% of --epochs 5); every other field is explicit and tiny
-    res = hybrid.train(tiny_args(tmp_path, epochs=5, milestones=[], eval_every=100), tiny(n_max=24, n_test=8))
+    # milestones left unset: the demo fills them (60% / 80% of --epochs 5); the other fields are explicit
+    args, filled = parse("--dataset", "synthetic-lt", "--arch", "resnet8", "--batch-size", "16", "--lr",
+                         "0.1", "--epochs", "5", "--eval-every", "100", "--device", "cpu", "--out-dir",
+                         str(tmp_path), "--print-every", "1000", "--workers", "0")
+    res = hybrid.train(args, filled, tiny(n_max=24, n_test=8))
     out = capsys.readouterr().out
-    assert "synthetic-lt demo profile in use" in out and "--milestones 3 4" in out
-    assert res["paper_setting"] is False and "demo profile" in res["variant"]
-    assert res["extra"]["synthetic_demo"] == {"milestones": [3, 4]}
+    assert "defaults for synthetic-lt (a CPU demo profile, not a paper setting)" in out
+    assert "--milestones 3 4" in out
+    assert res["paper_setting"] is False and res["defaults_filled"]["milestones"] == [3, 4]
     (run_dir,) = list(tmp_path.iterdir())
     saved = json.loads((run_dir / "results.json").read_text())
-    assert saved["extra"]["synthetic_demo"] == {"milestones": [3, 4]} and saved["paper_setting"] is False
+    assert saved["defaults_filled"]["milestones"] == [3, 4] and saved["paper_setting"] is False
+    assert json.loads((run_dir / "config.json").read_text())["filled_defaults"]["milestones"] == [3, 4]
     assert [json.loads(x)["lr"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
         pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001])                          # x0.1 at epochs 3 and 4
 
@@ -257,7 +275,7 @@ def test_demo_profile_is_announced_and_recorded(tmp_path, capsys):
 def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path, monkeypatch):
     ds = tiny(n_max=24, n_test=8)
     args = tiny_args(tmp_path / "a", loss="psc", epochs=2, eval_every=100)
-    hybrid.train(args, ds)
+    hybrid.train(args, None, ds)
     (ref_dir,) = list((tmp_path / "a").iterdir())
     ref = common.load_checkpoint(ref_dir / "checkpoint.pt")
 
@@ -273,10 +291,11 @@ def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
     with pytest.raises(Stop):
-        hybrid.train(dataclasses.replace(args, out_dir=str(tmp_path / "b")), ds)
+        hybrid.train(dataclasses.replace(args, out_dir=str(tmp_path / "b")), None, ds)
     monkeypatch.setattr(common, "save_checkpoint", real_save)
     (b_dir,) = list((tmp_path / "b").iterdir())
-    hybrid.train(dataclasses.replace(args, out_dir=str(tmp_path / "b"), resume=str(b_dir / "checkpoint.pt")), ds)
+    hybrid.train(dataclasses.replace(args, out_dir=str(tmp_path / "b"), resume=str(b_dir / "checkpoint.pt")),
+                 None, ds)
     got = common.load_checkpoint(b_dir / "checkpoint.pt")
     assert got["epoch"] == 2
     for part in ("backbone", "classifier", "heads"):
@@ -295,7 +314,8 @@ def test_two_stage_freezes_the_backbone_in_stage_two(tmp_path, monkeypatch):
         real_save(path, state)
 
     monkeypatch.setattr(common, "save_checkpoint", keep)
-    hybrid.train(tiny_args(tmp_path, loss="sc", two_stage=True, epochs=1, stage2_epochs=2, eval_every=100), ds)
+    hybrid.train(tiny_args(tmp_path, loss="sc", two_stage=True, epochs=1, stage2_epochs=2, eval_every=100),
+                 None, ds)
     assert [s["stage"] for s in states] == ["feature", "classifier", "classifier"]
     for k, v in states[0]["backbone"].items():                     # weights and BN statistics unchanged
         assert torch.equal(v, states[-1]["backbone"][k]), k
@@ -304,10 +324,9 @@ def test_two_stage_freezes_the_backbone_in_stage_two(tmp_path, monkeypatch):
 
 def test_ce_ce_head_and_fused_forward_step():
     torch.manual_seed(0)
-    args = hybrid.resolve_args(dataclasses.replace(hybrid.Args(), loss="ce", fused_forward=True, arch="resnet8",
-                                                   lr=0.1), num_classes=4)
+    args = parse("--loss", "ce", "--fused-forward", "--arch", "resnet8", "--lr", "0.1")[0]
     model = hybrid.HybridNet("resnet8", 4, 32, "ce", None, 128, 1)
-    assert isinstance(model.head, torch.nn.Linear) and model.prototypes is None     # CE-CE: second linear head
+    assert isinstance(model.head, torch.nn.Linear) and model.prototypes is None     # CE-CE: a linear head
     opt, scaler = hybrid.make_optimizer(model, args), common.make_scaler(None)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
