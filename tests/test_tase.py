@@ -1,5 +1,5 @@
-"""Tests for tase.py (TASE-R reconstruction, spec ssl.md §4; SimCLR and TS baselines, §1.4 and §2)."""
-import dataclasses
+"""tase.py: TASE-R (reconstruction, docs/tase.md) and its SimCLR / SimCLR+TS baselines. The equations T1-T6
+and TS1, the DEFAULTS / PAPER tables through common.parse_args, tiny CPU runs on synthetic-lt (and resume)."""
 import json
 import math
 
@@ -11,34 +11,39 @@ import data
 import tase
 
 
+def parse(*argv):
+    return common.parse_args(tase.Args, list(argv), tase.DEFAULTS)
+
+
 def _views(b=8, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
 
 
-# ------------------------------------------------------------------------------------------ nt_xent (S1, T5, T6)
+# ------------------------------------------------------------- NT-Xent with tau and w per anchor (T5, T6)
 def test_nt_xent_scalar_temperature_equals_repeated_per_image_and_per_anchor():
     z1, z2 = _views()
-    ref = tase.nt_xent(z1, z2, 0.3)
-    assert torch.allclose(tase.nt_xent(z1, z2, torch.full((8,), 0.3)), ref, atol=1e-6)
-    assert torch.allclose(tase.nt_xent(z1, z2, torch.full((16,), 0.3)), ref, atol=1e-6)
-    per = tase.nt_xent(z1, z2, torch.full((8,), 0.3), reduction="none")
+    ref = common.nt_xent(z1, z2, 0.3)
+    assert torch.allclose(common.nt_xent(z1, z2, torch.full((8,), 0.3)), ref, atol=1e-6)
+    assert torch.allclose(common.nt_xent(z1, z2, torch.full((16,), 0.3)), ref, atol=1e-6)
+    per = common.nt_xent(z1, z2, torch.full((8,), 0.3), reduction="none")
     assert per.shape == (16,) and torch.allclose(per.mean(), ref, atol=1e-6)
 
 
 def test_nt_xent_unit_weights_equal_unweighted_and_weights_scale_both_views():
     z1, z2 = _views(seed=1)
     tau = torch.linspace(0.1, 0.5, 8)
-    assert torch.allclose(tase.nt_xent(z1, z2, tau, weight=torch.ones(8)), tase.nt_xent(z1, z2, tau), atol=1e-6)
+    ones = common.nt_xent(z1, z2, tau, weight=torch.ones(8))
+    assert torch.allclose(ones, common.nt_xent(z1, z2, tau), atol=1e-6)
     w = torch.linspace(0.2, 1.8, 8)
-    per = tase.nt_xent(z1, z2, tau, reduction="none")
+    per = common.nt_xent(z1, z2, tau, reduction="none")
     # T6: both views of image i carry w_i; the loss is the mean over the 2B anchors
-    assert torch.allclose(tase.nt_xent(z1, z2, tau, weight=w), (w.repeat(2) * per).mean(), atol=1e-6)
+    assert torch.allclose(common.nt_xent(z1, z2, tau, weight=w), (w.repeat(2) * per).mean(), atol=1e-6)
 
 
 def test_nt_xent_identical_vectors_give_log_2b_minus_1():
     z = torch.ones(6, 4)
-    per = tase.nt_xent(z, z, torch.linspace(0.1, 1.0, 6), reduction="none")      # spec N7
+    per = common.nt_xent(z, z, torch.linspace(0.1, 1.0, 6), reduction="none")
     assert torch.allclose(per, torch.full((12,), math.log(11)), atol=1e-5)
 
 
@@ -46,7 +51,7 @@ def test_lower_temperature_row_is_sharper_and_only_its_rows_change():
     z1, z2 = _views(seed=2)
     hot = torch.full((8,), 1.0)
     cold = hot.clone()
-    cold[3] = 0.1                                                                 # image 3: both its anchor rows
+    cold[3] = 0.1                                                      # image 3: both its anchor rows
 
     def entropy(logp):
         return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(1)
@@ -55,13 +60,14 @@ def test_lower_temperature_row_is_sharper_and_only_its_rows_change():
     h_cold = entropy(tase.contrastive_log_probs(z1, z2, cold))
     assert h_cold[3] < h_hot[3] - 0.5 and h_cold[11] < h_hot[11] - 0.5          # sharper rows 3 and 3 + B
     others = [j for j in range(16) if j not in (3, 11)]
-    assert torch.allclose(h_cold[others], h_hot[others])                        # rows, not columns (§4.9)
+    assert torch.allclose(h_cold[others], h_hot[others])                        # rows, not columns
     # the probabilities are the ones nt_xent uses: l_j = -log p[j, p(j)]
     logp = tase.contrastive_log_probs(z1, z2, cold)
     pos = (torch.arange(16) + 8) % 16
-    assert torch.allclose(tase.nt_xent(z1, z2, cold, reduction="none"), -logp[torch.arange(16), pos], atol=1e-5)
-    loss_hot = tase.nt_xent(z1, z2, hot, reduction="none")
-    loss_cold = tase.nt_xent(z1, z2, cold, reduction="none")
+    per = common.nt_xent(z1, z2, cold, reduction="none")
+    assert torch.allclose(per, -logp[torch.arange(16), pos], atol=1e-5)
+    loss_hot = common.nt_xent(z1, z2, hot, reduction="none")
+    loss_cold = common.nt_xent(z1, z2, cold, reduction="none")
     assert torch.allclose(loss_hot[others], loss_cold[others], atol=1e-6)
     assert not torch.allclose(loss_hot[[3, 11]], loss_cold[[3, 11]])
 
@@ -69,12 +75,12 @@ def test_lower_temperature_row_is_sharper_and_only_its_rows_change():
 def test_nt_xent_safe_in_bf16():
     z1, z2 = _views(b=64, d=32, seed=3)
     tau = torch.full((64,), 0.1)
-    ref = tase.nt_xent(z1, z2, tau)
-    low = tase.nt_xent(z1.bfloat16(), z2.bfloat16(), tau)
+    ref = common.nt_xent(z1, z2, tau)
+    low = common.nt_xent(z1.bfloat16(), z2.bfloat16(), tau)
     assert torch.isfinite(low) and abs(low.item() - ref.item()) < 0.05 * ref.item()
 
 
-# ---------------------------------------------------------------------------------------------------- k-means (T1)
+# ---------------------------------------------------------------------------------------------- k-means (T1)
 def _blobs(sizes=(60, 30, 12, 5), dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.eye(dim)[:len(sizes)] * 10.0
@@ -103,7 +109,7 @@ def test_kmeans_never_leaves_a_cluster_empty():
         tase.kmeans(x[:3], 5, generator=torch.Generator().manual_seed(0))
 
 
-# ---------------------------------------------------------------------------------------------------- T2-T4, TS1
+# ---------------------------------------------------------------------------------------------- T2-T4, TS1
 def test_sample_temperatures_in_range_and_monotone_in_cluster_size():
     sizes = torch.tensor([500, 7, 120, 30, 1000, 7, 60])
     tau = tase.sample_temperatures(sizes, 0.1, 0.5)
@@ -114,7 +120,8 @@ def test_sample_temperatures_in_range_and_monotone_in_cluster_size():
     assert torch.all(tau[order][1:].diff() > 0)                                 # strictly, for distinct sizes
     half = tase.sample_temperatures(sizes, 0.1, 0.5, modulation=0.5)             # T3 with m(e) = 0.5
     assert half.max().item() == pytest.approx(0.3) and half.min().item() == pytest.approx(0.1)
-    assert torch.allclose(tase.sample_temperatures(torch.tensor([50, 50]), 0.1, 0.5), torch.tensor([0.3, 0.3]))
+    equal = tase.sample_temperatures(torch.tensor([50, 50]), 0.1, 0.5)
+    assert torch.allclose(equal, torch.tensor([0.3, 0.3]))
 
 
 def test_sample_weights_mean_one_and_decreasing_in_cluster_size():
@@ -134,110 +141,163 @@ def test_ts_temperature_follows_eq_ts1():
     assert 0.99 < tase.ts_temperature(1, 0.1, 1.0, 200) < 1.0
 
 
-def test_recluster_epochs_and_method_names_follow_the_spec():
+def test_recluster_epochs_and_method_labels():
     assert [e for e in range(1, 100) if tase.is_recluster_epoch(e, 50, 20)] == [51, 71, 91]
-    a = tase.Args()
+    a = parse()[0]
     assert tase.method_name(a) == "TASE-R (reconstruction)"
-    a.sample_temperature = a.reweight = False
-    assert tase.method_name(a) == "simclr"
-    a.tau_schedule = "cosine"
+    assert tase.RUN_NAMES[tase.method_name(a)] == "tase-r"
+    a = parse("--no-sample-temperature", "--no-reweight")[0]
+    assert tase.method_name(a) == "simclr" and tase.global_temperature(7, a) == 0.2
+    a = parse("--no-sample-temperature", "--no-reweight", "--tau-schedule", "cosine")[0]
     assert tase.method_name(a) == "simclr+ts" and tase.global_temperature(200, a) == pytest.approx(0.1)
+    assert tase.method_name(parse("--no-reweight")[0]) == "TASE-R (reconstruction)"   # one component alone
+
+
+def test_cluster_diagnostics_on_perfect_clusters():
+    ds = data.load_dataset("synthetic-lt", imb_ratio=4, num_classes=4, synthetic_n_max=24, synthetic_n_test=4)
+    y = ds.train.y
+    sizes = torch.bincount(y, minlength=4)
+    tau = tase.sample_temperatures(sizes, 0.1, 0.5)[y]
+    w = tase.sample_weights(sizes[y], 0.5)
+    d = tase.cluster_diagnostics(y, sizes, ds, tau, w)
+    assert d["purity"] == 1.0 and d["nmi"] == pytest.approx(1.0)
+    assert d["spearman_size_vs_class_count"] == pytest.approx(1.0)
+    assert d["tau_by_group"]["many"] > d["tau_by_group"]["few"] and d["weight_by_group"]["few"] > 1.0
 
 
 def test_simclr_mode_equals_fassl_sdclr_with_prune_ratio_0():
-    """Spec N7: tase.py with both TASE switches off is the SDCLR pipeline with --prune-ratio 0 (same net, same loss)."""
+    """Both TASE-R switches off = the SDCLR pipeline with --prune-ratio 0 (net, loss, recipe)."""
     fassl = pytest.importorskip("fassl")
+    if not hasattr(fassl, "Encoder"):
+        pytest.skip("fassl.Encoder is not available")
     torch.manual_seed(0)
     ours = tase.SimCLRNet("resnet8", 32, 128)
     theirs = fassl.Encoder("resnet8", 32, 128, proj_layers=2, prune=False)      # SDCLR code path, p = 0
     theirs.load_state_dict(ours.state_dict())                                    # identical parameter names
     x = torch.rand(12, 3, 32, 32)
-    a = tase.Args(sample_temperature=False, reweight=False)
+    a = parse("--dataset", "cifar10-lt", "--no-sample-temperature", "--no-reweight")[0]
+    if hasattr(fassl, "DEFAULTS"):
+        argv = ["--dataset", "cifar10-lt", "--prune-ratio", "0"]
+        f = common.parse_args(fassl.Args, argv, fassl.DEFAULTS)[0]
+    else:
+        f = fassl.resolve_defaults(fassl.Args(prune_ratio=0.0), 32)
     tau = tase.global_temperature(1, a)
-    f = fassl.resolve_defaults(fassl.Args(prune_ratio=0.0), 32)
-    assert tau == f.tau == 0.2 and f.proj_layers == 2 and f.batch_size == a.batch_size and f.arch == a.arch
+    assert tau == f.tau == 0.2 and f.batch_size == a.batch_size and f.arch == a.arch
     assert (f.lr, f.final_lr, f.momentum, f.weight_decay) == (a.lr, a.final_lr, a.momentum, a.weight_decay)
     z_ours, z_theirs = ours(x), theirs(x)
     assert torch.allclose(z_ours, z_theirs)
-    assert torch.allclose(tase.nt_xent(z_ours[:6], z_ours[6:], tau), fassl.nt_xent(z_theirs[:6], z_theirs[6:], f.tau))
+    loss = common.nt_xent(z_ours[:6], z_ours[6:], tau)
+    assert torch.allclose(loss, common.nt_xent(z_theirs[:6], z_theirs[6:], tau))
 
 
-def test_bad_settings_raise_one_line_user_errors():
-    for kw in (dict(tau_min=0.6), dict(clusters=1), dict(recluster_every=0), dict(batch_size=1)):
+def test_settings_that_cannot_work_give_one_line_user_errors():
+    base = parse("--dataset", "synthetic-lt")[0]
+    for flags in (("--tau-min", "0.6"), ("--clusters", "1"), ("--batch-size", "1"), ("--ts-tau-min", "2")):
         with pytest.raises(common.UserError) as e:
-            tase.check_args(tase.Args(**kw))
-        assert "\n" not in str(e.value)
-    tase.check_args(tase.Args())
+            tase.check_args(parse("--dataset", "synthetic-lt", *flags)[0])
+        assert "\n" not in str(e.value) and flags[0] in str(e.value)
+    tase.check_args(base)
+    for flags in (("--recluster-every", "0"), ("--tau", "0"), ("--probe", "linear"), ("--epochs", "-1")):
+        with pytest.raises(SystemExit) as e:                                     # per-flag checks: exit 2
+            parse(*flags)
+        assert e.value.code == 2
 
 
-# ------------------------------------------------------------------------------------ synthetic-lt demo profile
-def test_demo_profile_only_for_synthetic_lt_and_only_for_options_not_given():
-    args, demo = tase.resolve_args(["--dataset", "synthetic-lt"])
-    assert demo == tase.SYNTHETIC_DEMO
-    assert all(getattr(args, k) == v for k, v in tase.SYNTHETIC_DEMO.items())
-    # the demo must re-cluster at least twice, so the TASE-R diagnostics show up
-    assert sum(tase.is_recluster_epoch(e, args.warmup_epochs, args.recluster_every)
-               for e in range(1, args.epochs + 1)) >= 2
+# --------------------------------------------------------------------- DEFAULTS, demo profile, PAPER
+def test_dataset_defaults_and_the_synthetic_demo_profile():
+    c, filled = parse("--dataset", "cifar10-lt")
+    assert (c.arch, c.epochs, c.batch_size, c.lr_warmup_epochs) == ("resnet18", 2000, 512, 10)
+    assert (c.protocol, c.cluster_warmup_epochs, c.recluster_every) == ("sdclr", 50, 20)
+    assert (c.probe_aug, c.probe) == ("crop", ["full", "few-shot"])
+    i = parse("--dataset", "imagenet100-lt")[0]
+    assert (i.arch, i.batch_size, i.epochs) == ("resnet50", 256, 500)
+    demo, filled = parse("--dataset", "synthetic-lt")
+    profile = {"arch": "resnet8", "epochs": 20, "batch_size": 128, "lr_warmup_epochs": 2,
+               "cluster_warmup_epochs": 4, "recluster_every": 4, "probe_aug": "none"}
+    assert filled == {"protocol": "sdclr", **profile}
+    # the demo clusters at least twice, so the TASE-R diagnostics show up
+    assert [e for e in range(1, 21) if tase.is_recluster_epoch(e, demo.cluster_warmup_epochs,
+                                                               demo.recluster_every)] == [5, 9, 13, 17]
     # explicit flags win, in every spelling argparse accepts (--opt v, --opt=v, an unambiguous prefix)
-    args, demo = tase.resolve_args(["--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs=7", "--batch", "64"])
-    assert (args.arch, args.epochs, args.batch_size) == ("resnet20", 7, 64)
-    assert not {"arch", "epochs", "batch_size"} & set(demo) and args.warmup_epochs == demo["warmup_epochs"]
-    args, demo = tase.resolve_args(["--dataset", "synthetic-lt", "--epochs", "2000", "--probe-aug", "crop"])
-    assert args.epochs == 2000 and args.probe_aug == "crop" and "epochs" not in demo   # a default value given
-    # other datasets keep the paper / spec defaults untouched
+    r, filled = parse("--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs=7", "--batch", "64")
+    assert (r.arch, r.epochs, r.batch_size, r.cluster_warmup_epochs) == ("resnet20", 7, 64, 4)
+    assert not {"arch", "epochs", "batch_size"} & set(filled)
+    r, filled = parse("--dataset", "synthetic-lt", "--epochs", "2000", "--probe-aug", "crop", "--probe")
+    assert (r.epochs, r.probe_aug, r.probe) == (2000, "crop", []) and "epochs" not in filled
+    text = common.make_parser(tase.Args, tase.DEFAULTS).format_help()
+    assert "TASE-R (reconstruction)" in text and "synthetic-lt: 20" in text
+    assert "--cluster-warmup-epochs" in text and "--lr-warmup-epochs" in text
+    for old in (("--warmup-epochs", "3"), ("--log-every", "5"), ("--bench-steps", "2"), ("--probe", "both")):
+        with pytest.raises(SystemExit):                                          # renamed flags are gone
+            parse(*old)
+
+
+PAPER_CHANGES = {   # one change per paper-fixed argument; the ts_* ones matter only to SimCLR+TS
+    "protocol": ("--protocol", "ldam"), "arch": ("--arch", "resnet34"), "epochs": ("--epochs", "1000"),
+    "batch_size": ("--batch-size", "256"), "lr_warmup_epochs": ("--lr-warmup-epochs", "5"),
+    "imb_ratio": ("--imb-ratio", "50"), "proj_dim": ("--proj-dim", "64"), "lr": ("--lr", "0.3"),
+    "final_lr": ("--final-lr", "0"), "momentum": ("--momentum", "0.8"),
+    "weight_decay": ("--weight-decay", "5e-4"), "augment": ("--augment", "mocov2_imagenet"),
+    "sample_temperature": ("--sample-temperature",), "reweight": ("--reweight",),
+    "probe_epochs": ("--probe-epochs", "10"), "probe_aug": ("--probe-aug", "none"), "tau": ("--tau", "0.5"),
+    "ts_tau_min": ("--ts-tau-min", "0.2"), "ts_tau_max": ("--ts-tau-max", "0.5"),
+    "ts_period": ("--ts-period", "100")}
+SIMCLR = ("--no-sample-temperature", "--no-reweight")
+TS = SIMCLR + ("--tau-schedule", "cosine")
+
+
+def _paper(*argv, dataset="cifar100-lt"):
+    return common.paper_setting(parse("--dataset", dataset, *argv)[0], tase.PAPER, dataset)
+
+
+def test_only_the_baselines_have_paper_settings():
+    assert set(PAPER_CHANGES) == set(tase.PAPER[("cifar10-lt", "cifar100-lt")])
     for ds in ("cifar10-lt", "cifar100-lt"):
-        args, demo = tase.resolve_args(["--dataset", ds])
-        assert demo == {} and args == tase.Args(dataset=ds)
-    assert (tase.Args().arch, tase.Args().epochs, tase.Args().batch_size) == ("resnet18", 2000, 512)
+        assert _paper(*SIMCLR, dataset=ds) and _paper(*TS, dataset=ds)
+        assert not _paper(dataset=ds) and not _paper("--no-reweight", dataset=ds)   # TASE-R: never
+    assert not _paper(*SIMCLR, dataset="synthetic-lt") and not _paper(*SIMCLR, dataset="imagenet100-lt")
+    assert _paper(*SIMCLR, "--ts-period", "100") and _paper(*TS, "--tau", "0.5")   # ignored by the schedule
+    assert _paper(*SIMCLR, "--split", "3", "--seed", "1", "--probe", "full")
 
 
-def test_demo_defaults_are_documented_in_help():
-    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(tase.Args)}
-    for k, v in tase.SYNTHETIC_DEMO.items():
-        assert f"synthetic-lt demo: {v}" in helps[k], k
+@pytest.mark.parametrize("key", sorted(PAPER_CHANGES))
+def test_paper_setting_turns_false_when_a_paper_fixed_argument_changes(key):
+    base = TS if key.startswith("ts_") else SIMCLR
+    assert _paper(*base)
+    args = parse("--dataset", "cifar100-lt", *base, *PAPER_CHANGES[key])[0]
+    assert not common.paper_setting(args, tase.PAPER, "cifar100-lt")
+    if key not in ("imb_ratio", "sample_temperature", "reweight"):   # rho: the dataset; switches: TASE-R
+        assert PAPER_CHANGES[key][0] in common.variant_label(args, tase.DEFAULTS)
 
 
-def test_demo_run_prints_the_profile_and_records_it(tmp_path, capsys):
-    argv = ["--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "24", "--synthetic-n-test", "6",
-            "--imb-ratio", "4", "--epochs", "1", "--batch-size", "24", "--warmup-epochs", "0", "--kmeans-iters", "5",
-            "--kmeans-restarts", "1", "--probe", "full", "--probe-epochs", "1", "--device", "cpu", "--amp", "off",
-            "--out-dir", str(tmp_path), "--log-every", "100"]
-    args, demo = tase.resolve_args(argv)
-    assert demo == {k: tase.SYNTHETIC_DEMO[k] for k in ("arch", "lr_warmup_epochs", "recluster_every", "probe_aug")}
-    run_dir = tase.main(args, demo)
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "demo profile" in ln]
-    assert len(lines) == 1 and "--arch resnet8" in lines[0] and "--batch-size" not in lines[0]
-    res = json.loads((run_dir / "results.json").read_text())
-    assert res["paper_setting"] is False and res["extra"]["demo_profile"] == demo
-    assert res["variant"].startswith("synthetic-lt demo profile") and res["backbone"] == "resnet8"
-
-
-# ---------------------------------------------------------------------------------------------------- tiny runs
+# ---------------------------------------------------------------------------------------------- tiny runs
 N_MAX, CLASSES, RHO = 24, 4, 4.0
+TINY = ("--dataset", "synthetic-lt", "--num-classes", str(CLASSES), "--synthetic-n-max", str(N_MAX),
+        "--synthetic-n-test", "6", "--imb-ratio", str(RHO), "--arch", "resnet8", "--epochs", "3",
+        "--batch-size", "24", "--lr-warmup-epochs", "1", "--cluster-warmup-epochs", "1",
+        "--recluster-every", "1", "--kmeans-restarts", "2", "--kmeans-iters", "20", "--probe",
+        "--device", "cpu", "--amp", "off", "--workers", "0", "--print-every", "100")
 
 
-def _tiny_args(out_dir, **kw):
-    base = dict(dataset="synthetic-lt", num_classes=CLASSES, synthetic_n_max=N_MAX, synthetic_n_test=6,
-                imb_ratio=RHO, arch="resnet8", epochs=3, batch_size=24, lr_warmup_epochs=1, warmup_epochs=1,
-                recluster_every=1, kmeans_restarts=2, kmeans_iters=20, probe="none", device="cpu", amp="off",
-                workers=0, out_dir=str(out_dir), log_every=100)
-    base.update(kw)
-    return tase.Args(**base)
+def tiny(out_dir, *flags):
+    return tase.train(*parse(*TINY, "--out-dir", str(out_dir), *flags))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One uninterrupted TASE-R run: 3 epochs, warm-up 1, re-cluster every epoch (at epochs 2 and 3), both probes."""
-    return tase.main(_tiny_args(tmp_path_factory.mktemp("full"), probe="both", probe_epochs=1, probe_aug="none"))
+    """One uninterrupted TASE-R run: 3 epochs, W = 1, clusters at epochs 2 and 3, both probes."""
+    return tiny(tmp_path_factory.mktemp("full"), "--probe", "full", "few-shot", "--probe-epochs", "1")
 
 
 def test_tiny_run_reclusters_and_writes_results_and_diagnostics(tiny_run):
     run_dir = tiny_run
+    assert run_dir.name.startswith("tase-r-synthetic-lt-")
     n_train = sum(data.lt_counts(N_MAX, CLASSES, RHO))
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [1, 2, 3]
     assert "pseudo_labels" not in recs[0] and recs[0]["tau_global"] == 0.2       # warm-up epoch: plain SimCLR
     assert [r["reclustered"] for r in recs] == [False, True, True]
+    assert all(math.isfinite(r["loss"]) and r["row_entropy_last_batch"] > 0 for r in recs)
     for r in recs[1:]:
         d = r["pseudo_labels"]
         assert sum(d["cluster_sizes"]) == n_train and min(d["cluster_sizes"]) >= 1
@@ -248,13 +308,17 @@ def test_tiny_run_reclusters_and_writes_results_and_diagnostics(tiny_run):
     assert (run_dir / "tase_temperature_weight.png").stat().st_size > 1000
     res = json.loads((run_dir / "results.json").read_text())
     assert res["method"] == "TASE-R (reconstruction)" and res["paper_setting"] is False
-    assert res["protocol"] == "sdclr-probe-full" and res["at_selected"]["groups_thirds"]["group_mean"] is not None
-    assert res["extra"]["num_reclusters"] == 2
+    assert res["protocol"] == "sdclr-probe-full"
+    assert res["at_selected"]["groups_thirds"]["group_mean"] is not None
+    assert res["extra"]["num_reclusters"] == 2 and sum(res["extra"]["final_cluster_sizes"]) == n_train
+    assert res["defaults_filled"] == {"protocol": "sdclr", "probe_aug": "none"}
     few = json.loads((run_dir / "few-shot" / "results.json").read_text())
-    assert few["protocol"] == "sdclr-probe-fewshot"
+    assert few["protocol"] == "sdclr-probe-fewshot" and few["method"] == "TASE-R (reconstruction)"
     ck = common.load_checkpoint(run_dir / "checkpoint.pt")
-    assert ck["method"] == "tase" and ck["epoch"] == 3 and ck["assignments"].shape == (n_train,)
-    assert torch.equal(torch.bincount(ck["assignments"], minlength=CLASSES), ck["cluster_sizes"])
+    assign, sizes = ck["clusters"]
+    assert ck["method"] == "TASE-R (reconstruction)" and ck["epoch"] == 3 and assign.shape == (n_train,)
+    assert torch.equal(torch.bincount(assign, minlength=CLASSES), sizes)
+    common.build_backbone("resnet8").load_state_dict(ck["backbone"])            # eval.py --ckpt reads it
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
@@ -267,21 +331,47 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, monkeypatch
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        tase.main(_tiny_args(tmp_path))
+        tiny(tmp_path)
     monkeypatch.setattr(common, "save_checkpoint", real_save)
-    resumed = tase.main(_tiny_args(tmp_path, resume="auto"))
+    resumed = tiny(tmp_path, "--resume", "auto")
     a = common.load_checkpoint(tiny_run / "checkpoint.pt")
     b = common.load_checkpoint(resumed / "checkpoint.pt")
-    assert b["epoch"] == 3 and b["num_reclusters"] == 2 and torch.equal(a["assignments"], b["assignments"])
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    assert b["epoch"] == 3 and b["num_reclusters"] == 2 and torch.equal(a["clusters"][0], b["clusters"][0])
+    for part in ("backbone", "head"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
 
 
-def test_simclr_switches_never_cluster(tmp_path):
-    run_dir = tase.main(_tiny_args(tmp_path, epochs=2, sample_temperature=False, reweight=False,
-                                   tau_schedule="cosine", ts_period=2))
+def test_demo_profile_is_announced_and_recorded(tmp_path, capsys):
+    # arch, LR warm-up and probe views left unset: the demo profile fills them; the rest is explicit and tiny
+    argv = list(TINY)
+    for flag in ("--arch", "--lr-warmup-epochs"):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    args, filled = parse(*argv, "--epochs", "1", "--out-dir", str(tmp_path))
+    assert filled == {"protocol": "sdclr", "arch": "resnet8", "lr_warmup_epochs": 2, "probe_aug": "none"}
+    run_dir = tase.train(args, filled)
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if "defaults for synthetic-lt" in ln]
+    assert len(line) == 1 and "not a paper setting" in line[0] and "--arch resnet8" in line[0]
+    assert "--batch-size" not in line[0] and "TASE-R (reconstruction)" in out
+    assert json.loads((run_dir / "config.json").read_text())["filled_defaults"] == filled
+    assert not (run_dir / "results.json").exists()                      # --probe with no mode: no probe
+
+
+def test_simclr_switches_never_cluster_and_record_filled_defaults(tmp_path):
+    run_dir = tiny(tmp_path, "--epochs", "2", *TS, "--ts-period", "2", "--probe", "full",
+                   "--probe-epochs", "1")
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("pseudo_labels" not in r and not r["reclustered"] for r in recs)
     assert [r["tau_global"] for r in recs] == pytest.approx([0.55, 0.1])         # eq. TS1 with T = 2
     assert run_dir.name.startswith("tase-simclr-ts-synthetic-lt-")
     assert not (run_dir / "tase_temperature_weight.png").exists()
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["method"] == "simclr+ts" and res["paper_setting"] is False and res["extra"]["clusters"] is None
+    assert res["defaults_filled"]["probe_aug"] == "none" and not (run_dir / "few-shot").exists()
+
+
+def test_benchmark_times_the_full_step(capsys):
+    ips = tase.main(["--benchmark", "--dataset", "synthetic-lt", "--benchmark-steps", "1",
+                     "--batch-size", "8", "--device", "cpu", "--amp", "off"])
+    assert ips > 0 and "[tase-r benchmark]" in capsys.readouterr().out
