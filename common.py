@@ -840,8 +840,15 @@ def variant_label(args, defaults: dict) -> str:
     fill_defaults(ref, defaults)
     diff = [f for f in dataclasses.fields(args) if f.name not in ("dataset", "imb_ratio", "seed")
             and not f.metadata.get("runtime") and not _same(getattr(args, f.name), getattr(ref, f.name))]
-    return " ".join(f"--{f.name.replace('_', '-')} {_flag_value(getattr(args, f.name))}"
-                    for f in diff) or "default"
+    return " ".join(_as_flag(f.name, getattr(args, f.name)) for f in diff) or "default"
+
+
+def _as_flag(name: str, value) -> str:
+    """The command-line form of one setting: --flag / --no-flag for booleans, --flag VALUE otherwise."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {_flag_value(value)}"
 
 
 def _flag_value(v) -> str:
@@ -906,7 +913,7 @@ class Run:
                 demo = (" (a CPU demo profile, not a paper setting)" if self.args.dataset == "synthetic-lt"
                         else "")
                 print(f"[{self.method}] defaults for {self.args.dataset}{demo}: "
-                      + " ".join(f"--{k.replace('_', '-')} {_flag_value(v)}" for k, v in self.filled.items())
+                      + " ".join(_as_flag(k, v) for k, v in self.filled.items())
                       + "; a flag on the command line overrides any of them", flush=True)
             if fresh:
                 save_json(self.run_dir / "config.json",

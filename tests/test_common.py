@@ -431,7 +431,10 @@ def test_variant_label_and_paper_setting():
     for flags in (["--lr", "0.4"], ["--arch", "resnet18"], ["--protocol", "ldam"]):
         b = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt", *flags], DEMO_DEFAULTS)[0]
         assert not common.paper_setting(b, paper, "cifar100-lt")
-        assert common.variant_label(b, DEMO_DEFAULTS) == " ".join(flags).replace("0.4", "0.4")
+        assert common.variant_label(b, DEMO_DEFAULTS) == " ".join(flags)
+    b = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt", "--no-amp-on", "--milestones", "5", "7"],
+                          DEMO_DEFAULTS)[0]
+    assert common.variant_label(b, DEMO_DEFAULTS) == "--no-amp-on --milestones 5 7"
     c = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt", "--every", "2", "--seed", "3", "--device",
                                      "cpu"], DEMO_DEFAULTS)[0]
     assert common.variant_label(c, DEMO_DEFAULTS) == "default"
