@@ -39,10 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import resnet as tv_resnet
 
-# ------------------------------------------------------------------------------------------------------------
-# Command line: one dataclass per script -> argparse, dataset defaults, checks
-# ------------------------------------------------------------------------------------------------------------
-
+# --- Command line: one dataclass per script -> argparse, dataset defaults, checks ---------------------------
 
 def arg(default, help: str, **kw) -> dataclasses.Field:
     """A dataclass field with a one-line doc. Keywords go into the field metadata:
@@ -102,9 +99,6 @@ def user_errors():
         print("\ninterrupted; checkpoints already written are intact (continue with --resume auto)",
               file=sys.stderr, flush=True)
         sys.exit(130)
-
-
-RUNTIME = tuple(f.name for f in dataclasses.fields(RunArgs) if f.metadata.get("runtime"))
 
 
 def _or_none(base):
@@ -231,10 +225,7 @@ def check_args(args, train_size: int | None = None) -> None:
                 raise UserError(f"{flag} {v} is out of range: it must be {_CHECKS[rule][1]}")
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Seeding, ranks, device and precision
-# ------------------------------------------------------------------------------------------------------------
-
+# --- Seeding, ranks, device and precision -------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every CUDA device); cuDNN autotuning on."""
@@ -334,10 +325,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Backbones
-# ------------------------------------------------------------------------------------------------------------
-
+# --- Backbones ----------------------------------------------------------------------------------------------
 
 class TorchvisionResNet(tv_resnet.ResNet):
     """torchvision ResNet without its fc. State-dict keys are torchvision's (conv1, bn1, layer1..4).
@@ -457,10 +445,7 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
     return nn.Sequential(*layers)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# EMA and learning-rate schedules
-# ------------------------------------------------------------------------------------------------------------
-
+# --- EMA and learning-rate schedules ------------------------------------------------------------------------
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, tau: float, buffers: str) -> None:
@@ -505,10 +490,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Shared contrastive loss
-# ------------------------------------------------------------------------------------------------------------
-
+# --- Shared contrastive loss --------------------------------------------------------------------------------
 
 def _per_anchor(value: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     """(B,) per image -> (2B,) per anchor (both views of image i get value[i]); (2B,) passes through."""
@@ -549,10 +531,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, weight=None, reduct
     return loss.mean() if reduction == "mean" else loss
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Run directory, JSON, metrics, checkpoints, RNG states
-# ------------------------------------------------------------------------------------------------------------
-
+# --- Run directory, JSON, metrics, checkpoints, RNG states --------------------------------------------------
 
 def make_run_dir(method: str, dataset: str, out_dir: str = "runs", resume: str | None = None) -> pathlib.Path:
     """Directory of this run: a new runs/<method>-<dataset>-<YYYYmmdd-HHMMSS>/; with resume=<checkpoint file>
@@ -705,10 +684,7 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Progress line
-# ------------------------------------------------------------------------------------------------------------
-
+# --- Progress line ------------------------------------------------------------------------------------------
 
 def _fmt_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
@@ -768,10 +744,7 @@ class Progress:
         return line
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Benchmark timer
-# ------------------------------------------------------------------------------------------------------------
-
+# --- Benchmark timer ----------------------------------------------------------------------------------------
 
 def benchmark(name: str, step, images_per_step: int, steps: int, device, amp_dtype, warmup: int = 3) -> float:
     """Time `step()` (one full training step on random data; returns a device tensor): `warmup` untimed calls,
@@ -789,10 +762,7 @@ def benchmark(name: str, step, images_per_step: int, steps: int, device, amp_dty
     return images_per_step / dt
 
 
-# ------------------------------------------------------------------------------------------------------------
-# One run: resume, run directory, config, loss guard, checkpoints, paper setting, results
-# ------------------------------------------------------------------------------------------------------------
-
+# --- One run: resume, run directory, config, loss guard, checkpoints, paper setting, results ----------------
 
 def _same(a, b) -> bool:
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
@@ -871,26 +841,36 @@ class Run:
     On --resume the run's own settings come from its checkpoint; only the runtime flags of this command line
     (device, AMP, workers, ...) are taken from the command line."""
 
-    def __init__(self, method: str, args, filled: dict, defaults: dict | None = None,
-                 paper: dict | None = None, label: str | None = None):
-        self.method, self.args, self.filled = method, args, dict(filled)
-        self.defaults, self.paper, self.label = defaults or {}, paper or {}, label or method
+    def __init__(self, method, args, filled: dict, defaults: dict | None = None, paper: dict | None = None,
+                 label=None):
+        """method / label: a name, or a function of the args (a resumed run's own args may name another)."""
+        name = (lambda a: method(a) if callable(method) else method)
+        self.args, self.filled, self.defaults, self.paper = args, dict(filled), defaults or {}, paper or {}
         self.run_dir, self.ckpt, self.t0, self.wall0 = None, None, time.time(), 0.0
+        self.method = name(args)
         if args.resume:
-            run_dir = make_run_dir(method, args.dataset, args.out_dir, args.resume)
+            run_dir = make_run_dir(self.method, args.dataset, args.out_dir, args.resume)
             path = pathlib.Path(args.resume)
             path = path if path.is_file() else run_dir / "checkpoint.pt"
             if path.is_file():                       # "auto" with no earlier run starts a fresh one
                 self.ckpt, self.run_dir = load_checkpoint(path), run_dir
                 self._restore_args(path)
+        self.method = name(self.args)
+        self.label = (label(self.args) if callable(label) else label) or self.method
         self.device, self.amp_dtype = setup_device(self.args.device, self.args.amp)
         self.amp = amp_name(self.amp_dtype)
         seed_everything(self.args.seed)
 
     def _restore_args(self, path) -> None:
+        """The run's own settings from its checkpoint. The shared runtime flags come from this command line,
+        and so does a script's own runtime flag (runtime=True) set here to a non-default value."""
         saved, now = self.ckpt.get("args", {}), self.args
-        names = {f.name for f in dataclasses.fields(now)}
-        keep = {k: v for k, v in saved.items() if k in names and k not in RUNTIME}
+        fields = {f.name: f for f in dataclasses.fields(now)}
+        default = type(now)(dataset=saved.get("dataset", now.dataset))
+        fill_defaults(default, self.defaults)
+        keep = {k: v for k, v in saved.items() if k in fields and not (
+            fields[k].metadata.get("runtime") and (k in RunArgs.__dataclass_fields__
+                                                   or not _same(getattr(now, k), getattr(default, k))))}
         changed = [f"--{k.replace('_', '-')}" for k, v in keep.items() if not _same(getattr(now, k), v)]
         self.args = dataclasses.replace(now, **keep)
         self.filled = self.ckpt.get("filled", self.filled)
