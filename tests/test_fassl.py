@@ -1,24 +1,33 @@
-"""Tests for fassl.py: losses (Eq. S1, 2, 3), SDCLR pruning and dual BN, EMA (Eq. 4), end-to-end run and resume,
-synthetic-lt demo profile."""
-import dataclasses
+"""Tests for fassl.py: the losses of Eq. (1)-(4) and SDCLR's NT-Xent, pruning and dual BN; the DEFAULTS
+and PAPER tables; the probe settings at 224 px and on Places-LT; end-to-end runs on synthetic-lt with exact
+resume."""
+import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import common
+import data
+import eval as evaluation
 import fassl
 
-TINY = ["--dataset", "synthetic-lt", "--synthetic-n-max", "24", "--synthetic-n-test", "4", "--imb-ratio", "10",
-        "--arch", "resnet8", "--batch-size", "32", "--num-prototypes", "16", "--probe-epochs", "1",
-        "--probe-aug", "none", "--device", "cpu", "--warmup-epochs", "1"]
+TINY = ["--dataset", "synthetic-lt", "--synthetic-n-max", "24", "--synthetic-n-test", "4", "--imb-ratio",
+        "10", "--arch", "resnet8", "--batch-size", "32", "--num-prototypes", "16", "--probe-epochs", "1",
+        "--probe-aug", "none", "--device", "cpu", "--lr-warmup-epochs", "1", "--workers", "0",
+        "--print-every", "1000"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Eq. S1 (nt_xent, re-exported by fassl)
-# ---------------------------------------------------------------------------------------------------------------
+def parse(*argv):
+    return fassl.parse(list(argv))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NT-Xent of SDCLR / SimCLR (common.nt_xent, re-exported by fassl)
+# ----------------------------------------------------------------------------------------------------------
 def test_nt_xent_identical_embeddings_gives_log_2b_minus_1():
     B = 6
     z = torch.ones(B, 5)
@@ -52,9 +61,9 @@ def test_nt_xent_bf16_inputs_are_finite():
     assert torch.isfinite(fassl.nt_xent(z, z + 1, 0.1))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# SDCLR: mask (S2) and dual BN (S3)
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+# SDCLR: global magnitude mask and dual BN
+# ----------------------------------------------------------------------------------------------------------
 def make_net(prune=True):
     torch.manual_seed(0)
     return fassl.Encoder("resnet8", 32, 16, proj_layers=3, prune=prune)
@@ -69,10 +78,10 @@ def test_pruning_mask_keeps_top_magnitudes_of_backbone_convs_only():
     n_total = sum(net.get_parameter(n + ".weight").numel() for n in net.prunable)
     assert kept == pytest.approx(0.1, abs=2.0 / n_total)
     w = torch.cat([net.get_parameter(n + ".weight").abs().flatten() for n in net.prunable])
-    m = torch.cat([net.mask(n).flatten() for n in net.prunable])
+    m = torch.cat([net.get_buffer(f"mask{net.prunable.index(n)}").flatten() for n in net.prunable])
     assert w[m].min() >= w[~m].max()                           # global magnitude threshold
     # masks exist only for backbone convs: BN and head parameters are never masked
-    mask_names = [n for n, _ in net.named_buffers() if n.startswith("mask__")]
+    mask_names = [n for n, _ in net.named_buffers() if n.startswith("mask")]
     assert len(mask_names) == len(convs)
     # the dense weights themselves are untouched by pruning
     before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("mask__")}
@@ -94,9 +103,9 @@ def test_pruned_branch_equals_dense_when_nothing_is_pruned_and_differs_after_pru
 def test_branches_keep_separate_batchnorm_statistics_and_affine_parameters():
     net = make_net().train()
     dense_bn = net.get_submodule(net.bns[0])
-    pruned_bn = net.pruned_bn[fassl.key("", net.bns[0])]
+    pruned_bn = net.pruned_bn[0]
     head_bn = net.get_submodule([n for n in net.bns if n.startswith("head")][0])
-    head_pruned_bn = net.pruned_bn[fassl.key("", [n for n in net.bns if n.startswith("head")][0])]
+    head_pruned_bn = net.pruned_bn[[i for i, n in enumerate(net.bns) if n.startswith("head")][0]]
     d0, p0 = dense_bn.running_mean.clone(), pruned_bn.running_mean.clone()
     hd0, hp0 = head_bn.running_var.clone(), head_pruned_bn.running_var.clone()
     net(torch.rand(8, 3, 32, 32) + 1.0).sum()                 # dense branch only
@@ -109,16 +118,17 @@ def test_branches_keep_separate_batchnorm_statistics_and_affine_parameters():
     out.pow(2).sum().backward()
     assert pruned_bn.weight.grad is not None and dense_bn.weight.grad is None
     conv = net.prunable[0]
-    grad, mask = net.get_parameter(conv + ".weight").grad, net.mask(conv)
-    assert torch.all(grad[~mask] == 0) and grad[mask].abs().sum() > 0   # pruned weights get no pruned-branch grad
+    grad, mask = net.get_parameter(conv + ".weight").grad, net.get_buffer(f"mask{net.prunable.index(conv)}")
+    assert torch.all(grad[~mask] == 0) and grad[mask].abs().sum() > 0    # pruned-away weights: no grad here
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Eq. (1)-(3): prototype loss, frequency weights, re-balanced loss
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 def test_prototype_contrastive_loss_trains_teacher_and_prototypes():
     torch.manual_seed(0)
-    z1, z2, P = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16), torch.randn(32, 16, requires_grad=True)
+    z1, z2 = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
+    P = torch.randn(32, 16, requires_grad=True)
     loss = fassl.prototype_contrastive_loss(z1, z2, P, beta=0.2)
     loss.backward()
     assert torch.isfinite(loss) and z1.grad.abs().sum() > 0 and P.grad.abs().sum() > 0
@@ -140,7 +150,8 @@ def test_frequency_weights_favour_samples_far_from_the_prototypes():
     # without clipping, exactly phi_i / mean(phi) with phi = 1 / exp(s) (Eq. 3)
     s = torch.nn.functional.normalize(z, dim=-1) @ centre
     phi = torch.exp(-s.double())
-    assert torch.allclose(fassl.frequency_weights(z, P, clip_sigma=0).double(), phi / phi.mean(), rtol=1e-4)
+    w0 = fassl.frequency_weights(z, P, clip_sigma=0).double()
+    assert torch.allclose(w0, phi / phi.mean(), rtol=1e-4)
 
 
 def test_frequency_weights_clipping_bounds_outliers():
@@ -151,9 +162,9 @@ def test_frequency_weights_clipping_bounds_outliers():
     z[0] = -centre                                             # one sample far from every prototype
     s = torch.nn.functional.normalize(z, dim=-1) @ centre
     w_raw, w = fassl.frequency_weights(z, P, clip_sigma=0), fassl.frequency_weights(z, P, clip_sigma=2.0)
-    assert w_raw[0] > 25                                       # unclipped: the outlier takes most of the weight
-    assert w[0] < 0.75 * w_raw[0] and w[0] == w.max()         # clipped: still the largest, but bounded
-    assert (w.max() / w.min()).log() <= 4 * s.std(unbiased=False) + 1e-4   # s clamped to mu +- 2 sigma
+    assert w_raw[0] > 25                                       # unclipped: the outlier takes most weight
+    assert w[0] < 0.75 * w_raw[0] and w[0] == w.max()          # clipped: still the largest, but bounded
+    assert (w.max() / w.min()).log() <= 4 * s.std(unbiased=False) + 1e-4     # s within mu +- 2 sigma
     assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
 
 
@@ -181,12 +192,14 @@ def test_rebalanced_loss_is_weighted_normalised_mse():
     assert fassl.rebalanced_loss(z, z, torch.ones(6)).item() == pytest.approx(0.0, abs=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Eq. (4): EMA teacher
-# ---------------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Eq. (4): EMA teacher, inside the Stage-2 step
+# ----------------------------------------------------------------------------------------------------------
 def test_ema_update_matches_formula():
     torch.manual_seed(0)
-    t, s = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    t, s = (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)) for _ in range(2))
     s(torch.randn(8, 4))                                       # give the student different BN statistics
     t0 = {k: v.clone() for k, v in t.state_dict().items()}
     fassl.update_teacher(t, s, 0.99)
@@ -197,87 +210,26 @@ def test_ema_update_matches_formula():
             assert torch.equal(v, s.state_dict()[k])
 
 
-def test_ema_tau_zero_makes_teacher_equal_student_and_one_freezes_it():
-    args = fassl.resolve_defaults(fassl.parse(TINY + ["--ema-tau", "0"]), 32)
-    x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
-    mods, opt, _, step, _, _ = fassl.build_rebalance(args, 32, torch.device("cpu"), None)
-    before = {k: v.clone() for k, v in mods["teacher"].state_dict().items()}
-    out = step(x, y, torch.Generator().manual_seed(0))
-    assert torch.isfinite(out["loss"])
-    student, teacher = mods["student"].state_dict(), mods["teacher"].state_dict()
-    assert any(not torch.equal(before[k], teacher[k]) for k in before)
-    for k in teacher:
-        assert torch.allclose(teacher[k].float(), student[k].float(), atol=1e-6), k
-    args.ema_tau = 1.0
-    mods, opt, _, step, _, _ = fassl.build_rebalance(args, 32, torch.device("cpu"), None)
-    before = {k: v.clone() for k, v in mods["teacher"].named_parameters()}
-    step(x, y, torch.Generator().manual_seed(0))
-    assert all(torch.equal(v, before[k]) for k, v in mods["teacher"].named_parameters())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# End to end: --stage all, interrupted mid-stage 2, resumed; exact resume of SDCLR
-# ---------------------------------------------------------------------------------------------------------------
-def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
-    argv = TINY + ["--out-dir", str(tmp_path), "--sdclr-epochs", "1", "--stage1-epochs", "1", "--stage2-epochs",
-                   "2", "--knn-every", "1", "--no-probe-teacher"]
-    run_dir = fassl.main(argv + ["--stop-after-epochs", "3"])
-    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert (ck["stage"], ck["epoch"]) == ("rebalance", 1)
-    assert not (run_dir / "results.json").exists() and (run_dir / "stage_prototypes.pt").exists()
-    assert fassl.main(["--resume", str(run_dir / "checkpoint.pt")]) == run_dir
-    res = json.loads((run_dir / "results.json").read_text())
-    assert res["method"] == "fassl" and res["network_evaluated"] == "student"
-    assert "demo_profile" not in res["extra"] and res["variant"] == "--num-prototypes 16"   # demo fields all given
-    assert res["epochs"] == {"stage0": 1, "stage1": 1, "stage2": 2, "probe": 1}
-    for key in ("many", "medium", "few", "group_mean", "std"):
-        assert res["at_selected"]["groups_thirds"][key] is not None
-    assert res["extra"]["probe_few-shot"]["at_selected"]["groups_thirds"]["group_mean"] is not None
-    share = res["extra"]["prototypes"]["share_percent"]
-    assert sum(share.values()) == pytest.approx(100.0) and len(res["extra"]["prototypes"]["nearest_index"]) == 16
-    assert [k["stage"] for k in res["knn"]] == ["sdclr", "prototypes", "rebalance", "rebalance"]
-    assert (run_dir / "prototype_grid.png").stat().st_size > 0
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["stage"], m["epoch"]) for m in metrics] == [("sdclr", 1), ("prototypes", 1), ("rebalance", 1),
-                                                           ("rebalance", 2)]
-    assert 0.05 < metrics[0]["mask_kept"] < 0.15 and "protos_used" in metrics[1] and "w_mean_rare" in metrics[2]
-    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    bb = common.build_backbone("resnet8", 32)
-    bb.load_state_dict(final["backbone"])                     # contract: plain build_backbone keys
-
-
-def test_interrupted_sdclr_resumes_to_the_same_weights(tmp_path, capsys):
-    argv = TINY + ["--stage", "sdclr", "--sdclr-epochs", "2", "--knn-every", "0", "--probes", "full",
-                   "--no-analyze", "--synthetic-n-max", "16"]
-    straight = fassl.main(argv + ["--out-dir", str(tmp_path / "a")])
-    # the only fields left unset are the stage 1/2 epochs: the demo profile fills in those two, says so, records it
-    demo = {k: fassl.SYNTHETIC_DEMO[k] for k in ("stage1_epochs", "stage2_epochs")}
-    out = capsys.readouterr().out
-    assert "synthetic-lt demo profile" in out and f"--stage1-epochs {demo['stage1_epochs']}" in out
-    assert "--arch" not in out.split("synthetic-lt demo profile")[1].splitlines()[0]
-    cut = fassl.main(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "1"])
-    assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    fassl.main(["--resume", str(cut)])
-    a = torch.load(straight / "stage_sdclr.pt", weights_only=True)
-    b = torch.load(cut / "stage_sdclr.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
-    for k in a["model"]:
-        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
-    res = json.loads((cut / "results.json").read_text())
-    assert res["method"] == "sdclr" and res["at_selected"]["acc_class_mean"] is not None
-    assert res["extra"]["demo_profile"]["set"] == demo                     # recorded, also after --resume
-    assert res["variant"] == "synthetic-lt demo --stage sdclr --num-prototypes 16"
-    assert res["paper_setting"] is False
-
-
-def test_no_init_skips_stage0_with_a_random_teacher(tmp_path):
-    assert fassl.parse(["--no-init"]).init == "scratch" and fassl.parse([]).init is None
-    run_dir = fassl.main(TINY + ["--no-init", "--out-dir", str(tmp_path), "--stop-after-epochs", "1",
-                                 "--knn-every", "0"])
-    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert ck["stage"] == "prototypes" and not (run_dir / "stage_sdclr.pt").exists()
-    with pytest.raises(common.UserError, match="needs a teacher"):
-        fassl.main(TINY + ["--stage", "rebalance", "--out-dir", str(tmp_path)])
+def test_ema_decay_zero_makes_teacher_equal_student_and_one_freezes_it():
+    args = parse(*TINY, "--ema-decay", "0")[0]
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    for decay in (0.0, 1.0):
+        args.ema_decay = decay
+        torch.manual_seed(0)
+        teacher, protos = fassl.teacher_from(args, 32, None)
+        student, q = copy.deepcopy(teacher), fassl.predictor(args)
+        opt = fassl.sgd(args, [*student.parameters(), *q.parameters()])
+        before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        x1, x2 = fassl.two_views(x, torch.Generator().manual_seed(0), 32, False)
+        scaler = common.make_scaler(None)
+        loss, w = fassl.rebalance_step(student, q, teacher, protos, opt, scaler, x1, x2, args, None)
+        assert torch.isfinite(loss) and w.mean().item() == pytest.approx(1.0, abs=1e-5)
+        after, moved = teacher.state_dict(), student.state_dict()
+        if decay == 0.0:                                      # tau = 0: the teacher is the student
+            assert any(not torch.equal(before[k], after[k]) for k in before)
+            assert all(torch.allclose(after[k].float(), moved[k].float(), atol=1e-6) for k in after)
+        else:                                                 # tau = 1: the teacher never moves
+            assert all(torch.equal(v, before[k]) for k, v in teacher.named_parameters())
 
 
 def test_prototype_loss_stays_fp32_under_bf16_autocast():
@@ -290,41 +242,211 @@ def test_prototype_loss_stays_fp32_under_bf16_autocast():
     assert torch.allclose(h, fassl.prototype_similarities(z.bfloat16().float(), P), atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# synthetic-lt demo profile: only for synthetic-lt, only for fields not given on the command line
-# ---------------------------------------------------------------------------------------------------------------
-def test_synthetic_demo_profile_fills_only_unset_fields():
-    demo = fassl.resolve_defaults(fassl.parse(["--dataset", "synthetic-lt"]), 32)
+# ----------------------------------------------------------------------------------------------------------
+# DEFAULTS (per dataset, synthetic-lt demo profile) and PAPER (paper_setting)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dataset,expected", [
+    ("cifar10-lt", ("resnet18", 512, 2000, 100, 200, None, "crop", 0.9, 0.2, 3, "sdclr")),
+    ("folder", ("resnet18", 512, 2000, 100, 200, None, "crop", 0.9, 0.2, 3, "sdclr")),
+    ("imagenet100-lt", ("resnet50", 256, 500, 100, 200, None, "crop", 0.3, 0.3, 3, "sdclr")),
+    ("places-lt", ("resnet50", 256, 500, 100, 200, None, "crop", 0.3, 0.3, 3, "sdclr"))])
+def test_dataset_defaults(dataset, expected):
+    a = parse("--dataset", dataset)[0]
+    assert (a.arch, a.batch_size, a.sdclr_epochs, a.stage1_epochs, a.stage2_epochs, a.knn_every, a.probe_aug,
+            a.prune_ratio, a.tau, a.proj_layers, a.protocol) == expected
+    simclr = parse("--dataset", dataset, "--prune-ratio", "0")[0]
+    assert (simclr.tau, simclr.proj_layers) == (0.2, 2)               # SimCLR: tau 0.2, 2-layer head
+
+
+def test_synthetic_lt_demo_profile_fills_only_unset_fields():
+    demo, filled = parse("--dataset", "synthetic-lt")
     assert {k: getattr(demo, k) for k in fassl.SYNTHETIC_DEMO} == fassl.SYNTHETIC_DEMO
-    assert demo.arch == "resnet8" and demo.probe_aug == "none"
-    assert fassl.demo_defaults(fassl.parse(["--dataset", "synthetic-lt"])) == fassl.SYNTHETIC_DEMO
-    explicit = ["--dataset", "synthetic-lt", "--arch", "resnet20", "--batch-size", "64", "--stage1-epochs", "7",
-                "--probe-aug", "crop", "--knn-every", "2"]
-    args = fassl.parse(explicit)
-    assert fassl.demo_defaults(args) == {k: v for k, v in fassl.SYNTHETIC_DEMO.items()
-                                         if k in ("sdclr_epochs", "stage2_epochs")}
-    fassl.resolve_defaults(args, 32)
+    assert {k: filled[k] for k in fassl.SYNTHETIC_DEMO} == fassl.SYNTHETIC_DEMO
+    assert (demo.prune_ratio, demo.tau, demo.num_prototypes, demo.ema_decay) == (0.9, 0.2, 128, 0.99)
+    args, filled = parse("--dataset", "synthetic-lt", "--arch", "resnet20", "--batch-size", "64",
+                         "--stage1-epochs", "7", "--probe-aug", "crop", "--knn-every", "2")
     assert (args.arch, args.batch_size, args.stage1_epochs, args.probe_aug, args.knn_every) == \
-        ("resnet20", 64, 7, "crop", 2)                                   # explicit flags win
-    assert (args.sdclr_epochs, args.stage2_epochs) == (fassl.SYNTHETIC_DEMO["sdclr_epochs"],
-                                                       fassl.SYNTHETIC_DEMO["stage2_epochs"])
-    assert fassl.stage_epochs(args, "prototypes") == 7
-
-
-@pytest.mark.parametrize("dataset,size,expected", [
-    ("cifar10-lt", 32, ("resnet18", 512, 2000, 100, 200, None, "crop")),
-    ("folder", 32, ("resnet18", 512, 2000, 100, 200, None, "crop")),
-    ("imagenet100-lt", 224, ("resnet50", 256, 500, 100, 200, None, "crop"))])
-def test_paper_defaults_unchanged_outside_synthetic_lt(dataset, size, expected):
-    args = fassl.parse(["--dataset", dataset])
-    assert fassl.demo_defaults(args) == {}
-    fassl.resolve_defaults(args, size)
-    assert (args.arch, args.batch_size, args.sdclr_epochs, args.stage1_epochs, args.stage2_epochs, args.knn_every,
-            args.probe_aug) == expected
-    assert fassl.resolve_defaults(fassl.Args(), 32).stage1_epochs == 100     # Args() used by other modules
-
-
-def test_help_of_every_demo_field_names_its_synthetic_lt_value():
-    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(fassl.Args)}
+        ("resnet20", 64, 7, "crop", 2)                                    # explicit flags win
+    assert not {"arch", "batch_size", "stage1_epochs", "probe_aug", "knn_every"} & set(filled)
+    assert (args.sdclr_epochs, args.stage2_epochs) == (30, 15)
+    assert common.variant_label(demo, fassl.DEFAULTS) == "default"
+    assert common.variant_label(args, fassl.DEFAULTS).startswith("--arch resnet20")
+    helptext = common.make_parser(fassl.Args, fassl.DEFAULTS).format_help()
     for k, v in fassl.SYNTHETIC_DEMO.items():
-        assert f"synthetic-lt demo: {v}" in helps[k], k
+        assert f"synthetic-lt: {v}" in " ".join(helptext.split()), k
+
+
+def test_paper_rows_are_paper_settings():
+    def paper(*flags, ds="cifar10-lt"):
+        return common.paper_setting(parse("--dataset", ds, *flags)[0], fassl.PAPER, ds)
+    assert paper() and paper("--stage", "sdclr") and paper("--stage", "sdclr", "--prune-ratio", "0")  # Tab. 1
+    assert paper("--num-prototypes", "64") and paper("--ema-decay", "0.9")                            # Tab. 3
+    assert paper("--stage", "rebalance", "--no-init", "--no-reweight", "--stage2-epochs", "2000")      # BYOL
+    assert paper("--arch", "resnet34", ds="cifar100-lt") and not paper("--arch", "resnet34")          # Tab. 8
+    assert paper("--imb-ratio", "20", ds="tiny-imagenet-lt") and not paper("--imb-ratio", "20")       # Tab. 5
+    assert paper(ds="imagenet100-lt") and paper(ds="places-lt")
+    assert paper("--prune-ratio", "0", ds="places-lt") and not paper("--prune-ratio", "0.5", ds="places-lt")
+    assert not paper(ds="synthetic-lt") and not paper(ds="imagenet-lt")
+    assert not paper("--epochs-scale", "0.5") and not paper("--probe-aug", "none")
+
+
+NOT_PAPER = {"protocol": "ldam", "split": "2", "data_seed": "1", "imb_ratio": "50", "arch": "resnet34",
+             "prune_ratio": "0.5", "tau": "0.5", "batch_size": "256", "sdclr_epochs": "1000",
+             "proj_dim": "64", "proj_layers": "2", "dual_bn": None, "num_prototypes": "100", "beta": "0.1",
+             "predictor_hidden": "256", "ema_decay": "0.95", "clip_sigma": "0", "lr": "0.3", "final_lr": "0",
+             "momentum": "0.8", "weight_decay": "5e-4", "lr_warmup_epochs": "5", "stage1_epochs": "50",
+             "stage2_epochs": "100", "epochs_scale": "0.5", "probe_aug": "none", "probe_epochs": "5"}
+
+
+@pytest.mark.parametrize("field", sorted(fassl.PAPER["cifar10-lt"]))
+def test_paper_setting_turns_false_when_a_paper_fixed_argument_changes(field):
+    assert set(NOT_PAPER) == set(fassl.PAPER["cifar10-lt"])           # every fixed argument is tried
+    flag = "--" + field.replace("_", "-")
+    flags = ["--no-" + flag[2:]] if NOT_PAPER[field] is None else [flag, NOT_PAPER[field]]
+    args = parse("--dataset", "cifar10-lt", *flags)[0]
+    assert not common.paper_setting(args, fassl.PAPER, "cifar10-lt")
+    if field != "imb_ratio":                                          # rho is a column, not a variant
+        assert flag[2:] in common.variant_label(args, fassl.DEFAULTS)  # e.g. "--no-dual-bn"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Final probes: eval.py's probe settings (batch 512 at 224 px; Places-LT trains on its train list)
+# ----------------------------------------------------------------------------------------------------------
+def _split(n_per_class, size, classes=3, seed=0):
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (len(y), 3, size, size), dtype=torch.uint8, generator=gen)
+    return data.Split(y=y, x=x)
+
+
+def _probe_args(*flags):
+    args = parse("--arch", "resnet8", "--probe-aug", "none", "--probe-epochs", "1", "--device", "cpu",
+                 *flags)[0]
+    return args, common.build_backbone("resnet8", 224).state_dict()
+
+
+def test_probe_at_224px_uses_the_datasets_probe_batch(monkeypatch):
+    calls, real = [], evaluation.linear_probe
+
+    def recording(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out["probe"])
+        return out
+
+    monkeypatch.setattr(evaluation, "linear_probe", recording)
+    ds = data.LTDataset(name="imagenet100-lt", num_classes=3, class_names=["a", "b", "c"], image_size=224,
+                        train=_split(2, 224), test=_split(2, 224, seed=1), val=_split(1, 224, seed=2),
+                        probe=_split(3, 224, seed=3), fewshot=None, class_counts=[2, 2, 2],
+                        class_rank=[0, 1, 2], lt_convention="list", image_source="canonical", imb_ratio=None,
+                        split=None, tensor_resident=True)
+    args, state = _probe_args()
+    out = fassl.probe(state, args, ds, torch.device("cpu"), None)
+    assert list(out) == ["full"] and len(calls) == 1                  # no few-shot split: skipped
+    assert calls[0]["batch_size"] == 512 == evaluation.probe_settings(ds)["batch_size"]
+    assert calls[0]["train_split"] == "probe" and calls[0]["n_train"] == 9
+
+
+def test_places_lt_probes_on_its_train_list(tmp_path):
+    from PIL import Image
+    rs, lines = np.random.RandomState(0), []
+    for c, n in enumerate([4, 2, 1]):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(n):
+            pixels = rs.randint(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / f"c{c}" / f"{i}.jpg")
+            lines.append(f"train/c{c}/{i}.jpg {c}")
+    for name, rows in (("train", lines), ("val", lines[::2]), ("test", lines)):
+        (tmp_path / f"Places_LT_{name}.txt").write_text("\n".join(rows) + "\n")
+    ds = data.load_dataset("places-lt", str(tmp_path))
+    assert ds.probe is None and ds.fewshot is None and ds.image_size == 224
+    args, state = _probe_args("--dataset", "places-lt", "--workers", "0")
+    out = fassl.probe(state, args, ds, torch.device("cpu"), None)
+    assert list(out) == ["full"]
+    settings = out["full"]["probe"]
+    assert settings["train_split"] == "train" and settings["n_train"] == len(ds.train) == 7
+    assert settings["batch_size"] == 512 and out["full"]["at_selected"]["acc_class_mean"] is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: --stage all, interrupted in Stage 2 and resumed; exact resume of SDCLR; --init / --no-init
+# ----------------------------------------------------------------------------------------------------------
+def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
+    argv = TINY + ["--out-dir", str(tmp_path), "--sdclr-epochs", "1", "--stage1-epochs", "1",
+                   "--stage2-epochs", "2", "--knn-every", "1", "--no-probe-teacher"]
+    run_dir = fassl.main(argv + ["--stop-after-epochs", "3"])
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert (ck["stage"], ck["epoch"], ck["method"]) == ("rebalance", 1, "fassl")
+    assert not (run_dir / "results.json").exists() and (run_dir / "stage_prototypes.pt").exists()
+    assert fassl.main(["--resume", str(run_dir / "checkpoint.pt")]) == run_dir    # the budget was per call
+    res = json.loads((run_dir / "results.json").read_text())
+    assert (res["method"], res["network_evaluated"], res["paper_setting"]) == ("fassl", "student", False)
+    assert "--num-prototypes 16" in res["variant"] and "--stage2-epochs 2" in res["variant"]
+    assert res["epochs"] == {"stage0": 1, "stage1": 1, "stage2": 2, "probe": 1}
+    for key in ("many", "medium", "few", "group_mean", "std"):
+        assert res["at_selected"]["groups_thirds"][key] is not None
+    assert res["extra"]["probe_few-shot"]["at_selected"]["groups_thirds"]["group_mean"] is not None
+    assert "teacher_probe" not in res["extra"]
+    share = res["extra"]["prototypes"]["share_percent"]
+    assert sum(share.values()) == pytest.approx(100.0)
+    assert len(res["extra"]["prototypes"]["nearest_index"]) == 16
+    assert [k["stage"] for k in res["knn"]] == ["sdclr", "prototypes", "rebalance", "rebalance"]
+    assert (run_dir / "prototype_grid.png").stat().st_size > 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["stage"], m["epoch"]) for m in metrics] == [("sdclr", 1), ("prototypes", 1), ("rebalance", 1),
+                                                           ("rebalance", 2)]
+    assert 0.05 < metrics[0]["mask_kept"] < 0.15
+    assert "protos_used" in metrics[1] and "w_mean_rare" in metrics[2]
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    common.build_backbone("resnet8", 32).load_state_dict(final["backbone"])    # eval.py --ckpt contract
+
+
+def test_interrupted_sdclr_resumes_to_the_same_weights_and_records_the_demo_profile(tmp_path, capsys):
+    argv = TINY + ["--stage", "sdclr", "--sdclr-epochs", "2", "--knn-every", "0", "--probe", "full",
+                   "--no-analyze", "--synthetic-n-max", "16"]
+    straight = fassl.main(argv + ["--out-dir", str(tmp_path / "a")])
+    out = capsys.readouterr().out               # stage 1 / 2 epochs are the only demo values left unset
+    assert "defaults for synthetic-lt (a CPU demo profile, not a paper setting)" in out
+    assert "--stage1-epochs 10" in out and "--arch resnet8" not in out.split("defaults for synthetic-lt")[1]
+    cut = fassl.main(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "1"])
+    assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    fassl.main(["--resume", str(cut)])
+    a = torch.load(straight / "stage_sdclr.pt", weights_only=True)
+    b = torch.load(cut / "stage_sdclr.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+    res = json.loads((cut / "results.json").read_text())
+    assert res["method"] == "sdclr" and res["at_selected"]["acc_class_mean"] is not None
+    assert (res["defaults_filled"]["stage1_epochs"], res["defaults_filled"]["stage2_epochs"]) == (10, 15)
+    config = json.loads((cut / "config.json").read_text())
+    assert config["filled_defaults"] == res["defaults_filled"] and "arch" not in config["filled_defaults"]
+    assert res["variant"].startswith("--synthetic-n-max 16") and "--stage sdclr" in res["variant"]
+    assert res["paper_setting"] is False and list(res["extra"]) == ["probe_variant", "probe_full"]
+    # Stage 1 alone from that Stage-0 output, without a probe
+    run = fassl.main(TINY + ["--stage", "prototypes", "--init", str(straight / "stage_sdclr.pt"), "--probe",
+                             "--stage1-epochs", "1", "--no-analyze", "--synthetic-n-max", "16",
+                             "--out-dir", str(tmp_path / "c")])
+    res = json.loads((run / "results.json").read_text())
+    assert res["network_evaluated"] == "teacher" and res["at_selected"] is None
+    assert res["epochs"] == {"stage0": 0, "stage1": 1, "stage2": 0, "probe": 0}
+
+
+def test_no_init_skips_stage0_with_a_random_teacher(tmp_path):
+    assert parse("--no-init")[0].init == "scratch" and parse()[0].init is None
+    run_dir = fassl.main(TINY + ["--no-init", "--out-dir", str(tmp_path), "--stop-after-epochs", "1",
+                                 "--knn-every", "0"])
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ck["stage"] == "prototypes" and not (run_dir / "stage_sdclr.pt").exists()
+    with pytest.raises(common.UserError, match="needs a teacher"):
+        fassl.main(TINY + ["--stage", "rebalance", "--out-dir", str(tmp_path)])
+    no_protos = {k: v for k, v in ck.items() if k != "prototypes"}          # e.g. a stage_sdclr.pt
+    torch.save(no_protos, tmp_path / "no_protos.pt")
+    with pytest.raises(common.UserError, match="has no prototypes"):
+        fassl.main(TINY + ["--stage", "rebalance", "--init", str(tmp_path / "no_protos.pt")])
+
+
+def test_benchmark_times_every_stage(capsys):
+    fassl.main(["--benchmark", "--dataset", "synthetic-lt", "--benchmark-steps", "1", "--batch-size", "8",
+                "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert all(f"[{name} benchmark]" in out for name in ("sdclr", "prototypes", "rebalance"))
