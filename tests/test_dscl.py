@@ -1,6 +1,5 @@
-"""Tests for dscl.py: the DSCL / PBSD losses against direct formulas, the queue, the boxes, the settings, and a
-tiny two-stage run on synthetic-lt (budget: 60 s on 2 CPU cores)."""
-import dataclasses
+"""dscl.py: the DSCL / PBSD losses against direct formulas, the queue, the boxes, the dataset defaults and
+paper settings, and tiny two-stage runs on synthetic-lt (CPU)."""
 import json
 import math
 
@@ -26,7 +25,8 @@ def _case(B=6, K=20, D=8, C=3, seed=0):
 
 
 def _eq8_loop(q, k, labels, queue, queue_labels, alpha, tau, contrast_batch=False):
-    """Eq. (8)-(9) literally: -1/(|P|+1) sum_t log[exp(w_t s_t / tau) / sum_m exp(s_m / tau)], anchor by anchor."""
+    """Eq. (8)-(9) literally, one anchor at a time:
+    -1/(|P|+1) sum_t log[exp(w_t s_t / tau) / sum_m exp(s_m / tau)]."""
     q, k = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
     queue = queue.double()
     B, total = q.shape[0], 0.0
@@ -35,10 +35,11 @@ def _eq8_loop(q, k, labels, queue, queue_labels, alpha, tau, contrast_batch=Fals
         if contrast_batch:
             for j in range(B):
                 if j != i:
-                    cols.append(q[j]); pos.append(bool(labels[j] == labels[i]))
-                    cols.append(k[j]); pos.append(bool(labels[j] == labels[i]))
+                    cols += [q[j], k[j]]
+                    pos += [bool(labels[j] == labels[i])] * 2
         for m in range(queue.shape[0]):
-            cols.append(queue[m]); pos.append(bool(queue_labels[m] == labels[i]))
+            cols.append(queue[m])
+            pos.append(bool(queue_labels[m] == labels[i]))
         sims = [float(c @ q[i]) / tau for c in cols]
         lse = math.log(sum(math.exp(s) for s in sims))
         n_p = sum(pos)
@@ -69,9 +70,11 @@ def test_dscl_loss_equals_scl_with_per_anchor_alpha():
     per_anchor = 1.0 / (n_pos + 1)
     got = dscl.dscl_loss(q, k, labels, queue, queue_labels, per_anchor, TAU)
     assert got.item() == pytest.approx(scl.item(), rel=1e-5)
-    assert dscl.dscl_loss(q, k, labels, queue, queue_labels, "scl", TAU).item() == pytest.approx(scl.item(), rel=1e-5)
+    got = dscl.dscl_loss(q, k, labels, queue, queue_labels, "scl", TAU)
+    assert got.item() == pytest.approx(scl.item(), rel=1e-5)
     # a constant alpha is different from SCL whenever |P_i| varies
-    assert dscl.dscl_loss(q, k, labels, queue, queue_labels, 0.1, TAU).item() != pytest.approx(scl.item(), rel=1e-3)
+    got = dscl.dscl_loss(q, k, labels, queue, queue_labels, 0.1, TAU)
+    assert got.item() != pytest.approx(scl.item(), rel=1e-3)
 
 
 def test_dscl_loss_alpha_one_is_moco_infonce():
@@ -79,7 +82,8 @@ def test_dscl_loss_alpha_one_is_moco_infonce():
     qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
     logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ queue.T], 1) / TAU
     moco = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
-    assert dscl.dscl_loss(q, k, labels, queue, queue_labels, 1.0, TAU).item() == pytest.approx(moco.item(), rel=1e-5)
+    got = dscl.dscl_loss(q, k, labels, queue, queue_labels, 1.0, TAU)
+    assert got.item() == pytest.approx(moco.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("contrast_batch", [False, True])
@@ -105,7 +109,8 @@ def test_dscl_loss_bf16_inputs_match_fp32():
 
 def _pbsd_case(seed=0, B=3, L=2, K=7, D=5):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g), torch.randn(B, D, generator=g),
+    return (torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g),
+            torch.randn(B, D, generator=g),
             F.normalize(torch.randn(K, D, generator=g), dim=1))
 
 
@@ -175,71 +180,129 @@ def test_roi_teacher_pools_the_box_region():
     boxes = torch.tensor([[[0.0, 0.0, 32.0, 32.0], [16.0, 8.0, 32.0, 24.0]]])
     c = dscl.roi_teacher(torch.nn.Identity(), fmap, boxes, stride=4)
     assert c.shape == (1, 2, 2)
-    # roi_align(aligned=False) reads map cell u at pixel 4u, where this map holds 4u + 2: expect box centre + 2
+    # roi_align(aligned=False) reads map cell u at pixel 4u, where this map holds 4u + 2: box centre + 2
     assert c[0, 1, 0].item() == pytest.approx(24.0 + 2, abs=1.0)
     assert c[0, 1, 1].item() == pytest.approx(16.0 + 2, abs=0.5)
     assert c[0, 0].tolist() == pytest.approx([16.0 + 2, 16.0 + 2], abs=0.5)
 
 
-def test_settings_cifar_adaptation_and_explicit_override():
-    a = dscl.resolve_args(["--dataset", "cifar10-lt"])
-    assert (a.arch, a.queue_size, a.ema, a.patch_size, a.crop_scale) == ("resnet32", 8192, 0.99, 16, [0.2, 1.0])
+def test_losses_keep_fp32_logits_inside_autocast():
+    """dscl.py calls both losses inside the autocast region; their logits must still be fp32. CPU autocast
+    casts matmuls to bf16 just as CUDA autocast does, so a bf16 matmul would show here."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    queue = F.normalize(torch.randn(64, 32, generator=g), dim=1)
+    y, qy = torch.randint(0, 4, (16,), generator=g), torch.randint(0, 4, (64,), generator=g)
+    s, c = torch.randn(16, 3, 32, generator=g), torch.randn(16, 3, 32, generator=g)
+    plain = (dscl.dscl_loss(q, k, y, queue, qy, 0.1, 0.07, contrast_batch=True),
+             dscl.pbsd_loss(s, c, k, queue, 0.07))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = (dscl.dscl_loss(q, k, y, queue, qy, 0.1, 0.07, contrast_batch=True),
+                dscl.pbsd_loss(s, c, k, queue, 0.07))
+    for a, b in zip(plain, auto):
+        assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataset defaults, the demo profile and the paper settings
+# ---------------------------------------------------------------------------------------------------------
+def parse(*argv):
+    return common.parse_args(dscl.Args, list(argv), dscl.DEFAULTS)
+
+
+def test_paper_datasets_start_with_the_paper_settings():
+    a, filled = parse("--dataset", "imagenet-lt")
+    paper = dict(arch="resnet50", finetune="all", queue_size=65536, ema_decay=0.999, temperature=0.07,
+                 alpha=0.1, pbsd_weight=1.5, num_patches=5, patch_scale=[0.05, 0.6], patch_size=64,
+                 crop_scale=[0.08, 1.0],
+                 batch_size=256, lr=0.1, lr_warmup_epochs=10, weight_decay=5e-4, momentum=0.9, epochs=200,
+                 linear_lr=10.0, linear_epochs=40, linear_milestones=[20, 30], linear_batch_size=2048,
+                 feat_dim=128)
+    assert {k: getattr(a, k) for k in paper} == paper
+    assert filled["arch"] == "resnet50" and "alpha" not in filled
+    assert common.paper_setting(a, dscl.PAPER, "imagenet-lt")
+    inat = parse("--dataset", "inat2018")[0]
+    assert inat.linear_lr == 30.0 and common.paper_setting(inat, dscl.PAPER, "inat2018")
+    places = parse("--dataset", "places-lt")[0]
+    assert (places.arch, places.finetune, places.epochs, places.linear_lr) == ("resnet152", "layer4", 30, 2.5)
+    assert not common.paper_setting(places, dscl.PAPER, "places-lt")        # no ImageNet-1K weights given
+    places = parse("--dataset", "places-lt", "--pretrained", "resnet152-imagenet1k.pth")[0]
+    assert common.paper_setting(places, dscl.PAPER, "places-lt")
+    assert not common.paper_setting(parse("--dataset", "imagenet100-lt")[0], dscl.PAPER, "imagenet100-lt")
+
+
+def test_cifar_adaptation_is_filled_and_is_never_a_paper_setting():
+    a, filled = parse("--dataset", "cifar10-lt")
+    assert (a.arch, a.queue_size, a.ema_decay, a.patch_size) == ("resnet32", 8192, 0.99, 16)
+    assert a.crop_scale == [0.2, 1.0]
     assert (a.linear_batch_size, a.linear_lr, a.alpha, a.pbsd_weight) == (512, 2.5, 0.1, 1.5)
-    assert not dscl.is_paper_setting(a)
-    b = dscl.resolve_args(["--dataset", "cifar10-lt", "--queue-size", "4096", "--arch=resnet8"])
-    assert (b.queue_size, b.arch, b.ema) == (4096, "resnet8", 0.99)
-    p = dscl.resolve_args(["--dataset", "places-lt"])
-    assert (p.arch, p.finetune, p.epochs, p.linear_lr) == ("resnet152", "layer4", 30, 2.5)
-    assert dscl.resolve_args(["--dataset", "inat2018"]).linear_lr == 30.0
+    assert (a.batch_size, a.epochs, a.num_patches, a.protocol) == (256, 200, 5, "ldam")
+    assert filled["queue_size"] == 8192 and not common.paper_setting(a, dscl.PAPER, "cifar10-lt")
+    b, filled = parse("--dataset", "cifar10-lt", "--queue-size", "4096", "--arch=resnet8")
+    assert (b.queue_size, b.arch, b.ema_decay) == (4096, "resnet8", 0.99)
+    assert "queue_size" not in filled and "arch" not in filled
 
 
-def test_synthetic_demo_profile_only_fills_options_not_given():
-    a = dscl.resolve_args(["--dataset", "synthetic-lt"])
-    assert a.demo == dscl.SYNTHETIC_DEMO
-    assert (a.arch, a.batch_size, a.queue_size, a.epochs, a.warmup_epochs, a.num_patches) == \
+# a value different from the paper's for every argument PAPER fixes
+CHANGED = {"arch": "resnet18", "finetune": "layer4", "pretrained": "weights.pth", "feat_dim": 64,
+           "queue_size": 32768, "ema_decay": 0.99, "temperature": 0.1, "alpha": 0.2, "scl": True,
+           "multicrop": True, "pbsd_weight": 1.0, "num_patches": 4, "patch_scale": [0.1, 0.6],
+           "patch_size": 32,
+           "epochs": 100, "batch_size": 128, "lr": 0.05, "linear_epochs": 30, "linear_batch_size": 1024,
+           "linear_milestones": [10, 20], "linear_lr": 2.5}
+
+
+@pytest.mark.parametrize("name", sorted(dscl.PAPER["imagenet-lt"]))
+def test_paper_setting_turns_false_when_a_paper_fixed_argument_changes(name):
+    value, flag = CHANGED[name], "--" + name.replace("_", "-")
+    argv = [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
+    args = parse("--dataset", "imagenet-lt", *argv)[0]
+    assert getattr(args, name) == value
+    assert not common.paper_setting(args, dscl.PAPER, "imagenet-lt")
+    assert common.variant_label(args, dscl.DEFAULTS).startswith(flag)
+    assert common.variant_label(parse("--dataset", "imagenet-lt")[0], dscl.DEFAULTS) == "default"
+
+
+def test_synthetic_demo_profile_fills_only_unset_fields(monkeypatch):
+    a, filled = parse("--dataset", "synthetic-lt")
+    assert (a.arch, a.batch_size, a.queue_size, a.epochs, a.lr_warmup_epochs, a.num_patches) == \
         ("resnet8", 128, 1024, 40, 2, 2)
-    assert (a.ema, a.patch_size, a.crop_scale, a.linear_lr) == (0.99, 16, [0.2, 1.0], 2.5)   # CIFAR table below it
+    assert (a.ema_decay, a.patch_size, a.crop_scale, a.linear_lr) == (0.99, 16, [0.2, 1.0], 2.5)  # CIFAR
+    assert filled["queue_size"] == 1024 and filled["ema_decay"] == 0.99
     n_train = sum(data.lt_counts(a.synthetic_n_max, a.num_classes, a.imb_ratio))
     assert a.queue_size % a.batch_size == 0 and a.queue_size < n_train
-    b = dscl.resolve_args(["--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs=3", "--no-contrast-batch"])
+    b, filled = parse("--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs=3", "--no-contrast-batch")
     assert (b.arch, b.epochs, b.contrast_batch, b.queue_size) == ("resnet20", 3, False, 1024)
-    assert "arch" not in b.demo and "epochs" not in b.demo and b.demo["queue_size"] == 1024
-    c = dscl.resolve_args(["--dataset", "cifar10-lt"])                  # the CIFAR / paper defaults are untouched
-    assert (c.arch, c.batch_size, c.queue_size, c.epochs, c.num_patches, c.demo) == ("resnet32", 256, 8192, 200, 5, {})
-    assert dscl.resolve_args(["--dataset", "imagenet-lt"]).demo == {}
-    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(dscl.Args)}
-    assert all("synthetic-lt demo" in helps[name] for name in dscl.SYNTHETIC_DEMO)
-    assert "--demo" not in common.make_parser(dscl.Args).format_help()  # recorded, not a command-line option
-
-
-def test_synthetic_demo_is_announced(tmp_path, capsys):
-    dscl.main(dscl.resolve_args(["--dataset", "synthetic-lt", "--synthetic-n-max", "12", "--synthetic-n-test", "2",
-                                 "--num-classes", "3", "--imb-ratio", "4", "--arch", "resnet20",
-                                 "--out-dir", str(tmp_path), "--dry-run"]))
-    line = [s for s in capsys.readouterr().out.splitlines() if "DEMO profile" in s]
-    assert len(line) == 1 and "not a paper setting" in line[0]
-    assert "queue_size=1024" in line[0] and "arch=" not in line[0]
+    assert "arch" not in filled and "epochs" not in filled and filled["queue_size"] == 1024
+    c = parse("--dataset", "cifar10-lt")[0]                          # the CIFAR defaults are untouched
+    assert (c.arch, c.batch_size, c.queue_size, c.epochs, c.num_patches) == ("resnet32", 256, 8192, 200, 5)
+    monkeypatch.setenv("COLUMNS", "1000")                               # --help without line wrapping
+    helps = common.make_parser(dscl.Args, dscl.DEFAULTS).format_help()
+    assert "synthetic-lt: resnet8" in helps and "--ema-decay" in helps and "--lr-warmup-epochs" in helps
 
 
 def test_lt_subset_uses_data_seed_not_training_seed():
     def train_images(*flags):
-        return dscl.load_data(dscl.resolve_args(["--dataset", "synthetic-lt", "--synthetic-n-max", "8",
-                                                 "--synthetic-n-test", "1", "--num-classes", "3", "--imb-ratio", "4",
-                                                 *flags])).train.x
+        return dscl.load_data(parse("--dataset", "synthetic-lt", "--synthetic-n-max", "8",
+                                    "--synthetic-n-test", "1", "--num-classes", "3", "--imb-ratio", "4",
+                                    *flags)[0]).train.x
     assert dscl.Args().data_seed == 0
     ref = train_images()
-    assert torch.equal(ref, train_images("--seed", "7"))               # D§1.3: the subset ignores --seed
+    assert torch.equal(ref, train_images("--seed", "7"))               # the subset ignores --seed
     assert not torch.equal(ref, train_images("--data-seed", "7"))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Tiny runs on synthetic-lt (CPU, resnet8)
+# ---------------------------------------------------------------------------------------------------------
 def _tiny(out_dir, *extra):
-    # every SYNTHETIC_DEMO option is given except --num-patches, which the demo profile fills in (2)
-    return dscl.resolve_args([
-        "--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "12", "--synthetic-n-test", "6",
-        "--imb-ratio", "10", "--arch", "resnet8", "--queue-size", "32", "--batch-size", "8", "--epochs", "2",
-        "--warmup-epochs", "1", "--linear-epochs", "1", "--linear-milestones", "1",
-        "--linear-batch-size", "16", "--device", "cpu", "--amp", "off", "--workers", "0",
-        "--out-dir", str(out_dir), "--print-every", "1000", *extra])
+    # every option of the demo profile is given except --num-patches, which the profile fills in (2)
+    return ["--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "12",
+            "--synthetic-n-test", "6", "--imb-ratio", "10", "--arch", "resnet8", "--queue-size", "32",
+            "--batch-size", "8", "--epochs", "2",
+            "--lr-warmup-epochs", "1", "--linear-epochs", "1", "--linear-milestones", "1",
+            "--linear-batch-size", "16", "--device", "cpu", "--amp", "off", "--workers", "0",
+            "--out-dir", str(out_dir), "--print-every", "1000", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -250,25 +313,46 @@ def tiny_run(tmp_path_factory):
     return res, next(out.glob("dscl-synthetic-lt-*"))
 
 
-def test_tiny_two_stage_run_writes_results(tiny_run):
+def test_tiny_two_stage_run_writes_results_and_records_the_filled_defaults(tiny_run):
     res, run_dir = tiny_run
     saved = json.loads((run_dir / "results.json").read_text())
     for groups in (saved["at_last"]["groups_strict"], res["at_last"]["groups_thirds"]):
         assert {"many", "medium", "few"} <= set(groups)
     assert saved["method"] == "dscl-cifar (non-paper)" and saved["paper_setting"] is False
     assert saved["protocol"] == "dscl-linear-cb" and saved["extra"]["alpha"] == 0.1
-    assert saved["extra"]["beta"] == pytest.approx(9.0)
-    assert saved["extra"]["demo_profile"] == {"num_patches": 2}
-    assert saved["variant"] == "synthetic-lt demo profile (num_patches=2)"
+    assert saved["extra"]["beta"] == pytest.approx(9.0) and saved["epochs"] == {"stage1": 2, "stage2": 1}
+    cfg = json.loads((run_dir / "config.json").read_text())
+    filled = saved["defaults_filled"]
+    assert filled["num_patches"] == 2 and cfg["filled_defaults"] == filled and cfg["args"]["num_patches"] == 2
+    assert "arch" not in filled and "queue_size" not in filled and cfg["args"]["arch"] == "resnet8"
+    assert "--queue-size 32" in saved["variant"] and "--num-patches" not in saved["variant"]
     ck = common.load_checkpoint(run_dir / "checkpoint.pt")
     iters = saved["dataset"]["n_train"] // 8
     assert ck["epoch"] == 2 and ck["queue"].shape == (32, 128) and ck["queue_ptr"] == (2 * iters * 8) % 32
     assert (ck["queue_labels"] >= 0).all() and (ck["queue_labels"] < 4).all()
     assert torch.allclose(ck["queue"].norm(dim=1), torch.ones(32), atol=1e-4)
-    assert json.loads((run_dir / "config.json").read_text())["args"]["arch"] == "resnet8"
+    assert ck["method"] == "dscl" and ck["filled"] == filled and ck["stage"] == "pretrain"
+    common.build_backbone(ck["arch"], ck["image_size"]).load_state_dict(ck["backbone"])   # eval.py --ckpt
     lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss_pbsd"] for r in lines if r.get("stage") == "pretrain"]
     assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
+    assert lines[-1]["stage"] == "linear" and lines[-1]["top1"] == saved["at_last"]["top1_overall"]
+
+
+def test_stage_linear_on_a_stage_one_checkpoint(tiny_run, tmp_path):
+    ck_path = tiny_run[1] / "checkpoint.pt"
+    res = dscl.main(_tiny(tmp_path, "--stage", "linear", "--ckpt", str(ck_path)))
+    assert res["extra"]["stage1_checkpoint"] == str(ck_path) and res["epochs"] == {"stage1": 2, "stage2": 1}
+    assert res["backbone"] == "resnet8" and "--stage" not in res["variant"]
+    with pytest.raises(common.UserError, match="--ckpt"):
+        dscl.main(_tiny(tmp_path, "--stage", "linear"))
+
+
+def test_demo_profile_is_announced(tmp_path, capsys):
+    dscl.main(_tiny(tmp_path, "--stage", "pretrain", "--epochs", "0"))
+    line = [s for s in capsys.readouterr().out.splitlines() if "defaults for synthetic-lt" in s]
+    assert len(line) == 1 and "not a paper setting" in line[0] and "--num-patches 2" in line[0]
+    assert "--arch" not in line[0] and "--queue-size" not in line[0]
 
 
 def test_resume_is_exact(tiny_run, tmp_path, monkeypatch):
@@ -276,7 +360,7 @@ def test_resume_is_exact(tiny_run, tmp_path, monkeypatch):
     saves = []
     real_save = common.save_checkpoint
 
-    def save_then_stop(path, state):                       # interrupt right after the first epoch's checkpoint
+    def save_then_stop(path, state):                   # interrupt right after the first epoch's checkpoint
         real_save(path, state)
         saves.append(path)
         if len(saves) == 1:
@@ -303,58 +387,50 @@ def _fake_imagenet_lt(root):
     (root / "ImageNet_LT_test.txt").write_text("train/n0/a.jpg 0\ntrain/n0/a.jpg 2\n")
 
 
-def test_imagenet_lt_starts_with_paper_settings(tmp_path, capsys):
+def test_dry_run_prints_the_paper_setting_and_makes_no_run_dir(tmp_path, capsys):
     _fake_imagenet_lt(tmp_path)
-    dscl.main(dscl.resolve_args(["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--dry-run"]))
+    dscl.main(["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--dry-run", "--out-dir",
+               str(tmp_path / "runs")])
     out = capsys.readouterr().out
-    assert "paper setting" in out
+    assert "paper setting: True" in out
     cfg = json.loads(out.split("resolved settings:\n", 1)[1].splitlines()[0])
-    paper = dict(arch="resnet50", queue_size=65536, ema=0.999, temperature=0.07, alpha=0.1, pbsd_weight=1.5,
-                 num_patches=5, patch_scale=[0.05, 0.6], patch_size=64, crop_scale=[0.08, 1.0], batch_size=256,
-                 lr=0.1, warmup_epochs=10, weight_decay=5e-4, momentum=0.9, epochs=200, linear_lr=10.0,
-                 linear_epochs=40, linear_milestones=[20, 30], linear_batch_size=2048, feat_dim=128)
-    assert {k: cfg[k] for k in paper} == paper
+    assert (cfg["arch"], cfg["ema_decay"], cfg["queue_size"]) == ("resnet50", 0.999, 65536)
+    assert not (tmp_path / "runs").exists()
 
 
-def test_missing_list_files_is_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        with common.user_errors():
-            dscl.main(dscl.resolve_args(["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--dry-run"]))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "ImageNet_LT_train.txt" in err and len(err.splitlines()) == 1
+def test_user_errors_are_one_line(tmp_path, capsys):
+    for argv in (["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--dry-run"],      # no list files
+                 ["--dataset", "synthetic-lt", "--queue-size", "64", "--dry-run"],            # K < B = 128
+                 ["--dataset", "synthetic-lt", "--ema-decay", "1.5"]):
+        with pytest.raises(SystemExit) as e:
+            common.main_guard(dscl.main, argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and len(err.splitlines()) == 1
+    assert "ImageNet_LT_train.txt" not in err
 
 
-@pytest.mark.parametrize("switches", [["--scl", "--pbsd-weight", "0"], ["--no-contrast-batch", "--fuse-patch-passes"],
+@pytest.mark.parametrize("switches", [["--scl", "--pbsd-weight", "0"],
+                                      ["--no-contrast-batch", "--fuse-patch-passes"],
                                       ["--multicrop", "--pbsd-weight", "0"], ["--patch-scale", "1.0", "1.0"],
                                       ["--queue-label-init", "none"]])
 def test_ablation_switches_run_one_step(switches, tmp_path):
-    args = _tiny(tmp_path, *switches)
+    args = parse(*_tiny(tmp_path, *switches))[0]
     torch.manual_seed(0)
-    st = dscl.Stage1(args, num_classes=4, image_size=32, device=torch.device("cpu"), amp_dtype=None)
-    before = [p.detach().clone() for p in st.net_raw.parameters()]
+    m = dscl.build_stage1(args, num_classes=4, image_size=32, device=torch.device("cpu"), amp_dtype=None)
+    before = [p.detach().clone() for p in m.net.parameters()]
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 0])
-    loss, l_dscl, l_pbsd = st.step(x, y, lr=0.05)
+    loss, l_dscl, l_pbsd = dscl.stage1_step(m, x, y, 0.05, args, 32, None)
     assert torch.isfinite(loss) and loss > 0
     assert (l_pbsd == 0) == (args.pbsd_weight == 0)
-    assert st.ptr == 8 and torch.equal(st.queue_labels[:8], y)
-    assert any(not torch.equal(a, b) for a, b in zip(before, st.net_raw.parameters()))
+    assert m.ptr == 8 and torch.equal(m.queue_labels[:8], y)
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.net.parameters()))
     if args.queue_label_init == "none":
-        assert (st.queue_labels[8:] == -1).all()
+        assert (m.queue_labels[8:] == -1).all()
 
 
-def test_losses_keep_fp32_logits_inside_autocast():
-    """dscl.py calls both losses inside the autocast region; their logits must still be fp32 (spec N1).
-    CPU autocast casts matmuls to bf16 just as CUDA autocast does, so a bf16 matmul would show here."""
-    g = torch.Generator().manual_seed(3)
-    q, k = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
-    queue = F.normalize(torch.randn(64, 32, generator=g), dim=1)
-    y, qy = torch.randint(0, 4, (16,), generator=g), torch.randint(0, 4, (64,), generator=g)
-    s, c = torch.randn(16, 3, 32, generator=g), torch.randn(16, 3, 32, generator=g)
-    plain = (dscl.dscl_loss(q, k, y, queue, qy, 0.1, 0.07, contrast_batch=True), dscl.pbsd_loss(s, c, k, queue, 0.07))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = (dscl.dscl_loss(q, k, y, queue, qy, 0.1, 0.07, contrast_batch=True),
-                dscl.pbsd_loss(s, c, k, queue, 0.07))
-    for a, b in zip(plain, auto):
-        assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+def test_benchmark_runs_a_step_on_random_data(capsys):
+    ips = dscl.main(["--benchmark", "--dataset", "synthetic-lt", "--benchmark-steps", "1", "--batch-size",
+                     "8", "--queue-size", "32", "--device", "cpu"])
+    assert ips > 0 and "[dscl benchmark]" in capsys.readouterr().out
