@@ -782,7 +782,7 @@ def fill_defaults(args, defaults: dict, given=()) -> dict:
             if name in given or callable(value) != lazy:
                 continue
             value = value(args) if lazy else value
-            setattr(args, name, list(value) if isinstance(value, tuple) else value)
+            setattr(args, name, list(value) if isinstance(value, (list, tuple)) else value)   # a copy
             filled[name] = getattr(args, name)
     return filled
 

@@ -654,7 +654,7 @@ def format_table(rows) -> str:
 
 
 # ----- Command line (docs/evaluation.md, Command line) ------------------------------------------------------
-SUPERVISED = ("dscl", "hybrid", "hybrid-sc", "hybrid-psc")
+SUPERVISED = ("dscl", "hybrid")          # method labels of checkpoints trained with the CIFAR crop recipe
 
 
 def _dataset_from_ckpt(ckpt_args, cli):
@@ -697,7 +697,8 @@ def evaluate_checkpoint(cli) -> dict:
     ds = _dataset_from_ckpt(ckpt.get("args"), cli)
     # a script may store the method label of results.json (tase.py: "TASE-R (reconstruction)", "simclr", ...)
     method = ckpt.get("results_method", ckpt.get("method", "unknown"))
-    recipe = cli.recipe or ("crop_flip_cifar" if ckpt.get("method") in SUPERVISED else "crop_flip_imagenet")
+    recipe = cli.recipe or ("crop_flip_cifar" if str(ckpt.get("method")).startswith(SUPERVISED) else
+                            "crop_flip_imagenet")
     test_recipe, style, t0 = _test_recipe(recipe), probe_settings(ds)["row"], time.time()
     if cli.probe in ("linear", "few-shot"):
         mode = "full" if cli.probe == "linear" else "few-shot"
