@@ -553,7 +553,7 @@ class Loader:
         self.split, self.batch_size, self.device = split, int(batch_size), torch.device(device)
         self.sampler = sampler if (shuffle or sampler == "balanced") else "sequential"
         self.drop_last, self.seed, self.epoch, self.stream = drop_last, seed, 0, 0
-        self.workers, self.image_size, self.shuffle = workers, image_size, shuffle
+        self.workers, self.image_size, self.shuffle = min(workers, os.cpu_count() or 1), image_size, shuffle
         if split.x is not None:
             key = str(self.device)
             if key not in split._on_device:

@@ -16,10 +16,10 @@ One backbone, two branches, trained together (Sec. 3.1, Fig. 2):
   Eq. (4)               PSC loss, positive prototype not in the denominator  psc_loss -> psc_from_affinity
   Eq. (5)               MPSC, M prototypes per class (EXPERIMENTAL)          psc_from_affinity, (B, C, M)
   Eq. (1), Sec. 4.2     alpha(T) L_con + (1 - alpha(T)) L_CE; alpha schedule train_step, curriculum_alpha
-  Table 4               CE-CE: a second linear head replaces L_con           --loss ce, feature_loss
-  Table 5               two-stage SC; fixed alpha                            --two-stage (classifier_step);
-                                                                             --no-curriculum ALPHA
-  Table 3               CB-PSC: class-balanced contrastive batch             --con-sampler balanced
+  Table 4               CE-CE: a second linear head replaces L_con           feature_loss (--loss ce)
+  Table 5               two-stage SC                                         classifier_step (--two-stage)
+  Table 5               fixed alpha, no curriculum                           curriculum_alpha (fixed=)
+  Table 3               CB-PSC: class-balanced contrastive batch             train (--con-sampler balanced)
 
     python hybrid.py --dataset cifar10-lt              # Hybrid-SC, Table 1 (81.40)
     python hybrid.py --dataset cifar10-lt --loss psc   # Hybrid-PSC, Table 1 (78.82)
