@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import math
@@ -262,6 +263,12 @@ def _rand(n, x, generator, *shape):
     return torch.rand(n, *shape, device=x.device, generator=generator)
 
 
+@functools.lru_cache(maxsize=None)
+def _const(values: tuple, device) -> torch.Tensor:
+    """A small constant (mean / std, HSV offsets, a crop box) built once per device: no copy per call."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def rrc_params(n, height, width, scale, ratio, generator=None, device=None):
     """torchvision RandomResizedCrop.get_params, vectorised: 10 (area, log-ratio) draws per image, first
     valid one, else the centre-crop fallback. Returns float (n,4) boxes (top, left, h, w), integer valued."""
@@ -279,7 +286,7 @@ def rrc_params(n, height, width, scale, ratio, generator=None, device=None):
     in_ratio, lo, hi = width / height, min(ratio), max(ratio)          # centre-crop fallback
     fw = width if in_ratio <= hi else int(round(height * hi))
     fh = height if in_ratio >= lo else int(round(width / lo))
-    fb = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float32, device=device)
+    fb = _const(((height - fh) // 2, (width - fw) // 2, fh, fw), device)
     box = torch.stack([top, left, h, w], 1)
     return torch.where(ok.any(1)[:, None], box, fb.expand(n, 4))
 
@@ -365,7 +372,7 @@ def _rgb_to_hsv(x):
     minc = x.amin(1)
     cr = maxc - minc
     s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    num = x[:, [1, 2, 0]] - x[:, [2, 0, 1]]                # g-b, b-r, r-g
+    num = x.roll(-1, 1) - x.roll(1, 1)                     # g-b, b-r, r-g
     h = num.gather(1, arg.unsqueeze(1)).squeeze(1).div_(torch.where(cr == 0, torch.ones_like(cr), cr))
     h = h.add_(2.0 * arg).div_(6.0).add_(1.0).fmod_(1.0)
     return h, s, maxc
@@ -374,7 +381,7 @@ def _rgb_to_hsv(x):
 def _hsv_to_rgb(h, s, v):
     """Closed form of the sector table: channel_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
     for n = 5, 3, 1 (R, G, B); equals torchvision's gather-based version without (3,N,H,W) index tensors."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device).view(1, 3, 1, 1)
+    n = _const((5.0, 3.0, 1.0), h.device).view(1, 3, 1, 1)
     k = torch.remainder(n + (h * 6).unsqueeze(1), 6.0)
     a = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return (v.unsqueeze(1) - (v * s).unsqueeze(1) * a).clamp_(0.0, 1.0)
@@ -439,7 +446,7 @@ def gaussian_blur(x, sigma=(0.1, 2.0), p=0.5, kernel_size=None, generator=None):
 
 
 def normalize(x, mean, std):
-    m, s = (torch.tensor(v, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+    m, s = (_const(tuple(v), x.device).view(1, -1, 1, 1) for v in (mean, std))
     return (_float(x) - m) / s
 
 
@@ -1077,8 +1084,7 @@ def bench_augment(n=2048, batch_size=512, workers=2, device="auto") -> dict:
     x = synthetic_images(torch.arange(n) % 10, 10, torch.Generator().manual_seed(0))
     xd, gen = x.to(dev), torch.Generator(device=dev).manual_seed(0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(2):                                      # warm-up
-        augment(xd[:batch_size], "simclr_cifar", gen)
+    augment(xd[:batch_size], "simclr_cifar", gen), augment(xd[:batch_size], "simclr_cifar", gen)   # warm-up
     sync()
     t = time.perf_counter()
     for s in range(0, n, batch_size):
@@ -1101,8 +1107,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="cifar10-lt", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="./data", help="dataset root")
-    p.add_argument("--imb-ratio", type=float, default=None, help="rho = n_max / n_min; None: 100, or for "
-                   "folder the tree as it is")
+    p.add_argument("--imb-ratio", type=float, default=None, help="rho; None: 100, or a folder tree as it is")
     p.add_argument("--protocol", default="ldam", choices=["ldam", "sdclr"], help="CIFAR-LT convention")
     p.add_argument("--split", type=int, default=1, help="SDCLR split 1..5")
     p.add_argument("--split-file", default=None, help="exact D_i index file, e.g. SDCLR's split1_D_i.npy")
@@ -1114,7 +1119,7 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="histogram; None: runs/data-stats/<dataset>-<convention>.png")
     p.add_argument("--bench-augment", action="store_true", help="batched augmentation vs per-image PIL")
     p.add_argument("--bench-n", type=int, default=2048, help="images in the benchmark")
-    p.add_argument("--bench-workers", type=int, default=2, help="DataLoader workers for the PIL side")
+    p.add_argument("--bench-workers", type=int, default=2, help="DataLoader workers of the PIL side")
     p.add_argument("--device", default="auto", help="benchmark device: auto | cpu | cuda")
     a = p.parse_args(argv)
     a.stats = a.stats or not a.bench_augment                # --stats is the default action

@@ -9,3 +9,44 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+
+import pytest  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+# What makes a GPU wait for the host or the host for the GPU: reading a value back (item, tolist, bool,
+# float, numpy, cpu), building a tensor from Python data on every call (torch.tensor / as_tensor with a list),
+# and ops whose output shape depends on the data (nonzero, masked_select, unique, boolean indexing).
+_SYNCING = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu,
+            torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__,
+            torch.Tensor.nonzero, torch.nonzero, torch.masked_select, torch.Tensor.masked_select,
+            torch.unique, torch.Tensor.unique, torch.argwhere, torch.tensor, torch.as_tensor}
+
+
+class HostSync(AssertionError):
+    pass
+
+
+class NoHostSync(TorchFunctionMode):
+    """Raise HostSync when code inside calls one of _SYNCING, or indexes a tensor with a boolean mask. The CPU
+    stand-in for torch.cuda.set_sync_debug_mode("error"), which the GPU check uses."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SYNCING:
+            raise HostSync(f"host synchronisation: {getattr(func, '__qualname__', func)}")
+        if func is torch.Tensor.__getitem__ and _bool_index(args[1]):
+            raise HostSync("host synchronisation: boolean-mask indexing")
+        return func(*args, **kwargs)
+
+
+def _bool_index(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in items)
+
+
+@pytest.fixture
+def no_host_sync():
+    """`with no_host_sync(): step(...)` fails the test on any host synchronisation inside."""
+    return NoHostSync

@@ -506,3 +506,16 @@ def test_docs_sections_cited_in_code_exist():
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             cited |= set(re.findall(r"docs/data\.md, ([A-Za-z0-9 -]+)", f.read()))
     assert cited and all(any(c.strip().startswith(h) for h in headings) for c in cited), (cited, headings)
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_augment_makes_no_host_synchronisation(no_host_sync, size):
+    """Every recipe, once warm (its constants are built once per device): no read-back, no copy from the host,
+    no data-dependent shape. On a GPU, test_harness.py runs it under torch.cuda.set_sync_debug_mode."""
+    x = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    for recipe in data.RECIPES:
+        data.augment(x, recipe, g, size)                                # warm: constants for this device
+        with no_host_sync():
+            out = data.augment(x, recipe, g, size)
+        assert torch.isfinite(out).all(), recipe
