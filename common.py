@@ -57,10 +57,12 @@ class RunArgs:
     """The runtime flags every script shares: same names, defaults and meaning in all four (README)."""
     dataset: str = arg("cifar10-lt", "data set (docs/data.md lists them; synthetic-lt needs no files)")
     data_dir: str = arg("./data", "data root; for --dataset folder the ImageFolder tree itself", runtime=True)
-    imb_ratio: float = arg(100.0, "imbalance ratio rho = n_max / n_min of the long tail", check=">=1")
+    imb_ratio: Optional[float] = arg(None, "imbalance ratio rho = n_max / n_min of a generated long tail; "
+                                     "unset: 100, but a folder tree is used as it is", check=">=1")
     protocol: Optional[str] = arg(None, "CIFAR-LT convention: the one of the method's paper by default "
                                   "(docs/data.md, 'CIFAR-LT conventions')", choices=["ldam", "sdclr"])
-    seed: int = arg(0, "training seed (augmentation, initialisation, sampling)")
+    seed: int = arg(0, "training seed (augmentation, initialisation, sampling); a method may default to the "
+                    "seed of its reference scripts")
     device: str = arg("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N", runtime=True)
     amp: str = arg("auto", "autocast dtype: auto = bf16 on CUDA (fp16 with a GradScaler where bf16 is "
                    "unsupported), off on CPU", choices=["auto", "bf16", "fp16", "off"], runtime=True)
@@ -187,10 +189,8 @@ def parse_args(cls, argv=None, defaults: dict | None = None):
     args = cls(**vars(parser.parse_args(argv)))
     given = {name for name in given_flags(cls, argv) if getattr(args, name) is not None}   # "none" = unset
     filled = fill_defaults(args, defaults, given=given)
-    try:
+    with user_errors():
         check_args(args)
-    except UserError as e:
-        fatal(str(e))
     return args, filled
 
 
@@ -334,8 +334,8 @@ class TorchvisionResNet(tv_resnet.ResNet):
     forward(x) -> pooled (N, out_dim); forward(x, return_map=True) -> (pooled, last feature map).
     """
 
-    def __init__(self, block, layers, cifar_stem: bool):
-        super().__init__(block, layers)
+    def __init__(self, block, layers, cifar_stem: bool, zero_init_residual: bool = False):
+        super().__init__(block, layers, zero_init_residual=zero_init_residual)
         if cifar_stem:
             self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
@@ -415,11 +415,12 @@ _CIFAR_DEPTH = {"resnet8": 8, "resnet20": 20, "resnet32": 32}
 ARCHS = tuple(_TORCHVISION) + tuple(_CIFAR_DEPTH)
 
 
-def build_backbone(arch: str, image_size: int = 32) -> nn.Module:
+def build_backbone(arch: str, image_size: int = 32, zero_init_residual: bool = False) -> nn.Module:
     """Backbone without classifier. resnet18/34/50/152: torchvision layout, CIFAR stem when image_size <= 64.
-    resnet8/20/32: He et al. / LDAM CIFAR ResNet (64-d). Attributes `.out_dim`, `.feature_stride`."""
+    resnet8/20/32: He et al. / LDAM CIFAR ResNet (64-d). Attributes `.out_dim`, `.feature_stride`.
+    zero_init_residual (torchvision's option; resnet18-152 only): each residual block's last BN gamma = 0."""
     if arch in _TORCHVISION:
-        return TorchvisionResNet(*_TORCHVISION[arch], cifar_stem=image_size <= 64)
+        return TorchvisionResNet(*_TORCHVISION[arch], image_size <= 64, zero_init_residual)
     if arch in _CIFAR_DEPTH:
         return CifarResNet(_CIFAR_DEPTH[arch])
     raise UserError(f"--arch {arch!r} is unknown; use one of {', '.join(ARCHS)}")
@@ -479,8 +480,8 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, fi
 
 
 def multistep_lr(epoch: int, base_lr: float, milestones: list[int], gamma: float = 0.1) -> float:
-    """base_lr * gamma ** #(milestones <= epoch), epoch 1-based (SDCLR probe: milestones 10, 20 give lr 30 for
-    e = 1..9, 3 for 10..19, 0.3 for 20..30)."""
+    """base_lr * gamma ** #(milestones <= epoch). The LDAM / DSCL loops pass the 0-based epoch (milestones
+    120, 160: x0.1 from the 121st epoch); SDCLR's probe passes e = 1..E (milestones 10, 20: 30 for e < 10)."""
     return base_lr * gamma ** sum(1 for m in milestones if m <= epoch)
 
 
@@ -687,8 +688,7 @@ def git_commit() -> str:
 # --- Progress line ------------------------------------------------------------------------------------------
 
 def _fmt_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
+    h, rem = divmod(max(0, int(seconds)), 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
@@ -775,8 +775,8 @@ def _same(a, b) -> bool:
 
 def fill_defaults(args, defaults: dict, given=()) -> dict:
     """Set the DEFAULTS entries for args.dataset on every field not in `given`; returns what was set."""
-    filled = {}
-    table = _table_for(defaults or {}, args.dataset)
+    filled, rho = {}, None if args.dataset == "folder" else 100.0      # a folder tree is used as it is
+    table = {"imb_ratio": rho, **_table_for(defaults or {}, args.dataset)}
     for lazy in (False, True):
         for name, value in table.items():
             if name in given or callable(value) != lazy:

@@ -410,15 +410,18 @@ DEMO_DEFAULTS = {"*": {"lr": 0.5, "milestones": [10, 20]},
 def test_parse_args_defaults_and_overrides():
     a, filled = common.parse_args(DemoArgs, [], DEMO_DEFAULTS)
     assert (a.lr, a.milestones, a.arch) == (0.5, [10, 20], "resnet32")
-    assert filled == {"lr": 0.5, "milestones": [10, 20], "arch": "resnet32"}
+    assert filled == {"imb_ratio": 100.0, "lr": 0.5, "milestones": [10, 20], "arch": "resnet32"}
     b, filled = common.parse_args(DemoArgs, ["--lr", "0.1", "--no-amp-on", "--milestones", "3", "4", "5",
-                                             "--resume", "auto", "--limit", "7", "--arch", "resnet18"],
-                                  DEMO_DEFAULTS)
+                                             "--resume", "auto", "--limit", "7", "--arch", "resnet18",
+                                             "--imb-ratio", "10"], DEMO_DEFAULTS)
     assert (b.lr, b.amp_on, b.milestones, b.resume, b.limit, b.arch) == (0.1, False, [3, 4, 5], "auto", 7,
                                                                          "resnet18")
     assert filled == {}                                        # every flag given: the command line wins
     c, filled = common.parse_args(DemoArgs, ["--dataset", "synthetic-lt", "--limit", "9"], DEMO_DEFAULTS)
-    assert (c.lr, c.milestones, c.arch) == (0.1, [9], "resnet18") and filled == {"lr": 0.1, "milestones": [9]}
+    assert (c.lr, c.milestones, c.arch) == (0.1, [9], "resnet18")
+    assert filled == {"imb_ratio": 100.0, "lr": 0.1, "milestones": [9]}
+    folder, filled = common.parse_args(DemoArgs, ["--dataset", "folder"], DEMO_DEFAULTS)
+    assert folder.imb_ratio is None and filled["imb_ratio"] is None            # the tree as it is
     assert common.parse_args(DemoArgs, ["--amp-on", "--limit", "none"])[0].limit is None
 
 
