@@ -62,7 +62,7 @@ class Args(common.RunArgs):
     lr: Optional[float] = arg(None, "base learning rate", check=">0")
     momentum: float = arg(0.9, "SGD momentum (Sec. 4.2)", check="[0,1)")
     weight_decay: float = arg(1e-4, "weight decay; none on the PSC prototypes (INFERRED)", check=">=0")
-    milestones: list[int] = arg([], "epochs (1-based) at which the LR is multiplied by --lr-gamma",
+    milestones: list[int] = arg([], "LR x --lr-gamma from these 0-based epochs on (as LDAM-DRW's loop)",
                                 check=">=1")
     lr_gamma: float = arg(0.1, "LR decay factor", check="(0,1]")
     tau: Optional[float] = arg(None, "temperature of Eq. (2) / (4)", check=">0")
@@ -359,7 +359,7 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
         ce_batches = endless(ce_loader, epoch)
         sum_con, sum_ce = torch.zeros((), device=device), torch.zeros((), device=device)
         if stage == "classifier":                                 # Table 5 two-stage, stage 2
-            lr = common.multistep_lr(epoch - args.epochs + 1, args.stage2_lr, args.stage2_milestones,
+            lr = common.multistep_lr(epoch - args.epochs, args.stage2_lr, args.stage2_milestones,
                                      args.lr_gamma)
             common.set_lr(stage2_opt, lr)
             alpha = 0.0
@@ -369,7 +369,7 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
                                           amp_dtype)
                 progress.step(epoch * steps + it, loss=sum_ce / (it + 1), lr=lr)
         else:
-            lr = common.multistep_lr(epoch + 1, args.lr, args.milestones, args.lr_gamma)
+            lr = common.multistep_lr(epoch, args.lr, args.milestones, args.lr_gamma)    # 0-based, as LDAM
             common.set_lr(optimizer, lr)
             alpha = 1.0 if args.two_stage else curriculum_alpha(epoch, args.epochs, args.alpha_schedule,
                                                                    args.no_curriculum)        # Eq. (1)

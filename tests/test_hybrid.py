@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import eval as evaluation
 import hybrid
 
 
@@ -269,7 +270,7 @@ def test_demo_profile_is_announced_and_recorded(tmp_path, capsys):
     assert saved["defaults_filled"]["milestones"] == [3, 4] and saved["paper_setting"] is False
     assert json.loads((run_dir / "config.json").read_text())["filled_defaults"]["milestones"] == [3, 4]
     assert [json.loads(x)["lr"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
-        pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001])                          # x0.1 at epochs 3 and 4
+        pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])     # 0-based epochs 3 and 4 decay, as LDAM-DRW's loop
 
 
 def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path, monkeypatch):
@@ -314,9 +315,12 @@ def test_two_stage_freezes_the_backbone_in_stage_two(tmp_path, monkeypatch):
         real_save(path, state)
 
     monkeypatch.setattr(common, "save_checkpoint", keep)
-    hybrid.train(tiny_args(tmp_path, loss="sc", two_stage=True, epochs=1, stage2_epochs=2, eval_every=100),
-                 None, ds)
-    assert [s["stage"] for s in states] == ["feature", "classifier", "classifier"]
+    hybrid.train(tiny_args(tmp_path, loss="sc", two_stage=True, epochs=1, stage2_epochs=3, eval_every=100,
+                           stage2_milestones=[1, 2]), None, ds)
+    assert [s["stage"] for s in states] == ["feature", "classifier", "classifier", "classifier"]
+    (run_dir,) = list(tmp_path.iterdir())
+    lrs = [json.loads(x)["lr"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.1, 0.5, 0.05, 0.005])   # stage 2: milestones counted from its epoch 0
     for k, v in states[0]["backbone"].items():                     # weights and BN statistics unchanged
         assert torch.equal(v, states[-1]["backbone"][k]), k
     assert not torch.equal(states[0]["classifier"]["weight"], states[-1]["classifier"]["weight"])
@@ -338,3 +342,44 @@ def test_ce_ce_head_and_fused_forward_step():
     assert not torch.equal(head0, model.head.weight) and not torch.equal(cls0, model.classifier.weight)
     out_con, logits = model(torch.randn(6, 3, 32, 32), torch.randn(4, 3, 32, 32), fused=True)
     assert out_con.shape == (6, 4) and logits.shape == (4, 4)
+
+
+def test_paper_schedule_decays_at_epochs_120_and_160():
+    """The LDAM-DRW loop: lr 0.5 for epochs 0..119, 0.05 for 120..159, 0.005 for 160..199 (0-based)."""
+    a = parse("--dataset", "cifar10-lt")[0]
+    lrs = [common.multistep_lr(e, a.lr, a.milestones, a.lr_gamma) for e in range(a.epochs)]
+    assert lrs.count(0.5) == 120 and lrs[120] == pytest.approx(0.05) and lrs[160] == pytest.approx(0.005)
+    assert sum(1 for x in lrs if x == pytest.approx(0.05)) == 40
+    import inspect
+    assert "multistep_lr(epoch, args.lr" in inspect.getsource(hybrid.train)    # the loop passes epoch 0..199
+
+
+def test_predictions_come_from_fp32_logits_under_bf16_autocast():
+    """Logits 1.0 (class 0) and 1.001 (class 3) are one value in bf16; the argmax must still say class 3."""
+    ds = tiny(n_max=24, n_test=8)
+
+    class Ones(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(len(x), 1, device=x.device)
+
+    fc = torch.nn.Linear(1, 4, bias=False)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[1.0], [0.5], [0.5], [1.001]]))
+    ds.test.y = torch.full_like(ds.test.y, 3)
+    m = evaluation.classifier_eval(Ones(), fc, ds, torch.device("cpu"), torch.bfloat16)
+    assert m["top1_overall"] == 100.0
+
+
+@pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
+def test_training_step_makes_no_host_synchronisation(no_host_sync, loss):
+    args = parse("--loss", loss, "--arch", "resnet8", "--lr", "0.1")[0]
+    model = hybrid.HybridNet("resnet8", 4, 32, loss, None, 128, 1)
+    opt, scaler = hybrid.make_optimizer(model, args), common.make_scaler(None)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 4
+    step = lambda: hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), 0.5, args, g, 32,  # noqa
+                                     torch.device("cpu"), None)
+    step()                                                              # warm
+    with no_host_sync():
+        l_con, l_ce = step()
+    assert torch.isfinite(l_con) and torch.isfinite(l_ce)
