@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
-import os
 import pathlib
-import sys
 import time
 
 import numpy as np
@@ -53,6 +52,8 @@ def probe_settings(ds) -> dict:
     epochs / milestones / val_every / split (each keyed by mode), groups, row, select_topk."""
     s = copy.deepcopy(PROBE_SETTINGS.get(ds.name, PROBE_SETTINGS["folder"]))
     s["batch_size"] = s["batch_size"] or (128 if ds.image_size <= 64 else 512)
+    if getattr(ds, s["split"]["full"]) is None:     # a folder tree used as it is has no probe pool either
+        s["split"] = dict(_TRAIN)
     s["row"] = "ssl" if s["groups"] == "thirds" else "strict"
     return s
 
@@ -202,10 +203,9 @@ def _val_accuracy(fc, feats, y, topk=1, chunk=8192):
     return 100.0 * float(torch.cat(hits).double().mean())
 
 
-def _feature_dim(backbone, split, device, amp_dtype, recipe):
-    if hasattr(backbone, "out_dim"):
-        return int(backbone.out_dim)
-    return extract_features(backbone, _subset(split, [0]), device, amp_dtype, recipe=recipe)[0].shape[1]
+def _feature_dim(backbone, split, device, amp_dtype, recipe):   # out_dim, else from one embedded image
+    return int(backbone.out_dim) if hasattr(backbone, "out_dim") else extract_features(
+        backbone, _subset(split, [0]), device, amp_dtype, recipe=recipe)[0].shape[1]
 
 
 def _train_epoch(fc, opt, batches, device):
@@ -357,10 +357,10 @@ def run_probes(backbone, ds, modes, device, amp_dtype=None, aug="crop", epochs=N
 def cb_linear(backbone, ds, device, amp_dtype=None, lr=10.0, epochs=40, milestones=(20, 30), batch_size=2048,
               bn="eval", recipe="crop_flip_cifar", seed=0, log=print) -> dict:
     """Class-balanced linear classifier on a frozen backbone (DSCL stage 2; equal_lincls.py of its code).
-    Sampler: class uniform, then image uniform, over the LT train set; CE; SGD momentum 0.9, wd 0; x0.1 at
-    `milestones`. bn "eval" (default, INFERRED): BN uses running statistics. bn "train": the released code's
-    model.train(), batch statistics that also update the running ones, on a copy of the backbone. Headline =
-    last epoch; the val-selected epoch is stored where ds.val exists; `best_test` is stored flagged."""
+    Sampler: class uniform, then image uniform, over the LT train set; CE; SGD momentum 0.9, wd 0; x0.1 from
+    the 0-based epochs `milestones` on. bn "eval" (default, INFERRED): BN uses running statistics. bn "train":
+    the released code's model.train(), batch statistics that also update the running ones, on a copy of the
+    backbone. Headline = last epoch; the val-selected epoch is stored where ds.val is; best_test, flagged."""
     if bn not in ("eval", "train"):
         raise ValueError(f"unknown bn mode {bn!r}; use eval or train")
     t0, was_training, test_recipe = time.time(), backbone.training, _test_recipe(recipe)
@@ -382,7 +382,7 @@ def cb_linear(backbone, ds, device, amp_dtype=None, lr=10.0, epochs=40, mileston
         history, best_test, best_val = [], {"epoch": None, "top1": -1.0}, {"epoch": None, "top1": -1.0}
         val_metrics = None      # test metrics at the val-selected epoch (stored, not the headline)
         for epoch in range(1, epochs + 1):
-            cur_lr = common.multistep_lr(epoch, lr, list(milestones))
+            cur_lr = common.multistep_lr(epoch - 1, lr, list(milestones))     # 0-based, as DSCL's code
             common.set_lr(opt, cur_lr)
             loader.set_epoch(epoch)
             net.train(bn == "train")
@@ -417,39 +417,41 @@ def cb_linear(backbone, ds, device, amp_dtype=None, lr=10.0, epochs=40, mileston
 
 # ----- kNN monitor and Hybrid's end-to-end classifier (docs/evaluation.md) ----------------------------------
 @torch.no_grad()
-def knn_predict(bank_feats, bank_y, query_feats, num_classes, k=200, t=0.1, chunk=1024):
-    """Weighted kNN vote (Wu et al. 2018): cosine similarity, k nearest, weights exp(sim / t), in chunks."""
+def knn_predict(bank_feats, bank_y, query_feats, num_classes, k=200, t=0.1, chunk=1024, vote="weighted"):
+    """kNN by cosine similarity, in chunks. vote "weighted" (Wu et al. 2018): each of the k nearest adds
+    exp(sim / t) to its class. "majority" (the TS protocol): one vote each; a tie goes to the nearest."""
     bank, query = F.normalize(bank_feats.float(), dim=1), F.normalize(query_feats.float(), dim=1)
     k, preds = min(k, len(bank)), []
     for i in range(0, len(query), chunk):
-        top_sim, top_idx = (query[i:i + chunk] @ bank.T).topk(k, dim=1)   # cosine similarities
-        scores = torch.zeros(len(top_idx), num_classes, device=bank.device)
-        scores.scatter_add_(1, bank_y[top_idx], torch.exp(top_sim / t))   # sim <= 1: no overflow
-        preds.append(scores.argmax(1))
+        sim, idx = (query[i:i + chunk] @ bank.T).topk(k, dim=1)             # nearest first
+        lab, z = bank_y[idx], torch.zeros(len(idx), num_classes, device=bank.device)
+        if vote == "weighted":                                              # sim <= 1: no overflow
+            preds.append(z.scatter_add(1, lab, torch.exp(sim / t)).argmax(1))
+        else:            # votes x (k + 1) + (k - rank of the class's nearest): ties go to the nearest
+            near = (k - torch.arange(k, device=bank.device)).float().expand_as(sim)
+            votes = z.scatter_add(1, lab, torch.full_like(sim, k + 1.0))
+            preds.append((votes + z.scatter_reduce(1, lab, near, "amax")).argmax(1))
     return torch.cat(preds)
 
 
 @torch.no_grad()
 def knn_monitor(backbone, bank, query, device, num_classes, k=200, t=0.1, recipe="test_cifar",
                 class_counts=None, class_rank=None) -> dict:
-    """kNN health check (docs/evaluation.md, kNN monitor) on eval-mode unaugmented features: the metrics block
-    (with class_counts) or only top1_overall, acc_class_mean, per_class_acc and std_classes."""
-    bf, by = extract_features(backbone, bank, device, recipe=recipe)
-    qf, qy = extract_features(backbone, query, device, recipe=recipe)
-    counts = class_counts if class_counts is not None else [1] * num_classes
-    m = compute_metrics(knn_predict(bf, by, qf, num_classes, k, t), qy, num_classes, counts, class_rank)
-    if class_counts is None:
-        m = {key: m[key] for key in ("top1_overall", "acc_class_mean", "per_class_acc", "std_classes")}
-    return m
+    """kNN health check (docs/evaluation.md, kNN monitor) on eval-mode unaugmented features: the metrics
+    block (its groups need class_counts)."""
+    (bf, by), (qf, qy) = (extract_features(backbone, s, device, recipe=recipe) for s in (bank, query))
+    return compute_metrics(knn_predict(bf, by, qf, num_classes, k, t), qy, num_classes,
+                           class_counts or [1] * num_classes, class_rank)
 
 
-def knn_query_split(ds, seed=0):
-    """Queries for the kNN monitor: ds.val, else a seeded 10 % of the train set, at most 10,000 images."""
-    if ds.val is not None:
-        return ds.val
-    n = min(max(1, len(ds.train) // 10), 10000)
-    idx = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(seed))[:n]
-    return _subset(ds.train, idx.sort().values)
+@torch.no_grad()
+def knn_ts(backbone, ds, device, ks=(1, 10), recipe="test_imagenet") -> dict:
+    """The TS kNN protocol (Kukleva et al., ICLR 2023; docs/evaluation.md, kNN monitor), only to reproduce the
+    published SimCLR+TS numbers: bank = the labelled LT training set, queries = the TEST set, a majority vote
+    of the k nearest, unaugmented features. {k: metrics block}; TS reports acc_class_mean."""
+    (bf, by), (qf, qy) = (extract_features(backbone, s, device, recipe=recipe) for s in (ds.train, ds.test))
+    return {k: compute_metrics(knn_predict(bf, by, qf, ds.num_classes, k, vote="majority"), qy,
+                               ds.num_classes, ds.class_counts, ds.class_rank) for k in ks}
 
 
 @torch.no_grad()
@@ -458,8 +460,7 @@ def classifier_eval(backbone, classifier, ds, device, amp_dtype=None, recipe="te
     was = classifier.training
     classifier.eval()
     feats, y = extract_features(backbone, ds.test, device, amp_dtype, recipe=recipe)
-    with common.autocast(device, amp_dtype):
-        preds = _predict(classifier, feats)
+    preds = _predict(classifier, feats.float())          # fp32 logits: bf16 ties would go to class 0
     classifier.train(was)
     return compute_metrics(preds, y, ds.num_classes, ds.class_counts, ds.class_rank)
 
@@ -520,14 +521,14 @@ def tsne(x, dim=2, perplexity=30.0, iters=500, seed=0):
     return y.cpu()
 
 
-def _figure(size):
+def figure(size):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return (plt, *plt.subplots(figsize=size))
 
 
-def _save(plt, fig, path):
+def save_figure(plt, fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -535,18 +536,18 @@ def _save(plt, fig, path):
 
 def plot_per_class(metrics, class_counts, path):
     """Per-class test accuracy against the class's train count (log x-axis)."""
-    plt, fig, ax = _figure((6, 4))
+    plt, fig, ax = figure((6, 4))
     pts = [(n, a) for n, a in zip(class_counts, metrics["per_class_acc"]) if a is not None and n > 0]
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14)
     ax.set(xscale="log", xlabel="train images of the class (log scale)", ylabel="test accuracy (%)",
            title=f"per-class accuracy (top-1 {_fmt(metrics['top1_overall'])})")
     ax.grid(True, which="both", alpha=0.3)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_groups(metrics, path):
     """Bars of Many / Medium / Few accuracy for the thirds and strict rules."""
-    plt, fig, ax = _figure((6, 4))
+    plt, fig, ax = figure((6, 4))
     for i, rule in enumerate(("thirds", "strict")):
         g = metrics[f"groups_{rule}"]
         vals = [g[k] if g[k] is not None else 0.0 for k in ("many", "medium", "few")]
@@ -554,7 +555,7 @@ def plot_groups(metrics, path):
                label=f"{rule} (n = {'/'.join(str(c) for c in g['n_classes'])})")
     ax.set(xticks=range(3), xticklabels=["Many / Frequent", "Medium", "Few / Rare"], ylabel="test acc. (%)")
     ax.legend()
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 def plot_tsne(feats, labels, path, max_points=2000, seed=0, class_names=None):
@@ -565,14 +566,14 @@ def plot_tsne(feats, labels, path, max_points=2000, seed=0, class_names=None):
         idx = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:max_points]
         feats, labels = feats[idx.to(feats.device)], labels[idx]
     emb = tsne(feats, seed=seed, iters=500).numpy()
-    plt, fig, ax = _figure((6, 6))
+    plt, fig, ax = figure((6, 6))
     sc = ax.scatter(*emb.T, c=labels.numpy(), s=5, cmap="tab20" if labels.max() < 20 else "viridis")
     ax.set(xticks=[], yticks=[], title="t-SNE of backbone features")
     if class_names is not None and len(class_names) <= 20:
         dots = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(c)))
                 for c in range(len(class_names))]
         ax.legend(dots, class_names, fontsize=6, loc="best")
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
 
 
 # ----- results.json (docs/evaluation.md, results.json) ------------------------------------------------------
@@ -591,7 +592,6 @@ def results_skeleton(method, variant, paper_setting, ds, protocol, network_evalu
 def write_results(run_dir, results: dict) -> None:
     """run_dir/results.json (atomic) plus per_class_acc.png and group_acc.png from the headline metrics."""
     run_dir = pathlib.Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     common.save_json(run_dir / "results.json", results)
     metrics = results.get("at_selected") or results.get("at_last")
     counts = (results.get("dataset") or {}).get("class_counts")
@@ -608,12 +608,6 @@ TABLE_COLUMNS = [  # (header, path into the metrics block)
     ("Many (strict)", ("groups_strict", "many")), ("Medium (strict)", ("groups_strict", "medium")),
     ("Few (strict)", ("groups_strict", "few"))]
 _TABLE_KEY = ("method", "variant", "dataset", "lt_convention", "imb_ratio", "protocol")
-
-
-def _get(d, path):
-    for k in path:
-        d = d.get(k) if d is not None else None
-    return d
 
 
 def aggregate_results(paths):
@@ -634,20 +628,19 @@ def aggregate_results(paths):
     for key, items in groups.items():
         row = {"key": dict(zip(_TABLE_KEY, key)), "n": len(items), "files": [p for p, _ in items]}
         for name, path in TABLE_COLUMNS:
-            vals = [v for v in (_get(m, path) for _, m in items) if v is not None]
+            got = [functools.reduce(lambda d, k: (d or {}).get(k), path, m) for _, m in items]   # d[k1][k2]
+            vals = [v for v in got if v is not None]
             row[name] = (float(np.mean(vals)), float(np.std(vals))) if vals else None   # population std
         rows.append(row)
     return rows
 
 
 def format_table(rows) -> str:
-    head = ["Method", "Variant", "Dataset", "Convention", "rho", "Protocol", "Runs"]
-    head += [c for c, _ in TABLE_COLUMNS]
+    head = ["Method", "Variant", "Dataset", "Convention", "rho", "Protocol", "Runs", *dict(TABLE_COLUMNS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         k = r["key"]
-        cells = [str(k["method"]), str(k["variant"] or "")] + [str(k[f]) for f in _TABLE_KEY[2:]]
-        cells.append(str(r["n"]))
+        cells = [str(k["method"]), str(k["variant"] or ""), *(str(k[f]) for f in _TABLE_KEY[2:]), str(r["n"])]
         cells += ["-" if r[c] is None else f"{r[c][0]:.2f} ± {r[c][1]:.2f}" for c, _ in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -683,9 +676,8 @@ def evaluate_checkpoint(cli) -> dict:
     """`eval.py --ckpt`: one protocol on a method checkpoint; writes results.json and plots to
     <run>/eval-<probe> (or --out) and prints the paper row. The SDCLR probes go through run_probes."""
     ckpt = common.load_checkpoint(cli.ckpt)
-    missing = [k for k in ("arch", "backbone") if k not in ckpt]
-    if missing:
-        raise common.UserError(f"checkpoint {cli.ckpt} lacks {', '.join(missing)}; evaluate a checkpoint "
+    if not {"arch", "backbone"} <= set(ckpt):
+        raise common.UserError(f"checkpoint {cli.ckpt} lacks its arch or backbone; evaluate a checkpoint "
                                f"written by fassl.py, tase.py, dscl.py or hybrid.py")
     device, amp_dtype = common.setup_device(cli.device, cli.amp)
     backbone = common.build_backbone(ckpt["arch"], int(ckpt.get("image_size", 32))).to(device)
@@ -721,20 +713,28 @@ def evaluate_checkpoint(cli) -> dict:
         fc.load_state_dict(ckpt["classifier"])
         out = _fixed("hybrid-e2e", "checkpoint classifier", "checkpoint (last saved epoch)",
                      classifier_eval(backbone, fc, ds, device, amp_dtype, test_recipe), ckpt.get("epoch"))
-    else:
-        bank = ds.probe if ds.probe is not None else ds.train
+    elif cli.knn_protocol == "ts":       # test queries: only to reproduce the TS paper's published numbers
+        m = knn_ts(backbone, ds, device, recipe=test_recipe)
+        print("TS kNN protocol, class-mean accuracy: " + ", ".join(f"kNN@{k} {_fmt(v['acc_class_mean'])}"
+                                                                   for k, v in m.items()))
+        out = {**_fixed("knn-ts", "k1 majority (k10: extra)", "none (TS protocol: test queries)", m[1]),
+               "extra": {"knn_ts": {f"k{k}": v for k, v in m.items()}}}
+    else:                        # queries: ds.val, else a seeded 10 % of train (at most 10,000); never test
+        n, gen = min(max(1, len(ds.train) // 10), 10000), torch.Generator().manual_seed(cli.seed)
+        query = ds.val or _subset(ds.train, torch.randperm(len(ds.train), generator=gen)[:n].sort().values)
         out = _fixed("knn-monitor", "k200-t0.1", "none (kNN on the validation split, never test)",
-                     knn_monitor(backbone, bank, knn_query_split(ds, cli.seed), device, ds.num_classes,
+                     knn_monitor(backbone, ds.probe or ds.train, query, device, ds.num_classes,
                                  recipe=test_recipe, class_counts=ds.class_counts, class_rank=ds.class_rank))
     variant = out.pop("variant") if "variant" in out else f"bn-{cli.linear_bn}"
-    amp = str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "off"
     res = results_skeleton(method, variant, False, ds, out["protocol"], "backbone", ckpt["arch"],
                            {"pretrain": ckpt.get("epoch"), "probe": (out.get("probe") or {}).get("epochs")},
-                           (ckpt.get("args") or {}).get("seed", cli.seed), amp, time.time() - t0)
+                           (ckpt.get("args") or {}).get("seed", cli.seed), common.amp_name(amp_dtype),
+                           time.time() - t0)
     res.update(out)
     res["extra"].update(checkpoint=str(cli.ckpt), stage=ckpt.get("stage", ""))
     # default: a sub-directory per probe, so the results.json the training run wrote beside it survives
-    run_dir = pathlib.Path(cli.out) if cli.out else pathlib.Path(cli.ckpt).parent / f"eval-{cli.probe}"
+    name = cli.probe + ("-ts" if cli.knn_protocol == "ts" else "")
+    run_dir = pathlib.Path(cli.out) if cli.out else pathlib.Path(cli.ckpt).parent / f"eval-{name}"
     write_results(run_dir, res)
     if cli.tsne:
         feats, labels = extract_features(backbone, ds.test, device, amp_dtype, recipe=test_recipe)
@@ -752,10 +752,12 @@ def build_parser():
     src.add_argument("--ckpt", help="checkpoint written by a method script (runs/X/checkpoint.pt)")
     src.add_argument("--table", nargs="+", metavar="RESULTS_JSON", help="results.json files; prints mean ± "
                      "population std over runs sharing method, variant, dataset, convention, rho, protocol")
-    p.add_argument("--probe", default="linear",
-                   choices=("linear", "few-shot", "cb-linear", "knn", "classifier"),
+    p.add_argument("--probe", choices=("linear", "few-shot", "cb-linear", "knn", "classifier"),
                    help="linear / few-shot = SDCLR probe, cb-linear = DSCL stage 2, knn = kNN monitor, "
                         "classifier = the checkpoint's end-to-end classifier (Hybrid) (default: linear)")
+    p.add_argument("--knn-protocol", choices=("monitor", "ts"), help="implies --probe knn. monitor "
+                   "(default): validation queries, never test; ts: the protocol of Kukleva et al. (ICLR "
+                   "2023, TS): LT set as bank, TEST queries, majority vote, k 1, 10; only to compare with TS")
     p.add_argument("--probe-aug", default="crop", choices=("crop", "none"), help="crop = the protocol "
                    f"(augmented batches); none = cached features, tagged '{CACHED_VARIANT}' (default: crop)")
     p.add_argument("--probe-label-fraction", type=float, default=None, help="train the probe on this "
@@ -786,16 +788,13 @@ def build_parser():
 
 def main(argv=None):
     cli = build_parser().parse_args(argv)
-    if cli.table:
-        missing = [p for p in cli.table if not os.path.isfile(p)]
-        if missing:
-            raise common.UserError(f"results file {missing[0]} does not exist; pass existing results.json "
-                                   f"files (e.g. runs/*/results.json)")
-        print(format_table(aggregate_results(cli.table)))
-        return None
+    if cli.table:                       # an unreadable file: one line from aggregate_results
+        return print(format_table(aggregate_results(cli.table)))
+    cli.probe = cli.probe or ("knn" if cli.knn_protocol else "linear")
+    if cli.knn_protocol and cli.probe != "knn":
+        raise common.UserError(f"--knn-protocol applies to --probe knn, not --probe {cli.probe}")
     return evaluate_checkpoint(cli)
 
 
 if __name__ == "__main__":
-    with common.user_errors():
-        main(sys.argv[1:])
+    common.main_guard(main)

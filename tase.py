@@ -79,6 +79,7 @@ class Args(common.RunArgs):
     kmeans_restarts: int = arg(3, "k-means runs; the lowest inertia is kept (INFERRED)", check=">=1")
     kmeans_tol: float = arg(0.001, "stop below this share of changed assignments (INFERRED)", check="[0,1]")
     oracle_labels: bool = arg(False, "diagnostic upper bound: true labels replace k-means (never TASE-R)")
+    knn_every: int | None = arg(None, "kNN monitor every N epochs (None: E/20)", check=">=0", runtime=True)
     probe: list[str] = arg(["full", "few-shot"], "final linear probes; none given = no probe",
                            choices=["full", "few-shot"], runtime=True)
     probe_epochs: int | None = arg(None, "probe epochs; None = docs/evaluation.md's table", check=">=1")
@@ -94,7 +95,7 @@ DEFAULTS = {
     "*": {**RECIPE, "cluster_warmup_epochs": 50, "recluster_every": 20, "probe_aug": "crop"},
     LARGE: {"arch": "resnet50", "batch_size": 256, "epochs": 500},
     "synthetic-lt": {"arch": "resnet8", "epochs": 20, "batch_size": 128, "lr_warmup_epochs": 2,
-                     "cluster_warmup_epochs": 4, "recluster_every": 4, "probe_aug": "none"}}
+                     "cluster_warmup_epochs": 4, "recluster_every": 4, "probe_aug": "none", "knn_every": 0}}
 PAPER = {("cifar10-lt", "cifar100-lt"): {
     **RECIPE, "imb_ratio": 100.0, "proj_dim": 128, "lr": 0.5, "final_lr": 1e-6, "momentum": 0.9,
     "weight_decay": 1e-4, "augment": "auto", "sample_temperature": False, "reweight": False,
@@ -131,20 +132,19 @@ def global_temperature(epoch: int, args: Args) -> float:
     return ts_temperature(epoch, args.ts_tau_min, args.ts_tau_max, args.ts_period) if cosine else args.tau
 
 
-
 def sample_temperatures(cluster_sizes, tau_min: float, tau_max: float, modulation: float = 1.0):
     """Temperature per cluster, Eqs. T2-T3 (INFERRED), in [tau_min, tau_max]; image i gets out[c(i)]. s_c is
     log n_c scaled to [0, 1] (0.5 if all equal): larger clusters, likely head classes, get a larger tau."""
-    logn = torch.as_tensor(cluster_sizes).float().clamp_min(1.0).log()
-    lo, hi = logn.min(), logn.max()
-    s = (logn - lo) / (hi - lo) if float(hi - lo) > 0 else torch.full_like(logn, 0.5)   # Eq. (T2)
+    logn = cluster_sizes.float().clamp_min(1.0).log()                                  # sizes: a tensor
+    lo, span = logn.min(), logn.max() - logn.min()
+    s = torch.where(span > 0, (logn - lo) / span.clamp_min(1e-12), 0.5)                 # Eq. (T2), no sync
     return tau_min + (tau_max - tau_min) * modulation * s                               # Eq. (T3)
 
 
 def sample_weights(image_cluster_sizes, power: float):
     """Weight per image, Eq. T4 (INFERRED): w_i = n_c(i)^(-a) / mean_j n_c(j)^(-a) over the B images given
     (one batch: the loss scale stays fixed). fp32 from integer sizes, in log space: B softmax(-a log n)."""
-    logn = torch.as_tensor(image_cluster_sizes).float().clamp_min(1.0).log()
+    logn = image_cluster_sizes.float().clamp_min(1.0).log()                             # no host sync
     return logn.shape[0] * torch.softmax(-power * logn, dim=0)                          # Eq. (T4)
 
 
@@ -263,19 +263,14 @@ def cluster_diagnostics(assign, sizes, ds, tau_img, w_img) -> dict:
 def plot_temperature_weight(sizes, tau_c, assign, power, path, title=""):
     """One PNG: per cluster, temperature (Eq. T3, left axis) and weight n_c^(-a) (Eq. T4, right axis, mean 1
     over the dataset) against cluster size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     w_c = sizes.float().clamp_min(1) ** (-power)
     s, t, w = (v.cpu()[torch.argsort(sizes.cpu())].numpy() for v in (sizes, tau_c, w_c / w_c[assign].mean()))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    plt, fig, ax = evaluation.figure((6, 4))
     ax.plot(s, t, "o-", color="tab:blue", label="temperature tau_c (T3)")
     ax.set(xscale="log", xlabel="cluster size n_c (images)", ylabel="temperature", title=title)
     ax.twinx().plot(s, w, "s--", color="tab:red", label="weight w_c (T4, dataset mean 1; right axis)")
     fig.legend(loc="lower center", bbox_to_anchor=(0.5, 0.15), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    evaluation.save_figure(plt, fig, path)
 
 
 def epoch_diagnostics(epoch, args, ds, assign, sizes, tau_c, z1, z2, tau, run_dir, reclustered) -> dict:
@@ -339,8 +334,7 @@ def setup(args: Args, image_size: int, device, amp_dtype):
 def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = None) -> pathlib.Path:
     """Full run: SimCLR epochs, pseudo-labels from epoch W + 1 on (TASE-R), then the final SDCLR probes
     (results.json; the few-shot one in few-shot/results.json). Returns the run directory."""
-    label = method_name(args)
-    run = common.Run(RUN_NAMES[label], args, filled or {}, DEFAULTS, PAPER, label=label)
+    run = common.Run(lambda a: RUN_NAMES[method_name(a)], args, filled or {}, DEFAULTS, PAPER, method_name)
     args, device, amp_dtype = run.args, run.device, run.amp_dtype
     check_args(args)
     if ds is None:
@@ -355,16 +349,15 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
     model, net, optimizer, scaler, recipe = setup(args, ds.image_size, device, amp_dtype)
     loader = data.make_loader(ds.train, args.batch_size, device, sampler="random", seed=args.seed,
                               workers=args.workers, image_size=ds.image_size)
-    start, assign, sizes, n_recluster, diag = 0, None, None, 0, None
+    parts = {"backbone": model.backbone, "head": model.head, "optimizer": optimizer, "scaler": scaler}
+    start, assign, sizes, n_recluster, diag, knn = 0, None, None, 0, None, []
     ck = run.restore()
     if ck is not None:
-        for part, key in ((model.backbone, "backbone"), (model.head, "head"), (optimizer, "optimizer"),
-                          (scaler, "scaler")):
+        for key, part in parts.items():
             part.load_state_dict(ck[key])
-        start, n_recluster, diag = ck["epoch"], ck["num_reclusters"], ck["pseudo_labels"]
+        start, n_recluster, diag, knn = ck["epoch"], ck["num_reclusters"], ck["pseudo_labels"], ck["knn"]
         assign, sizes = (t.to(device) for t in ck["clusters"]) if ck["clusters"] else (None, None)
-    iters = len(loader)
-    total, warmup = args.epochs * iters, args.lr_warmup_epochs * iters
+    iters, total, warmup = len(loader), args.epochs * len(loader), args.lr_warmup_epochs * len(loader)
     progress, gen = run.progress(total, args.batch_size), torch.Generator(device=device)
     for epoch in range(start + 1, args.epochs + 1):
         t0 = time.time()
@@ -397,10 +390,17 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
         diag = rec.get("pseudo_labels", diag)
         rec.update(lr=lr, num_reclusters=n_recluster, epoch_time_s=time.time() - t0,
                    images_per_s=iters * args.batch_size / max(time.time() - t0, 1e-9))
+        every = args.knn_every if args.knn_every is not None else max(1, args.epochs // 20)
+        if every and (epoch % every == 0 or epoch == args.epochs) and ds.val:     # queries: val, never test
+            km = evaluation.knn_monitor(model.backbone, ds.probe or ds.train, ds.val, device, ds.num_classes,
+                                        recipe="test_imagenet", class_counts=ds.class_counts,
+                                        class_rank=ds.class_rank)
+            rec["knn"] = {key: km[key] for key in ("acc_class_mean", "groups_thirds")}
+            knn.append({"epoch": epoch, **rec["knn"]})
+            print(f"[{run.method}] epoch {epoch}: kNN class-mean acc. {km['acc_class_mean']:.2f}", flush=True)
         run.end_epoch(epoch, loss_sum / iters, rec, {
-            "arch": args.arch, "image_size": ds.image_size, "stage": "", "head": model.head.state_dict(),
-            "backbone": model.backbone.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "num_reclusters": n_recluster, "pseudo_labels": diag,
+            "arch": args.arch, "image_size": ds.image_size, "stage": "", "num_reclusters": n_recluster,
+            **{key: part.state_dict() for key, part in parts.items()}, "pseudo_labels": diag, "knn": knn,
             "clusters": None if assign is None else (assign.cpu(), sizes.cpu())})        # c(i), n_c of Eq. T1
 
     # The final SDCLR probes (docs/evaluation.md): results.json, then few-shot/results.json
@@ -413,7 +413,7 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
     for i, (mode, probe) in enumerate(probes.items()):
         res = run.results(ds, probe["protocol"], "backbone",
                           {"pretrain": args.epochs, "probe": probe["selection"]["last_epoch"]})
-        res.update({key: probe[key] for key in ("selection", "at_selected", "at_last")}, extra={
+        res.update({key: probe[key] for key in ("selection", "at_selected", "at_last")}, knn=knn, extra={
             **extra, "probe_variant": probe["variant"], "probe": probe["probe"], "history": probe["history"]})
         if i == 0:
             run.finish(res)

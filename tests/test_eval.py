@@ -273,7 +273,7 @@ def test_probe_settings_table_covers_every_dataset():
     s = ev.probe_settings(_places_like())
     assert s["split"] == {"full": "train", "few-shot": "fewshot"} and s["groups"] == "thirds"
     ds = _places_like()
-    ds.name = "imagenet100-lt"
+    ds.name, ds.probe = "imagenet100-lt", ds.train                  # ImageNet-100-LT has a probe list
     s = ev.probe_settings(ds)
     assert s["split"]["full"] == "probe" and s["groups"] == "strict" and s["select_topk"] == 5
     ev.probe_settings(ds)["split"]["full"] = "changed"      # callers get a copy, the table is unchanged
@@ -384,6 +384,71 @@ def test_knn_monitor_on_easy_blobs():
     query = centres[yq] + torch.randn(100, 8, generator=gen)
     pred = ev.knn_predict(bank, yb, query, 4, k=200, t=0.1, chunk=32)
     assert (pred == yq).float().mean() > 0.9
+
+
+class Poison:
+    """A split with a length that fails the test when its images or labels are read."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getattr__(self, name):
+        raise AssertionError(f"this split must not be read ({name})")
+
+
+def _majority_reference(bank, yb, query, num_classes, k):
+    """Brute force: the k most cosine-similar bank vectors vote once each; a tie goes to the tied class that
+    holds the nearest of them."""
+    bank, query = nn.functional.normalize(bank, dim=1), nn.functional.normalize(query, dim=1)
+    out = []
+    for q in query:
+        near = [int(yb[j]) for j in torch.argsort(bank @ q, descending=True)[:k]]
+        votes = [near.count(c) for c in range(num_classes)]
+        out.append(next(c for c in near if votes[c] == max(votes)))
+    return torch.tensor(out)
+
+
+def test_knn_majority_vote_and_its_tie_rule():
+    ang = torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0]).deg2rad()
+    bank, q = torch.stack([ang.cos(), ang.sin()], 1), torch.tensor([[1.0, 0.0]])   # ranks 0..4 by angle
+
+    def pred(labels, k):
+        return ev.knn_predict(bank, torch.tensor(labels), q, 3, k=k, vote="majority").item()
+    assert pred([0, 1, 1, 0, 2], 1) == 0 and pred([0, 1, 1, 0, 2], 3) == 1      # nearest; 2 votes to 1
+    assert pred([0, 1, 1, 0, 2], 4) == 0                                        # 2 : 2, class 0 holds rank 0
+    assert pred([2, 1, 0, 1, 0], 5) == 1                                        # 2 : 2 : 1; 1 holds rank 1
+    weighted = ev.knn_predict(bank, torch.tensor([0, 1, 1, 0, 2]), q, 3, k=3, t=0.1).item()
+    assert weighted == 0                       # the monitor: e^(cos 10/.1) > e^(cos 20/.1) + e^(cos 30/.1)
+    gen = torch.Generator().manual_seed(0)
+    yb, centres = torch.randint(0, 4, (300,), generator=gen), torch.randn(4, 6, generator=gen)
+    bank = centres[yb] + 1.5 * torch.randn(300, 6, generator=gen)
+    query = 2 * torch.randn(80, 6, generator=gen)
+    for k in (1, 10, 25):
+        assert torch.equal(ev.knn_predict(bank, yb, query, 4, k=k, vote="majority", chunk=32),
+                           _majority_reference(bank, yb, query, 4, k))
+
+
+def test_knn_ts_protocol_banks_the_lt_set_and_queries_the_test_set():
+    """TS protocol (Kukleva et al., ICLR 2023): bank = the labelled LT set, queries = test, k = 1 and 10,
+    class-mean accuracy. The probe pool and the validation split are never read."""
+    ds = _toy_ds(n_test=15)
+    full = _images(20, 8, torch.Generator().manual_seed(3))
+    keep = torch.cat([torch.arange(c * 20, c * 20 + n) for c, n in enumerate((20, 8, 4, 2))])   # LT counts
+    ds.train = ev._subset(full, keep)
+    ds.class_counts, ds.probe, ds.val = [20, 8, 4, 2], Poison(200), Poison(40)
+    out = ev.knn_ts(TinyNet(), ds, CPU)
+    assert set(out) == {1, 10} and out[1]["acc_class_mean"] == 100.0               # easy colour blobs
+    (bf, by), (qf, qy) = (ev.extract_features(TinyNet(), s, CPU, recipe="test_imagenet")
+                          for s in (ds.train, ds.test))
+    for k in (1, 10):
+        expected = ev.compute_metrics(_majority_reference(bf, by, qf, 4, k), qy, 4, ds.class_counts)
+        assert out[k]["acc_class_mean"] == pytest.approx(expected["acc_class_mean"])
+        assert out[k]["per_class_acc"] == pytest.approx(expected["per_class_acc"])
+    ds.test = data.Split(y=ds.test.y.flip(0), x=ds.test.x)          # other test labels: other scores
+    assert ev.knn_ts(TinyNet(), ds, CPU, ks=(1,))[1]["acc_class_mean"] < 50.0
 
 
 def test_tsne_separates_two_gaussian_blobs():
@@ -528,3 +593,27 @@ def test_cli_ckpt_uses_the_results_method_label(tmp_path):
     ev.main(["--ckpt", str(path), "--probe", "knn", "--device", "cpu", "--amp", "off", "--no-tsne",
              "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "results.json").read_text())["method"] == "TASE-R (reconstruction)"
+
+
+def test_cli_knn_protocol_ts_and_the_monitor_never_reads_test(tmp_path, monkeypatch, capsys):
+    path = _synthetic_ckpt(tmp_path)
+    cli = ["--ckpt", str(path), "--device", "cpu", "--amp", "off", "--no-tsne"]
+    res = ev.main([*cli, "--knn-protocol", "ts"])                                 # implies --probe knn
+    saved = json.loads((path.parent / "eval-knn-ts" / "results.json").read_text())
+    assert saved["protocol"] == res["protocol"] == "knn-ts"
+    assert set(saved["extra"]["knn_ts"]) == {"k1", "k10"}
+    assert saved["at_selected"] == saved["extra"]["knn_ts"]["k1"] and saved["amp"] == "off"
+    assert "TS kNN protocol, class-mean accuracy: kNN@1" in capsys.readouterr().out
+    real = ev._dataset_from_ckpt
+
+    def poisoned(*a):
+        ds = real(*a)
+        ds.test = Poison(len(ds.test))
+        return ds
+    monkeypatch.setattr(ev, "_dataset_from_ckpt", poisoned)
+    for monitor in (["--probe", "knn"], ["--knn-protocol", "monitor"]):           # validation queries only
+        assert ev.main([*cli, *monitor])["protocol"] == "knn-monitor"
+    with pytest.raises(AssertionError, match="must not be read"):           # only the TS protocol reads it
+        ev.main([*cli, "--knn-protocol", "ts"])
+    with pytest.raises(common.UserError, match="--probe knn"):
+        ev.main([*cli, "--probe", "linear", "--knn-protocol", "ts"])

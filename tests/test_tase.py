@@ -208,12 +208,15 @@ def test_dataset_defaults_and_the_synthetic_demo_profile():
     c, filled = parse("--dataset", "cifar10-lt")
     assert (c.arch, c.epochs, c.batch_size, c.lr_warmup_epochs) == ("resnet18", 2000, 512, 10)
     assert (c.protocol, c.cluster_warmup_epochs, c.recluster_every) == ("sdclr", 50, 20)
-    assert (c.probe_aug, c.probe) == ("crop", ["full", "few-shot"])
-    i = parse("--dataset", "imagenet100-lt")[0]
-    assert (i.arch, i.batch_size, i.epochs) == ("resnet50", 256, 500)
+    assert (c.probe_aug, c.probe, c.knn_every) == ("crop", ["full", "few-shot"], None)   # kNN every E/20
+    for name in ("imagenet100-lt", "imagenet-lt", "places-lt", "inat2018"):    # 224 px: ResNet-50 recipe
+        i, filled = parse("--dataset", name)
+        assert (i.arch, i.batch_size, i.epochs, i.lr, i.tau) == ("resnet50", 256, 500, 0.5, 0.2)
+        assert {"arch", "batch_size", "epochs"} <= set(filled)
     demo, filled = parse("--dataset", "synthetic-lt")
     profile = {"arch": "resnet8", "epochs": 20, "batch_size": 128, "lr_warmup_epochs": 2,
-               "cluster_warmup_epochs": 4, "recluster_every": 4, "probe_aug": "none"}
+               "cluster_warmup_epochs": 4, "recluster_every": 4, "probe_aug": "none", "knn_every": 0}
+    filled.pop("imb_ratio", None)                                      # the shared rho default (common.py)
     assert filled == {"protocol": "sdclr", **profile}
     # the demo clusters at least twice, so the TASE-R diagnostics show up
     assert [e for e in range(1, 21) if tase.is_recluster_epoch(e, demo.cluster_warmup_epochs,
@@ -276,7 +279,7 @@ TINY = ("--dataset", "synthetic-lt", "--num-classes", str(CLASSES), "--synthetic
         "--synthetic-n-test", "6", "--imb-ratio", str(RHO), "--arch", "resnet8", "--epochs", "3",
         "--batch-size", "24", "--lr-warmup-epochs", "1", "--cluster-warmup-epochs", "1",
         "--recluster-every", "1", "--kmeans-restarts", "2", "--kmeans-iters", "20", "--probe",
-        "--device", "cpu", "--amp", "off", "--workers", "0", "--print-every", "100")
+        "--device", "cpu", "--amp", "off", "--workers", "0", "--print-every", "100", "--knn-every", "1")
 
 
 def tiny(out_dir, *flags):
@@ -312,6 +315,10 @@ def test_tiny_run_reclusters_and_writes_results_and_diagnostics(tiny_run):
     assert res["at_selected"]["groups_thirds"]["group_mean"] is not None
     assert res["extra"]["num_reclusters"] == 2 and sum(res["extra"]["final_cluster_sizes"]) == n_train
     assert res["defaults_filled"] == {"protocol": "sdclr", "probe_aug": "none"}
+    # the kNN monitor (--knn-every 1): every epoch, in metrics.jsonl and in results.json's knn list
+    assert [k["epoch"] for k in res["knn"]] == [1, 2, 3] and res["knn"][-1] == {"epoch": 3, **recs[-1]["knn"]}
+    assert all(0 <= k["acc_class_mean"] <= 100 and k["groups_thirds"]["n_classes"] == [2, 1, 1]
+               for k in res["knn"])
     few = json.loads((run_dir / "few-shot" / "results.json").read_text())
     assert few["protocol"] == "sdclr-probe-fewshot" and few["method"] == "TASE-R (reconstruction)"
     ck = common.load_checkpoint(run_dir / "checkpoint.pt")
@@ -337,6 +344,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_run, tmp_path, monkeypatch
     a = common.load_checkpoint(tiny_run / "checkpoint.pt")
     b = common.load_checkpoint(resumed / "checkpoint.pt")
     assert b["epoch"] == 3 and b["num_reclusters"] == 2 and torch.equal(a["clusters"][0], b["clusters"][0])
+    assert b["knn"] == a["knn"] and [k["epoch"] for k in b["knn"]] == [1, 2, 3]      # kept across the resume
     for part in ("backbone", "head"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), (part, k)
@@ -375,3 +383,56 @@ def test_benchmark_times_the_full_step(capsys):
     ips = tase.main(["--benchmark", "--dataset", "synthetic-lt", "--benchmark-steps", "1",
                      "--batch-size", "8", "--device", "cpu", "--amp", "off"])
     assert ips > 0 and "[tase-r benchmark]" in capsys.readouterr().out
+
+
+class Untouchable:
+    """A split that has a length (for the dataset's summary) but fails the test when its images or labels are
+    read."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read ({name})")
+
+
+def test_knn_monitor_queries_the_validation_split_and_never_reads_the_test_set(tmp_path):
+    args, filled = parse(*TINY, "--epochs", "2", "--out-dir", str(tmp_path))
+    ds = data.load_dataset("synthetic-lt", imb_ratio=RHO, num_classes=CLASSES, synthetic_n_max=N_MAX,
+                           synthetic_n_test=6)
+    ds.test = Untouchable(len(ds.test))
+    run_dir = tase.train(args, filled, ds=ds)                          # --probe with no mode: no probe
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["knn"]["groups_thirds"]["n_classes"] for r in recs] == [[2, 1, 1]] * 2
+    ck = common.load_checkpoint(run_dir / "checkpoint.pt")
+    assert [k["epoch"] for k in ck["knn"]] == [1, 2]
+    assert ck["knn"][-1]["acc_class_mean"] == recs[-1]["knn"]["acc_class_mean"]
+
+
+def test_knn_every_and_the_demo_profile(tmp_path):
+    """--knn-every N: epochs N, 2N, ... and the last; 0 = off (the demo profile); None = every E/20 epochs."""
+    run_dir = tiny(tmp_path, "--epochs", "3", "--knn-every", "2", "--no-sample-temperature", "--no-reweight")
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert ["knn" in r for r in recs] == [False, True, True]
+    assert parse("--dataset", "synthetic-lt")[0].knn_every == 0
+
+
+def test_a_training_step_makes_no_host_sync(no_host_sync):
+    """The hot path (tau and weight per image, views, forward, loss T5-T6, SGD) never waits for the device."""
+    cpu = torch.device("cpu")
+    model, net, optimizer, scaler, recipe = tase.setup(parse(*TINY)[0], 32, cpu, None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+    sizes, assign, idx = torch.tensor([20, 6, 2]), torch.randint(0, 3, (16,), generator=g), torch.arange(8)
+    # a warm-up step first: data.augment builds its constants once per device, not once per step
+    tase.train_step(net.train(), optimizer, scaler, x, 0.2, None, recipe, g, 32, cpu, None, False)
+    with no_host_sync():
+        tau_c = tase.sample_temperatures(sizes, 0.1, 0.5)                               # once per epoch
+        tau, w = tau_c[assign][idx], tase.sample_weights(sizes[assign][idx], 0.5)      # every step
+        loss, z1, z2 = tase.train_step(net.train(), optimizer, scaler, x, tau, w, recipe, g, 32, cpu, None,
+                                       False)
+        simclr = tase.train_step(net, optimizer, scaler, x, 0.2, None, recipe, g, 32, cpu, None, False)[0]
+    assert torch.isfinite(loss) and torch.isfinite(simclr) and z1.shape == (8, 128)
