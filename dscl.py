@@ -91,10 +91,11 @@ class Args(common.RunArgs):
     # --- stage 2: class-balanced linear classifier ---
     linear_epochs: int = arg(40, "stage-2 epochs (Impl. Details)", check=">=0")
     linear_lr: float | None = arg(None, "stage-2 LR (Impl. Details; 2.5 = Our*, Table 3)", check=">0")
-    linear_milestones: list[int] = arg([20, 30], "stage-2 x0.1 LR epochs (Impl. Details)", check=">=1")
+    linear_milestones: list[int] = arg([20, 30], "stage-2 x0.1 LR from these 0-based epochs on (Impl. "
+                                       "Details; counted as the released code: 20 / 10 / 10)", check=">=1")
     linear_batch_size: int | None = arg(None, "stage-2 batch (Impl. Details)", check="batch")
-    linear_bn: str = arg("eval", "stage-2 BN of the frozen backbone: eval (INFERRED) | train (released code)",
-                         choices=["eval", "train"])
+    linear_bn: str = arg("train", "stage-2 BN of the frozen backbone: train (released code: running stats "
+                         "re-estimated on stage-2 views, no gradient) | eval", choices=["train", "eval"])
     dry_run: bool = arg(False, "print the data and resolved settings, build the model, exit", runtime=True)
 
 
@@ -127,11 +128,13 @@ PAPER = {"imagenet-lt": {**PAPER_FIXED, "linear_lr": 10.0}, "inat2018": {**PAPER
 
 # ---- Model pieces: f (backbone) + g (head, shared by z, c and s), the keys and the queue. ------------------
 class DSCLNet(nn.Module):
-    """Encoder f + head g = Linear(d,d)-ReLU-Linear(d,128), no BN (released code); query and key encoder."""
+    """Encoder f + head g = Linear(d,d)-ReLU-Linear(d,128), no BN (released code); query and key encoder.
+    torchvision ResNets start with gamma = 0 in every residual block's last BN, as the released main.py
+    builds them; the CIFAR ResNets keep LDAM's initialisation (INFERRED, docs/dscl.md)."""
 
     def __init__(self, arch: str, image_size: int, feat_dim: int = 128):
         super().__init__()
-        self.backbone = common.build_backbone(arch, image_size)
+        self.backbone = common.build_backbone(arch, image_size, zero_init_residual=True)
         d = self.backbone.out_dim
         self.head = common.projection_mlp(d, d, feat_dim, num_layers=2, bn=False)
 
@@ -174,7 +177,7 @@ def enqueue(queue, queue_labels, ptr: int, keys: torch.Tensor, labels: torch.Ten
 
 
 # ---- Losses (pure functions): fp32 logits even inside autocast, log_softmax forms. -------------------------
-def dscl_loss(q, k, labels, queue, queue_labels, alpha, temperature, contrast_batch: bool = False):
+def dscl_loss(q, k, labels, queue, queue_labels, alpha, temperature, contrast_batch=False, extra=None):
     """DSCL loss, Eq. (8)-(9), as a cross-entropy against a fixed target (the w_t of Eq. (9) sum to |P_i|+1):
 
         L_i = - alpha_i log p(z_i^+ | z_i) - (1 - alpha_i)/|P_i| sum_{t in P_i} log p(z_t | z_i)
@@ -183,34 +186,32 @@ def dscl_loss(q, k, labels, queue, queue_labels, alpha, temperature, contrast_ba
     q: (B, D) queries (with grad); k: (B, D) own keys; labels (B,); queue (K, D) and queue_labels (K,),
     before this step's enqueue. alpha: float, a (B,) tensor, or "scl" for alpha_i = 1/(|P_i|+1) (Eq. 1).
     Contrast set: {own key} + queue (Eq. 2), or with contrast_batch also the other B-1 queries (with grad)
-    and the other B keys (released code). |P_i| = 0 gives -log p(z_i^+ | z_i). Mean over the B anchors."""
+    and the other B keys (released code). |P_i| = 0 gives -log p(z_i^+ | z_i). extra (A, B, D): more
+    anchors of image i (--multicrop), scored as q_i: its contrast set, own key, positives. Mean over all."""
     with torch.autocast(q.device.type, enabled=False):   # fp32 logits even inside autocast
         q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1).detach()
+        anchors = q[None] if extra is None else torch.cat([q[None], F.normalize(extra.float(), dim=-1)])
         queue = queue.float().detach()
         B, rows = q.shape[0], torch.arange(q.shape[0], device=q.device)
         if contrast_batch:  # columns: [batch queries | batch keys | queue]; own key of anchor i: column B + i
-            cols = torch.cat([q, k, queue])
+            logits = anchors @ torch.cat([q, k, queue]).T / temperature           # (A, B, 2B + K)
             col_labels = torch.cat([labels, labels, queue_labels])
-            logits = q @ cols.T / temperature
-            logits[rows, rows] = float("-inf")                               # the anchor itself is no column
+            logits[:, rows, rows] = float("-inf")                         # query i is not in row i's set
             own = B + rows
         else:               # columns: [own key | queue]
-            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / temperature
+            logits = torch.cat([(anchors * k).sum(-1, keepdim=True), anchors @ queue.T], -1) / temperature
             col_labels = torch.cat([labels.new_full((1,), -1), queue_labels])
             own = torch.zeros_like(rows)
-        pos = labels[:, None] == col_labels[None, :]                          # same-class positives P_i
-        pos[rows, own] = False
-        if contrast_batch:
-            pos[rows, rows] = False
-        log_p = F.log_softmax(logits, dim=1)                                  # Eq. (2) in log space
+        pos = (labels[:, None] == col_labels[None, :]) & (logits[0] > float("-inf"))   # P_i: same class, in
+        pos[rows, own] = False                                                # the set, not the own key
+        log_p = F.log_softmax(logits, dim=-1)                                 # Eq. (2) in log space
         n_pos = pos.sum(1)
-        log_p_own = log_p[rows, own]
-        log_p_pos = log_p.masked_fill(~pos, 0.0).sum(1) / n_pos.clamp(min=1)
-        if isinstance(alpha, str) and alpha == "scl":
-            alpha = 1.0 / (n_pos.float() + 1.0)                               # SCL, Eq. (1)
-        a = torch.as_tensor(alpha, dtype=torch.float32, device=q.device).expand(B)
-        a = torch.where(n_pos > 0, a, torch.ones_like(a))                     # no positive -> own key only
-        return -(a * log_p_own + (1.0 - a) * log_p_pos).mean()                # Eq. (8)-(9)
+        log_p_pos = log_p.masked_fill(~pos, 0.0).sum(-1) / n_pos.clamp(min=1)
+        if isinstance(alpha, str):                                            # "scl": SCL, Eq. (1)
+            alpha = 1.0 / (n_pos.float() + 1.0)
+        a = alpha.to(q) if torch.is_tensor(alpha) else q.new_full((B,), alpha)     # no host copy
+        a = torch.where(n_pos > 0, a, 1.0)                                    # no positive -> own key only
+        return -(a * log_p[:, rows, own] + (1.0 - a) * log_p_pos).mean()      # Eq. (8)-(9)
 
 
 def pbsd_loss(student, teacher, k, queue, temperature):
@@ -290,8 +291,10 @@ def build_stage1(args: Args, num_classes: int, image_size: int, device, amp_dtyp
 def stage1_step(m: MoCo, x, y, lr: float, args: Args, image_size: int, amp_dtype, generator=None):
     """One iteration on a uint8 batch x; returns (L, L_dscl, L_pbsd), 0-d device tensors (no host sync)."""
     net, device, B, L = common.unwrap(m.net), x.device, x.shape[0], args.num_patches
-    alpha = "scl" if args.scl else args.alpha
     common.set_lr(m.opt, lr)
+    for enc in (m.net, m.key):                   # train-mode BN; Places-LT's frozen layers stay in eval mode
+        for name, part in common.unwrap(enc.train()).backbone.named_children():
+            part.train(args.finetune != "layer4" or name == "layer4")
     xq, xk, patches, boxes = make_views(x, args, image_size, args.dataset in SMALL, generator)
     if device.type == "cuda" and args.channels_last:
         xq, xk, patches = (t if t is None else t.contiguous(memory_format=torch.channels_last)
@@ -302,22 +305,18 @@ def stage1_step(m: MoCo, x, y, lr: float, args: Args, image_size: int, amp_dtype
             k = encode_keys(m.key, xk, args.shuffle_bn_chunks)
     with common.autocast(device, amp_dtype):
         z, fmap = m.net(xq, return_map=True)
-        l_dscl = dscl_loss(z, k, y, m.queue, m.queue_labels, alpha, args.temperature,
-                           contrast_batch=args.contrast_batch)                                 # Eq. (8)-(9)
+        if patches is not None and args.fuse_patch_passes:  # one pass: BN statistics over all B*L patches
+            s = m.net(patches).view(B, L, -1)
+        elif patches is not None:                           # L passes, as the released code
+            pv = patches.view(B, L, *patches.shape[1:])
+            s = torch.stack([m.net(pv[:, j]) for j in range(L)], dim=1)                       # Eq. (13)
+        extra = s.transpose(0, 1) if args.multicrop else None  # Table 1 row 5: patches as anchors (INFERRED)
+        l_dscl = dscl_loss(z, k, y, m.queue, m.queue_labels, "scl" if args.scl else args.alpha,
+                           args.temperature, args.contrast_batch, extra)                       # Eq. (8)-(9)
         l_pbsd = torch.zeros((), device=device)
-        if patches is not None:
-            if args.fuse_patch_passes:                     # one pass: BN statistics over all B*L patches
-                s = m.net(patches).view(B, L, -1)
-            else:                                          # L passes, as the released code
-                pv = patches.view(B, L, *patches.shape[1:])
-                s = torch.stack([m.net(pv[:, j]) for j in range(L)], dim=1)                   # Eq. (13)
-            if args.multicrop:                             # Table 1 row 5: patches as anchors (INFERRED)
-                extra = sum(dscl_loss(s[:, j], k, y, m.queue, m.queue_labels, alpha, args.temperature)
-                            for j in range(L))
-                l_dscl = (l_dscl + extra) / (L + 1)
-            if args.pbsd_weight > 0:
-                c = roi_teacher(net.head, fmap, boxes, net.backbone.feature_stride).detach()  # Eq. (11)
-                l_pbsd = pbsd_loss(s, c, k, m.queue, args.temperature)                        # Eq. (14)
+        if args.pbsd_weight > 0:
+            c = roi_teacher(net.head, fmap, boxes, net.backbone.feature_stride).detach()      # Eq. (11)
+            l_pbsd = pbsd_loss(s, c, k, m.queue, args.temperature)                            # Eq. (14)
         loss = l_dscl + args.pbsd_weight * l_pbsd                                             # Eq. (15)
     m.opt.zero_grad(set_to_none=True)
     m.scaler.scale(loss).backward()
@@ -348,7 +347,6 @@ def pretrain(run: common.Run, args: Args, ds) -> MoCo:
         loader.set_epoch(epoch)
         gen.manual_seed(common.epoch_seed(args.seed, epoch))   # a function of (seed, epoch): exact resume
         progress.set_epoch(epoch + 1, args.epochs)
-        m.net.train()
         sums = torch.zeros(3, device=run.device)
         for it, (x, y, _) in enumerate(loader):
             step = epoch * iters + it

@@ -24,10 +24,12 @@ def _case(B=6, K=20, D=8, C=3, seed=0):
     return q, k, labels, queue, queue_labels
 
 
-def _eq8_loop(q, k, labels, queue, queue_labels, alpha, tau, contrast_batch=False):
+def _eq8_loop(q, k, labels, queue, queue_labels, alpha, tau, contrast_batch=False, anchor=None):
     """Eq. (8)-(9) literally, one anchor at a time:
-    -1/(|P|+1) sum_t log[exp(w_t s_t / tau) / sum_m exp(s_m / tau)]."""
+    -1/(|P|+1) sum_t log[exp(w_t s_t / tau) / sum_m exp(s_m / tau)]. anchor: rows scored in place of q's
+    (a multi-crop patch of image i), against q's columns."""
     q, k = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
+    anchor = q if anchor is None else F.normalize(anchor.double(), dim=1)
     queue = queue.double()
     B, total = q.shape[0], 0.0
     for i in range(B):
@@ -40,7 +42,7 @@ def _eq8_loop(q, k, labels, queue, queue_labels, alpha, tau, contrast_batch=Fals
         for m in range(queue.shape[0]):
             cols.append(queue[m])
             pos.append(bool(queue_labels[m] == labels[i]))
-        sims = [float(c @ q[i]) / tau for c in cols]
+        sims = [float(c @ anchor[i]) / tau for c in cols]
         lse = math.log(sum(math.exp(s) for s in sims))
         n_p = sum(pos)
         a = (1.0 / (n_p + 1)) if alpha == "scl" else (alpha if n_p > 0 else 1.0)
@@ -434,3 +436,131 @@ def test_benchmark_runs_a_step_on_random_data(capsys):
     ips = dscl.main(["--benchmark", "--dataset", "synthetic-lt", "--benchmark-steps", "1", "--batch-size",
                      "8", "--queue-size", "32", "--device", "cpu"])
     assert ips > 0 and "[dscl benchmark]" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against the released code: stage-2 BN and LR schedule, zero-init residual BN, multi-crop, Places-LT
+# ---------------------------------------------------------------------------------------------------------
+def _bn_spy():
+    """Global hooks on every BatchNorm2d forward: its statistics and weights before the first and after the
+    last forward, and the (training, grad enabled) flags of every forward."""
+    first, last, flags = {}, {}, set()
+
+    def state(mod):
+        return (torch.cat([mod.running_mean, mod.running_var]).clone(),
+                torch.cat([mod.weight, mod.bias]).detach().clone())
+
+    def pre(mod, inp):
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            first.setdefault(id(mod), state(mod))
+
+    def post(mod, inp, out):
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            last[id(mod)] = state(mod)
+            flags.add((mod.training, torch.is_grad_enabled()))
+    hooks = (torch.nn.modules.module.register_module_forward_pre_hook(pre),
+             torch.nn.modules.module.register_module_forward_hook(post))
+    return first, last, flags, hooks
+
+
+@pytest.mark.parametrize("flags", [[], ["--linear-bn", "eval"]])
+def test_stage2_bn_trains_by_default_and_eval_on_flag(tiny_run, tmp_path, flags):
+    """Stage 2 (released equal_lincls.py): the frozen backbone runs with BN in train mode, so its running
+    statistics move, with no gradient and no weight change; --linear-bn eval leaves the statistics alone."""
+    first, last, seen, hooks = _bn_spy()
+    try:
+        dscl.main(_tiny(tmp_path, "--stage", "linear", "--ckpt", str(tiny_run[1] / "checkpoint.pt"), *flags))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert last and not any(grad for _, grad in seen)                           # never a backbone gradient
+    assert all(torch.equal(first[i][1], w) for i, (_, w) in last.items())       # weights unchanged
+    moved = any(not torch.equal(first[i][0], stats) for i, (stats, _) in last.items())
+    assert moved == (not flags) and ((True, False) in seen) == (not flags)
+
+
+def test_stage2_lr_milestones_count_epochs_from_zero(tiny_run, tmp_path):
+    """Milestones 20, 30 over 40 epochs: 20 / 10 / 10 epochs at lr, lr/10, lr/100 (released code: 0-based
+    epochs, x0.1 once epoch >= milestone)."""
+    res = dscl.main(_tiny(tmp_path, "--stage", "linear", "--ckpt", str(tiny_run[1] / "checkpoint.pt"),
+                          "--linear-epochs", "40", "--linear-milestones", "20", "30", "--linear-bn", "eval"))
+    lrs = [h["lr"] for h in res["history"]]
+    assert lrs == pytest.approx([2.5] * 20 + [0.25] * 10 + [0.025] * 10)
+
+
+def test_dscl_resnet50_starts_with_zero_residual_bn_and_plain_backbones_do_not():
+    """The released main.py builds its ResNet-50 with zero_init_residual=True: every residual block's last BN
+    (bn3 of the 16 bottlenecks) starts at gamma = 0. common.build_backbone keeps gamma = 1 unless asked, and
+    the CIFAR ResNets keep LDAM's initialisation (zero-init stalled the resnet8 demo's stage 1)."""
+    def bn_weights(backbone, last):
+        layers = [layer for name, layer in backbone.named_children() if name.startswith("layer")]
+        return [getattr(block, last).weight for layer in layers for block in layer]
+    zero = bn_weights(dscl.DSCLNet("resnet50", 224).backbone, "bn3")
+    assert len(zero) == 16 and all(torch.count_nonzero(w) == 0 for w in zero)
+    for arch, size in (("resnet50", 224), ("resnet18", 32), ("resnet8", 32)):
+        plain = common.build_backbone(arch, size)
+        assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in plain.modules()
+                   if isinstance(m, torch.nn.BatchNorm2d))
+    cifar = bn_weights(dscl.DSCLNet("resnet8", 32).backbone, "bn2")
+    assert all(torch.equal(w, torch.ones_like(w)) for w in cifar)
+    assert all(torch.count_nonzero(w) == 0 for w in bn_weights(dscl.DSCLNet("resnet18", 32).backbone, "bn2"))
+
+
+def test_dscl_loss_extra_anchor_equal_to_the_query_changes_nothing():
+    q, k, labels, queue, queue_labels = _case(seed=5)
+    for cb in (False, True):
+        ref = dscl.dscl_loss(q, k, labels, queue, queue_labels, 0.1, TAU, contrast_batch=cb)
+        got = dscl.dscl_loss(q, k, labels, queue, queue_labels, 0.1, TAU, cb, torch.stack([q, q]))
+        assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("contrast_batch", [True, False])
+def test_multicrop_patch_anchors_use_the_main_anchors_contrast_set(tmp_path, monkeypatch, contrast_batch):
+    """--multicrop: every patch embedding s_i[j] is scored as z_i is (own key k_i, the same columns, the same
+    same-class positives) and the DSCL loss averages the L + 1 anchors. Hand-built batch: two pairs of
+    classes and a queue labelled -1, so the in-batch columns hold the only positives."""
+    flags = ["--multicrop", "--pbsd-weight", "0", "--queue-label-init", "none"]
+    args = parse(*_tiny(tmp_path, *flags, *([] if contrast_batch else ["--no-contrast-batch"])))[0]
+    torch.manual_seed(0)
+    m = dscl.build_stage1(args, num_classes=4, image_size=32, device=torch.device("cpu"), amp_dtype=None)
+    heads, keys, real_keys = [], [], dscl.encode_keys      # query head outputs in call order: z, s_1 .. s_L
+    m.net.head.register_forward_hook(lambda mod, inp, out: heads.append(out.detach()))
+    monkeypatch.setattr(dscl, "encode_keys", lambda *a: keys.append(real_keys(*a)) or keys[-1])
+    queue, queue_labels = m.queue.clone(), m.queue_labels.clone()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 0, 1, 1])
+    l_dscl = dscl.stage1_step(m, x, y, 0.05, args, 32, None)[1]
+    z, k = heads[0], keys[0]
+    assert len(heads) == 1 + args.num_patches == 3
+    want = [_eq8_loop(z, k, y, queue, queue_labels, 0.1, TAU, contrast_batch, anchor=a) for a in heads]
+    assert l_dscl.item() == pytest.approx(sum(want) / len(want), rel=1e-4, abs=1e-6)
+
+
+def test_places_lt_layer4_finetuning_keeps_the_frozen_layers_bn_statistics(tmp_path):
+    """--finetune layer4 (Places-LT): only layer4 learns; the frozen layers' BN stays in eval mode, in the
+    query and in the key encoder, so their running statistics never move; layer4's do."""
+    args = parse(*_tiny(tmp_path, "--arch", "resnet18", "--finetune", "layer4"))[0]
+    torch.manual_seed(0)
+    m = dscl.build_stage1(args, num_classes=4, image_size=32, device=torch.device("cpu"), amp_dtype=None)
+    encs = [common.unwrap(e).backbone for e in (m.net, m.key)]
+    before = [{k: v.clone() for k, v in e.state_dict().items()} for e in encs]
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    dscl.stage1_step(m, x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 0]), 0.05, args, 32, None)
+    for enc, ref in zip(encs, before):
+        now = enc.state_dict()
+        stats = [k for k in now if "running_" in k or "num_batches" in k]
+        assert all(torch.equal(now[k], ref[k]) for k in stats if not k.startswith("layer4."))
+        assert any(not torch.equal(now[k], ref[k]) for k in stats if k.startswith("layer4."))
+    frozen = [k for k, _ in encs[0].named_parameters() if not k.startswith("layer4.")]
+    assert all(torch.equal(encs[0].state_dict()[k], before[0][k]) for k in frozen)
+
+
+def test_stage1_step_makes_no_host_sync(tmp_path, no_host_sync):
+    args = parse(*_tiny(tmp_path))[0]
+    torch.manual_seed(0)
+    m = dscl.build_stage1(args, num_classes=4, image_size=32, device=torch.device("cpu"), amp_dtype=None)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 4, (8,))
+    with no_host_sync():
+        out = dscl.stage1_step(m, x, y, 0.05, args, 32, None)
+    assert torch.isfinite(torch.stack(out)).all() and m.ptr == 8
