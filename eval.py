@@ -768,8 +768,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=None, help="probe LR (default: 30 SDCLR probe, 10 cb-linear)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: the probe settings table (128 at <= 64 px, 512 at 224 px), cb-linear 2048")
-    p.add_argument("--linear-bn", default="eval", choices=("eval", "train"),
-                   help="cb-linear BN mode; train = the released DSCL code (default: eval)")
+    p.add_argument("--linear-bn", default="train", choices=("eval", "train"),
+                   help="cb-linear BN mode: train = the released DSCL code and dscl.py (default: train)")
     p.add_argument("--recipe", default=None, help="train augmentation recipe of data.augment (default: "
                    "crop_flip_imagenet for SSL checkpoints, crop_flip_cifar for dscl/hybrid)")
     p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval-<probe>)")
