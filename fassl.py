@@ -1,20 +1,19 @@
 """FASSL: Frequency-Aware Self-Supervised Long-Tailed Learning (Lin, Chen, Wang, ICCV-W 2023).
 
-Three stages on unlabelled long-tailed images (Alg. 1). Stage 0, SDCLR (Jiang et al. 2021), initialises the
-teacher F^T. Stage 1 (Sec. 3.2.1) learns K prototypes P with F^T by contrasting the images' similarities
-h = P z to them: most end up on frequent classes. Stage 2 (Sec. 3.2.2): a student F^S + predictor regresses
-the EMA teacher's embedding, each image weighted by phi = 1/exp(sum_k <z^T, p_k>): rare-looking ones more.
+Three stages (Alg. 1): SDCLR (Jiang et al. 2021) initialises the teacher F^T (Stage 0). Stage 1 (Sec. 3.2.1)
+learns K prototypes P by contrasting the images' similarities h = P z to them: most land on frequent classes.
+Stage 2 (Sec. 3.2.2): a student F^S + predictor regresses the EMA teacher, rare-looking images weighted up.
 
   Paper              What                                       Here
   SDCLR [15]         NT-Xent; global magnitude mask, own BN     nt_xent, update_mask, Encoder
   Eq. (1)            h_i = P z_i^T                              prototype_similarities
   Eq. (2)            L_contra on the h vectors, temperature     prototype_contrastive_loss
-  Eq. (3), Sec. 4.2  phi(z^T, P), clipped, normalised           frequency_weights
+  Eq. (3), Sec. 4.2  phi(z^T, P), clipped, normalised; its ESS  frequency_weights, weight_stats
   Eq. (3)            L_reb = E[phi ||n(z~^S) - n(z^T)||^2]      rebalanced_loss
   Eq. (4)            theta_T <- tau theta_T + (1-tau) theta_S   update_teacher
   Alg. 1             a training step per stage                  sdclr_step, prototype_step, rebalance_step
-  Alg. 1             a loop per stage                           train_sdclr, train_prototypes, train_rebalance
-  Tables 1-2         full and 1 % few-shot linear probes        probe
+  Alg. 1, Table 7    a loop per stage; Stages 1, 2 alternating  train_sdclr, train_fassl (--alternate-every)
+  Tables 1-2, Fig. 3 linear probes; t-SNE of five classes       probe, tsne_figures
   Sec. 4.5, Fig. 4   each prototype's nearest training image    prototype_analysis
 docs/fassl.md: commands of every table, the demo (--dataset synthetic-lt), INFERRED choices, renamed flags.
 """
@@ -36,7 +35,7 @@ import data
 import eval as evaluation
 from common import UserError, arg, nt_xent
 
-STAGES = ("sdclr", "prototypes", "rebalance")
+STAGES, GROUPS = ("sdclr", "prototypes", "rebalance"), ("frequent", "medium", "rare")
 
 
 @dataclasses.dataclass
@@ -50,8 +49,7 @@ class Args(common.RunArgs):
     synthetic_n_max: int = arg(500, "synthetic-lt only: images of the head class", check=">=1")
     synthetic_n_test: int = arg(100, "synthetic-lt only: test images per class", check=">=1")
     stage: str = arg("all", "all = sdclr -> prototypes -> rebalance (Alg. 1)", choices=["all", *STAGES])
-    init: str | None = arg(None, "start of the first stage (Alg. 1 lines 4, 12; --stage all skips Stage 0): "
-                           "a stage_<previous>.pt; scratch = random (Table 9); --no-init = --init scratch")
+    init: str | None = arg(None, "first stage's start: a stage_<previous>.pt or scratch (Table 9, --no-init)")
     stop_after_epochs: int | None = arg(None, "debug: stop after N epochs", check=">=0", runtime=True)
     arch: str | None = arg(None, "backbone (Sec. 4.2; Table 8: resnet34)", choices=list(common.ARCHS))
     proj_dim: int = arg(128, "embedding and prototype dimension D (SDCLR's head)", check=">=1")
@@ -62,9 +60,16 @@ class Args(common.RunArgs):
     num_prototypes: int = arg(128, "K prototypes (Sec. 4.4; Table 3 left)", check=">=1")
     beta: float = arg(0.2, "temperature beta of Eq. (2) (Sec. 4.2)", check=">0")
     predictor_hidden: int = arg(512, "hidden width of the predictor (paper: 'a MLP'; INFERRED)", check=">=1")
-    ema_decay: float = arg(0.99, "EMA decay tau of Eq. (4), every step (Table 3 right)", check="[0,1]")
+    ema_decay: float = arg(0.99, "EMA decay tau of Eq. (4), every step (Table 3; 1 = frozen)", check="[0,1]")
     reweight: bool = arg(True, "phi weights of Eq. (3); --no-reweight = uniform (the BYOL-dagger rows)")
-    clip_sigma: float = arg(2.0, "clip Eq. (3) scores at mean +- c std (Sec. 4.2; INFERRED)", check=">=0")
+    weight_norm: str = arg("zscore", "Eq. (3), Sec. 4.2 'clip outliers and normalize' (INFERRED): zscore = "
+                           "scores in std units clipped at +-c: w_max/w_min <= e^2c; literal = phi, scores "
+                           "clipped at mu +- c sigma: collapses (docs)", choices=["zscore", "literal"])
+    clip_sigma: float = arg(2.0, "c of --weight-norm (Sec. 4.2 'clip outliers'; INFERRED)", check=">=0")
+    weight_view: str = arg("target", "Eq. (3) weight of each term from its target view (phi(z_i^T) as "
+                           "written) or the mean score of both views (INFERRED)", choices=["target", "mean"])
+    alternate_every: int = arg(0, "Table 7: alternate Stage 1 and 2 in blocks of N epochs (period INFERRED); "
+                               "0 = sequential, as the paper (Sec. 3.2.2)", check=">=0")
     batch_size: int | None = arg(None, "batch (SDCLR scripts; stages 1-2 INFERRED)", check="batch")
     lr: float = arg(0.5, "SGD base LR of every stage (SDCLR code; stages 1-2 INFERRED)", check=">0")
     final_lr: float = arg(1e-6, "end of the per-iteration cosine (SDCLR code)", check=">=0")
@@ -81,42 +86,42 @@ class Args(common.RunArgs):
     probe_aug: str = arg("crop", "probe augmentation (none: cached features)", choices=["crop", "none"])
     probe_epochs: int | None = arg(None, "override the probe epochs (30 / 100, Sec. 4.2)", check=">=1")
     probe_teacher: bool = arg(True, "also probe the Stage-2 teacher (results.json extra)", runtime=True)
-    analyze: bool = arg(True, "prototype analysis: Sec. 4.5, Tables 4-5, Fig. 4", runtime=True)
+    analyze: bool = arg(True, "prototype analysis (Sec. 4.5, Fig. 4), t-SNE (Fig. 3)", runtime=True)
 
 
-# Defaults: SDCLR's CIFAR recipe at <= 64 px, its ImageNet-100-LT recipe at 224 px; synthetic-lt: a CPU demo.
+# Defaults: SDCLR's CIFAR (<= 64 px) and ImageNet-100-LT (224 px) recipes and seeds; synthetic-lt: a CPU demo.
 SMALL = {"arch": "resnet18", "prune_ratio": 0.9, "tau": 0.2, "batch_size": 512, "sdclr_epochs": 2000}
 LARGE = {"arch": "resnet50", "prune_ratio": 0.3, "tau": lambda a: 0.3 if a.prune_ratio > 0 else 0.2,
          "batch_size": 256, "sdclr_epochs": 500}
 SYNTHETIC_DEMO = {"arch": "resnet8", "batch_size": 128, "sdclr_epochs": 30, "stage1_epochs": 10,
                   "stage2_epochs": 15, "knn_every": 0, "probe_aug": "none"}
 LIST_224PX = ("imagenet100-lt", "places-lt", "imagenet-lt", "inat2018")
-DEFAULTS = {"*": {"protocol": "sdclr", **SMALL, "stage1_epochs": 100, "stage2_epochs": 200,
+DEFAULTS = {"*": {"protocol": "sdclr", "seed": 0, **SMALL, "stage1_epochs": 100, "stage2_epochs": 200,
                   "probe_aug": "crop", "proj_layers": lambda a: 3 if a.prune_ratio > 0 else 2},
-            LIST_224PX: LARGE, "synthetic-lt": SYNTHETIC_DEMO}
+            LIST_224PX: LARGE, ("cifar10-lt", "cifar100-lt"): {"seed": 10}, "imagenet100-lt": {"seed": 1},
+            "synthetic-lt": SYNTHETIC_DEMO}
 
 
-# What the paper and SDCLR fix. Flags that pick a row (--stage, --init, --no-reweight) are free; one_of: any
-# value the paper reports (SimCLR; Tables 3, 5, 8). BYOL-dagger: Stage 2 as long as Stage 0 (INFERRED).
+# What the paper and SDCLR fix; row flags (--stage, --init, --no-reweight) are free; one_of: a reported value.
 one_of = lambda name, values: lambda a: getattr(a, name) if getattr(a, name) in values else values[0]  # noqa
-RECIPE = {"proj_dim": 128, "proj_layers": lambda a: 3 if a.prune_ratio > 0 else 2, "dual_bn": True,
+RECIPE = {"proj_dim": 128, "proj_layers": lambda a: 3 if a.prune_ratio > 0 else 2, "dual_bn": True, "lr": 0.5,
           "num_prototypes": 128, "beta": 0.2, "predictor_hidden": 512, "ema_decay": 0.99, "clip_sigma": 2.0,
-          "lr": 0.5, "final_lr": 1e-6, "momentum": 0.9, "weight_decay": 1e-4, "lr_warmup_epochs": 10,
-          "stage1_epochs": 100, "epochs_scale": 1.0, "probe_aug": "crop", "probe_epochs": None,
+          "weight_norm": "zscore", "weight_view": "target", "alternate_every": 0, "final_lr": 1e-6,
+          "momentum": 0.9, "weight_decay": 1e-4, "lr_warmup_epochs": 10, "stage1_epochs": 100,
+          "epochs_scale": 1.0, "probe_aug": "crop", "probe_epochs": None,
           "stage2_epochs": lambda a: a.sdclr_epochs if a.init == "scratch" and not a.reweight else 200}
 TABLE3 = {**RECIPE, **SMALL, "prune_ratio": one_of("prune_ratio", (0.9, 0.0)),
           "num_prototypes": one_of("num_prototypes", (128, 64, 96, 256, 512)),
           "ema_decay": one_of("ema_decay", (0.99, 0.0, 0.9, 0.999, 1.0))}
 CIFAR = {**TABLE3, "protocol": "sdclr", "split": 1, "data_seed": 0, "imb_ratio": 100.0}
-PAPER = {"cifar10-lt": CIFAR, "cifar100-lt": {**CIFAR, "arch": one_of("arch", ("resnet18", "resnet34"))},
+PAPER = {"cifar10-lt": CIFAR, "cifar100-lt": {**CIFAR, "arch": one_of("arch", ("resnet18", "resnet34")),
+                                              "alternate_every": lambda a: a.alternate_every},    # Table 7
          "tiny-imagenet-lt": {**TABLE3, "imb_ratio": one_of("imb_ratio", (100.0, 1.0, 20.0, 200.0, 500.0))},
          ("imagenet100-lt", "places-lt"): {**RECIPE, **LARGE, "prune_ratio": one_of("prune_ratio", (.3, 0))}}
 
 
-# ---- Model pieces ------------------------------------------------------------------------------------------
 class Encoder(nn.Module):
-    """F(x) = head(backbone(x)), optionally with SDCLR's pruned twin: the backbone convs masked (w * m gets
-    the gradient) and its own BN set in backbone and head, swapped in by functional_call."""
+    """F(x) = head(backbone(x)); SDCLR's pruned twin: masked convs (w * m gets the gradient), own BN set."""
 
     def __init__(self, arch, image_size, proj_dim=128, proj_layers=2, prune=False, dual_bn=True):
         super().__init__()
@@ -151,20 +156,16 @@ def update_mask(net: Encoder, ratio: float) -> float:
     return int((flat >= t).sum()) / flat.numel()
 
 
-def teacher_from(args: Args, image_size: int, init: dict | None) -> tuple[Encoder, nn.Linear]:
-    """F^T and P (rows p_k; N(0, 1) at first, Alg. 1 line 3, INFERRED) from a stage's output or random."""
+def networks(args: Args, image_size: int, init: dict | None) -> tuple[Encoder, nn.Linear, nn.Module]:
+    """F^T and P (rows p_k; N(0, 1) at first, Alg. 1 line 3, INFERRED) from a stage's output or random, and
+    Stage 2's predictor q: Linear(D, 512)-BN-ReLU-Linear(512, D) (paper: 'a MLP'; sizes INFERRED)."""
     teacher = Encoder(args.arch, image_size, args.proj_dim, init["proj_layers"] if init else args.proj_layers)
     protos = nn.Linear(args.proj_dim, args.num_prototypes, bias=False)
     nn.init.normal_(protos.weight)
     for name, part in [("backbone", teacher.backbone), ("head", teacher.head), ("prototypes", protos)]:
         if name in (init or {}):
             part.load_state_dict(init[name])
-    return teacher, protos
-
-
-def predictor(args: Args) -> nn.Module:
-    """q of Stage 2: Linear(D, 512)-BN-ReLU-Linear(512, D) (paper: 'a MLP'; sizes INFERRED)."""
-    return common.projection_mlp(args.proj_dim, args.predictor_hidden, args.proj_dim, num_layers=2)
+    return teacher, protos, common.projection_mlp(args.proj_dim, args.predictor_hidden, args.proj_dim, 2)
 
 
 # ---- Losses (pure functions; fp32 inside, safe under bf16 / fp16 autocast) ---------------------------------
@@ -180,14 +181,17 @@ def prototype_contrastive_loss(z1, z2, prototypes, beta: float = 0.2) -> torch.T
 
 
 @torch.no_grad()
-def frequency_weights(z_teacher, prototypes, clip_sigma: float = 2.0) -> torch.Tensor:
-    """Eq. (3) weight phi = 1 / exp(sum_k <z^T, p_k>), clipped and normalised per batch (Sec. 4.2; rule
-    INFERRED): s_i = z^_i . sum_k p^_k in [-K, K], s~ = clamp(s, mu -+ c sigma) (population std), w = B
-    softmax(-s~) = phi~ / mean(phi~), in log space (phi itself overflows: exp(128)). No gradient (teacher)."""
+def frequency_weights(z_teacher, prototypes, clip_sigma: float = 2.0, norm: str = "zscore") -> torch.Tensor:
+    """Eq. (3) weight phi = 1/exp(s), s_i = z^_i . sum_k p^_k in [-K, K] (z (V, B, D): s averaged over views),
+    per batch, no gradient; INFERRED (Sec. 4.2, docs/fassl.md): zscore: u = clamp((s - mu) / sigma, -c, c),
+    w = B softmax(-u), w_max / w_min <= e^2c; literal: s clamped at mu -+ c sigma, w = phi / mean(phi)."""
     with torch.autocast(z_teacher.device.type, enabled=False):
         s = F.normalize(z_teacher.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).sum(0)
-    if clip_sigma > 0:                                                      # sigma = 0: a no-op
-        mu, sigma = s.mean(), s.std(unbiased=False)
+    s = s.reshape(-1, s.shape[-1]).mean(0)
+    mu, sigma = s.mean(), s.std(unbiased=False)                             # population std
+    if norm == "zscore":
+        s, mu, sigma = (s - mu) / sigma.clamp_min(1e-6), 0.0, 1.0
+    if clip_sigma > 0:                                                      # c = 0: no clipping
         s = torch.clamp(s, min=mu - clip_sigma * sigma, max=mu + clip_sigma * sigma)
     return s.numel() * torch.softmax(-s, dim=0)
 
@@ -200,8 +204,11 @@ def rebalanced_loss(p_student, z_teacher, weights) -> torch.Tensor:
 
 @torch.no_grad()
 def update_teacher(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """Eq. (4): theta_T <- tau theta_T + (1 - tau) theta_S every step; BN statistics too (INFERRED)."""
-    common.ema_update(teacher, student, decay, buffers="ema")
+    """Eq. (4): theta_T <- tau theta_T + (1 - tau) theta_S every step, BN running statistics too (INFERRED).
+    In Stage 2 nothing else moves F^T (train_fassl): tau = 1 leaves every tensor of it as it was (Table 3)."""
+    common.ema_update(teacher, student, decay, buffers="none")                   # parameters
+    floats = lambda m: [b for b in common.unwrap(m).buffers() if b.is_floating_point()]  # noqa: E731
+    torch._foreach_lerp_(floats(teacher), floats(student), 1.0 - decay)       # num_batches_tracked: kept
 
 
 # ---- Training steps: two views in, one SGD step, the detached loss out (no host sync) ----------------------
@@ -245,14 +252,15 @@ def prototype_step(model, protos: nn.Linear, opt, scaler, x1, x2, args: Args, am
 
 
 def rebalance_step(student, q, teacher, protos: nn.Linear, opt, scaler, x1, x2, args: Args, amp_dtype):
-    """Stage 2 (Alg. 1 lines 14-17): Eq. (3) between q(F^S(x)) and F^T(x') (train-mode BN), symmetrised over
-    the views, each term weighted from its own target (INFERRED); then Eq. (4)."""
+    """Stage 2 (Alg. 1 lines 14-17): Eq. (3) between q(F^S(x)) and F^T(x') (batch-statistics BN), symmetrised
+    over the views, each term weighted from its target view or both views' mean score (INFERRED); Eq. (4)."""
     with common.autocast(x1.device, amp_dtype):
         p1, p2 = q(student(torch.cat([x1, x2]))).chunk(2)
         with torch.no_grad():
             t1, t2 = teacher(torch.cat([x1, x2])).chunk(2)
-    w1, w2 = (frequency_weights(t, protos.weight, args.clip_sigma) if args.reweight    # --no-reweight:
-              else torch.ones(len(t), device=t.device) for t in (t1, t2))             # BYOL-style
+    phi = (lambda t: frequency_weights(t, protos.weight, args.clip_sigma, args.weight_norm)) if args.reweight\
+        else (lambda t: torch.ones(t.shape[-2], device=t.device))                    # --no-reweight: BYOL
+    w1, w2 = [phi(torch.stack([t1, t2]))] * 2 if args.weight_view == "mean" else (phi(t1), phi(t2))
     loss = rebalanced_loss(p1, t2, w2) + rebalanced_loss(p2, t1, w1)
     sgd_step(loss, opt, scaler)
     update_teacher(teacher, student, args.ema_decay)
@@ -261,44 +269,48 @@ def rebalance_step(student, q, teacher, protos: nn.Linear, opt, scaler, x1, x2, 
 
 # ---- One loop per stage; StageLoop holds the epoch / checkpoint plumbing they share ------------------------
 class StageLoop:
-    """A stage's epochs, exact resume, loader, per-iteration LR, augmentation stream, progress, kNN monitor,
-    run.end_epoch (loss guard, checkpoint), --stop-after-epochs (run.args counts down), stage_<stage>.pt."""
+    """A stage's epochs: exact resume, loader, LR schedule, augmentation streams, progress, kNN, loss guard,
+    checkpoints, stage_<stage>.pt. opts = {stage: optimiser}: two take turns, --alternate-every (Table 7)."""
 
-    def __init__(self, run, ds, stage: str, parts: dict, net: Encoder, opt):
-        self.run, self.ds, self.stage, self.parts, self.net, self.opt = run, ds, stage, parts, net, opt
-        a, self.done, self.stream = run.args, 0, STAGES.index(stage)
-        n = {"sdclr": a.sdclr_epochs, "prototypes": a.stage1_epochs, "rebalance": a.stage2_epochs}[stage]
-        self.epochs = max(1, round(n * a.epochs_scale)) if n else 0
+    def __init__(self, run, ds, stage: str, parts: dict, net: Encoder, opts: dict):
+        self.run, self.ds, self.stage, self.net, self.opts, a = run, ds, stage, net, opts, run.args
         self.scaler = common.make_scaler(run.amp_dtype)
+        self.parts = {**parts, **{f"optimizer_{s}": o for s, o in opts.items()}, "scaler": self.scaler}
+        n = {"sdclr": a.sdclr_epochs, "prototypes": a.stage1_epochs, "rebalance": a.stage2_epochs}
+        self.n = {s: max(1, round(n[s] * a.epochs_scale)) if n[s] else 0 for s in opts}
+        every = a.alternate_every or max(1, *self.n.values())
+        self.plan = [(s, k) for b in range(0, max(self.n.values()), every) for s in self.n
+                     for k in range(b, min(b + every, self.n[s]))]
+        self.epochs, self.done, self.output = len(self.plan), 0, None
         self.loader = data.make_loader(ds.train, a.batch_size, run.device, seed=a.seed, workers=a.workers,
                                        image_size=ds.image_size)
         self.iters, self.gen = len(self.loader), torch.Generator(run.device)
-        self.total = self.epochs * self.iters
-        self.warmup = min(a.lr_warmup_epochs * self.iters, self.total // 10)
-        self.progress = run.progress(self.total, a.batch_size, stage)
+        self.progress = run.progress(self.epochs * self.iters, a.batch_size, stage)
         if run.ckpt is not None and run.ckpt["stage"] == stage:              # exact mid-stage resume
-            ck = run.restore()
-            for name, module in [*parts.items(), ("optimizer", opt), ("scaler", self.scaler)]:
-                module.load_state_dict(ck[name])
-            self.done = ck["epoch"]
+            self.done = run.restore()["epoch"]
+            for name, module in self.parts.items():
+                module.load_state_dict(run.ckpt[name])
 
     def __iter__(self):
         for epoch in range(self.done, self.epochs):
             if self.run.args.stop_after_epochs == 0:
-                return print(f"[{self.stage}] stopped before epoch {epoch + 1} (--stop-after-epochs); "
-                             f"continue with --resume {self.run.run_dir}", flush=True)
+                return print(f"[{self.stage}] stopped (--stop-after-epochs); --resume {self.run.run_dir}")
             yield epoch
+        self.output = self.state(self.epochs)           # the stage's output: stage_<stage>.pt
+        self.run.save(self.output, f"stage_{self.stage}.pt")
 
     def batches(self, epoch: int):          # (view 1, view 2, labels); each iteration's LR before its step
-        a = self.run.args
-        self.loader.set_epoch(epoch, stream=3 + self.stream)                 # streams 0-2: the views'
-        self.gen.manual_seed(common.epoch_seed(a.seed, epoch, stream=self.stream))
+        a, (stage, e) = self.run.args, self.plan[epoch]
+        s, total = STAGES.index(stage), self.n[stage] * self.iters
+        self.loader.set_epoch(e, stream=3 + s)                               # streams 0-2: the views'
+        self.gen.manual_seed(common.epoch_seed(a.seed, e, stream=s))
         self.progress.set_epoch(epoch + 1, self.epochs)
         self.loss_sum, self.t0 = torch.zeros((), device=self.run.device), time.time()
+        warmup = min(a.lr_warmup_epochs * self.iters, total // 10)
         for it, (x, y, _) in enumerate(self.loader):
             self.it = epoch * self.iters + it
-            self.lr = common.cosine_lr(self.it, self.total, self.warmup, a.lr, a.final_lr)
-            common.set_lr(self.opt, self.lr)
+            self.lr = common.cosine_lr(e * self.iters + it, total, warmup, a.lr, a.final_lr)
+            common.set_lr(self.opts[stage], self.lr)
             yield (*two_views(x, self.gen, self.ds.image_size, a.channels_last), y)
 
     def log(self, loss) -> None:
@@ -306,13 +318,12 @@ class StageLoop:
         self.progress.step(self.it, loss=loss, lr=self.lr)
 
     def end_epoch(self, epoch: int, record: dict) -> None:
-        a, ds, n = self.run.args, self.ds, epoch + 1
+        a, ds, n, dev = self.run.args, self.ds, epoch + 1, self.run.device
         record = {"stage": self.stage, **record, "lr": self.lr, "epoch_time_s": time.time() - self.t0}
         every = a.knn_every if a.knn_every is not None else max(1, self.epochs // 20)
         if every and (n % every == 0 or n == self.epochs) and ds.probe is not None and ds.val is not None:
-            m = evaluation.knn_monitor(self.net.backbone, ds.probe, ds.val, self.run.device, ds.num_classes,
-                                       recipe="test_imagenet", class_counts=ds.class_counts,
-                                       class_rank=ds.class_rank)
+            m = evaluation.knn_monitor(self.net.backbone, ds.probe, ds.val, dev, ds.num_classes, class_rank=
+                                       ds.class_rank, class_counts=ds.class_counts, recipe="test_imagenet")
             record["knn"] = {"acc_class_mean": m["acc_class_mean"], "groups_thirds": m["groups_thirds"]}
             print(f"[{self.stage}] ep {n} kNN class-mean acc {m['acc_class_mean']:.2f}", flush=True)
         self.run.end_epoch(n, self.loss_sum / self.iters, record, self.state(n), f"{self.stage} epoch {n}")
@@ -322,13 +333,8 @@ class StageLoop:
         return {"stage": self.stage, "epoch": epoch, "image_size": self.ds.image_size,
                 "arch": self.run.args.arch, "proj_layers": sum(type(m) is nn.Linear for m in self.net.head),
                 "backbone": self.net.backbone.state_dict(), "head": self.net.head.state_dict(),
-                **{name: module.state_dict() for name, module in self.parts.items()},
-                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
-
-    def finish(self) -> dict | None:        # stage_<stage>.pt, or None when --stop-after-epochs ended the run
-        if self.done == self.epochs:
-            self.run.save(state := self.state(self.epochs), f"stage_{self.stage}.pt")
-            return state
+                "epochs": {s: sum(p[0] == s for p in self.plan[:epoch]) for s in self.n},     # per stage
+                **{name: module.state_dict() for name, module in self.parts.items()}}
 
 
 def train_sdclr(run, ds) -> dict | None:
@@ -336,65 +342,64 @@ def train_sdclr(run, ds) -> dict | None:
     a = run.args
     net = Encoder(a.arch, ds.image_size, a.proj_dim, a.proj_layers, a.prune_ratio > 0, a.dual_bn)
     model, opt = common.prepare_model(net, run.device, a.channels_last, a.compile), sgd(a, net.parameters())
-    loop = StageLoop(run, ds, "sdclr", {"model": net}, net, opt)
+    loop = StageLoop(run, ds, "sdclr", {"model": net}, net, {"sdclr": opt})
     for epoch in loop:
         record = {"mask_kept": update_mask(net, a.prune_ratio)} if a.prune_ratio > 0 else {}
         for x1, x2, _ in loop.batches(epoch):
             loop.log(sdclr_step(model, opt, loop.scaler, x1, x2, a, run.amp_dtype))
         loop.end_epoch(epoch, record)
-    return loop.finish()
+    return loop.output                                     # None when --stop-after-epochs ended the run
 
 
-def train_prototypes(run, ds, init: dict | None) -> dict | None:
-    """Stage 1: frequency-aware prototype learning (Alg. 1 lines 2-10), from the Stage-0 teacher."""
-    a, K = run.args, run.args.num_prototypes
-    teacher, protos = teacher_from(a, ds.image_size, init)
-    model = common.prepare_model(teacher, run.device, a.channels_last, a.compile)
-    opt = sgd(a, teacher.parameters(), no_decay=protos.to(run.device).parameters())
-    loop = StageLoop(run, ds, "prototypes", {"teacher": teacher, "prototypes": protos}, teacher, opt)
+def train_fassl(run, ds, stage: str, init: dict | None) -> dict | None:
+    """Stage 1 (Alg. 1 lines 2-10): F^T (from Stage 0) and P learn by Eq. (2). Stage 2 (lines 11-19): F^S <-
+    F^T learns by Eq. (3), F^T follows by Eq. (4), P frozen (INFERRED); --alternate-every: both in turns."""
+    a, dev, amp, K = run.args, run.device, run.amp_dtype, run.args.num_prototypes
+    phases = STAGES[1:] if a.alternate_every and stage == "rebalance" else (stage,)      # Table 7: both
+    teacher, protos, q = networks(a, ds.image_size, init)
+    student, protos, group = copy.deepcopy(teacher), protos.to(dev), group_of_classes(ds).to(dev)
+    ms, mt, mq = (common.prepare_model(m, dev, a.channels_last and m is not q, a.compile) for m in
+                  (student, teacher, q))                   # the networks to call (compiled with --compile)
+    opts = {p: sgd(a, teacher.parameters(), no_decay=protos.parameters()) if p == "prototypes"
+            else sgd(a, [*student.parameters(), *q.parameters()]) for p in phases}
+    net, two = (student, {"student": student, "predictor": q}) if stage == "rebalance" else (teacher, {})
+    loop = StageLoop(run, ds, stage, {"teacher": teacher, "prototypes": protos, **two}, net, opts)
     for epoch in loop:
-        wins = torch.zeros(K, device=run.device)           # collapse check: how often p_k is argmax_k h
-        for x1, x2, _ in loop.batches(epoch):
-            loss, z1 = prototype_step(model, protos, opt, loop.scaler, x1, x2, a, run.amp_dtype)
-            loop.log(loss)
-            wins += F.one_hot(prototype_similarities(z1, protos.weight).argmax(1), K).sum(0)
-        p, share = F.normalize(protos.weight.detach().float(), dim=-1), wins / wins.sum()
-        loop.end_epoch(epoch, {"protos_used": int((share > 0).sum()), "proto_usage_max": float(share.max()),
-                               "proto_mean_cos": float(((p @ p.T).sum() - K) / max(K * K - K, 1))})
-    return loop.finish()
-
-
-def train_rebalance(run, ds, init: dict | None) -> dict | None:
-    """Stage 2: prototypical re-balanced SSL (Alg. 1 lines 11-19); F^S <- F^T, P frozen (INFERRED)."""
-    a, dev = run.args, run.device
-    teacher, protos = teacher_from(a, ds.image_size, init)
-    student, q = copy.deepcopy(teacher), predictor(a)
-    teacher.requires_grad_(False), protos.to(dev).requires_grad_(False)         # F^T by EMA only; P frozen
-    model_s, model_t = (common.prepare_model(m, dev, a.channels_last, a.compile) for m in (student, teacher))
-    model_q = common.prepare_model(q, dev, False, a.compile)
-    opt = sgd(a, [*student.parameters(), *q.parameters()])
-    parts = {"student": student, "predictor": q, "teacher": teacher, "prototypes": protos}
-    loop, group = StageLoop(run, ds, "rebalance", parts, student, opt), group_of_classes(ds).to(dev)
-    for epoch in loop:
-        ws, gs = [], []                                    # weights and class groups: diagnostics only
+        phase, stats = loop.plan[epoch][0], torch.zeros(max(K, 9), device=dev)     # diagnostics, on device
+        for bn in teacher.bns:      # F^T's BN statistics: its own forward in Stage 1, the EMA in Stage 2
+            teacher.get_submodule(bn).track_running_stats = phase == "prototypes"
+        if loop.plan[epoch] == ("rebalance", 0):           # Alg. 1 line 12 (after a first Stage-1 block)
+            student.load_state_dict(teacher.state_dict())
         for x1, x2, y in loop.batches(epoch):
-            loss, w = rebalance_step(model_s, model_q, model_t, protos, opt, loop.scaler, x1, x2, a,
-                                     run.amp_dtype)
+            if phase == "prototypes":
+                loss, z1 = prototype_step(mt, protos, opts[phase], loop.scaler, x1, x2, a, amp)
+                stats[:K] += F.one_hot(prototype_similarities(z1, protos.weight).argmax(1), K).sum(0)
+            else:
+                loss, w = rebalance_step(ms, mq, mt, protos, opts[phase], loop.scaler, x1, x2, a, amp)
+                stats[:9] += weight_stats(w, group[y])
             loop.log(loss)
-            ws, gs = ws + [w], gs + [group[y]]
-        w, g = torch.cat(ws), torch.cat(gs)
-        means = {f"w_mean_{name}": float(w[g == i].mean()) if (g == i).any() else 0.0
-                 for i, name in enumerate(("frequent", "medium", "rare"))}
-        loop.end_epoch(epoch, {"w_max": float(w.max()), "w_min": float(w.min()), **means})
-    return loop.finish()
+        if phase == "prototypes":                          # usage of the prototypes (argmax_k h): collapse?
+            p, share = F.normalize(protos.weight.detach().float(), dim=-1), stats[:K] / stats[:K].sum()
+            record = {"protos_used": int((share > 0).sum()), "proto_usage_max": float(share.max()),
+                      "proto_mean_cos": float(((p @ p.T).sum() - K) / max(K * K - K, 1))}
+        else:                                              # per-batch means of weight_stats, w per group
+            v = stats[:9].tolist()
+            record = {"w_ess": v[6] / loop.iters, "w_max": v[7] / loop.iters, "w_min": v[8] / loop.iters,
+                      **{f"w_mean_{g}": v[i] / max(v[3 + i], 1) for i, g in enumerate(GROUPS)}}
+        loop.end_epoch(epoch, {"block": phase, **record} if len(phases) > 1 else record)
+    return loop.output                                     # None when --stop-after-epochs ended the run
 
 
-# ---- Evaluation: linear probes (Tables 1-2), prototype analysis (Sec. 4.5, Tables 4-5, Fig. 4) -------------
 def group_of_classes(ds) -> torch.Tensor:
     """Class id -> 0 Frequent / 1 Medium / 2 Rare: thirds of the classes by count (Sec. 4.1)."""
-    thirds = evaluation.group_masks(ds.class_counts, ds.class_rank)["thirds"]
-    return torch.tensor([[c in thirds[g] for g in ("many", "medium", "few")].index(True)
-                         for c in range(ds.num_classes)])
+    g = evaluation.group_masks(ds.class_counts, ds.class_rank)["thirds"]
+    return torch.tensor([0 if c in g["many"] else 2 - (c in g["medium"]) for c in range(ds.num_classes)])
+
+
+def weight_stats(w, group) -> torch.Tensor:
+    """One batch, on device: w summed and counted per group (3 + 3), ESS (sum w)^2 / sum w^2, max w, min w."""
+    one = F.one_hot(group, 3).to(w.dtype)
+    return torch.cat([w @ one, one.sum(0), torch.stack([w.sum() ** 2 / w.pow(2).sum(), w.max(), w.min()])])
 
 
 def probe(backbone_state: dict, args: Args, ds, device, amp_dtype) -> dict:
@@ -405,25 +410,36 @@ def probe(backbone_state: dict, args: Args, ds, device, amp_dtype) -> dict:
                                  amp_dtype, aug=args.probe_aug, epochs=args.probe_epochs, seed=args.seed)
 
 
+def tsne_figures(run, ds, **backbones) -> dict:
+    """Fig. 3: t-SNE of the L2-normalised features of the test images of five classes, head to tail (the two
+    most frequent, the middle one, the two rarest; INFERRED): tsne_<network>.png for each backbone state."""
+    n, order = ds.num_classes, sorted(range(ds.num_classes), key=lambda c: -ds.class_counts[c])
+    pick = [order[i] for i in sorted({0, 1, n // 2, n - 2, n - 1}) if 0 <= i < n]
+    for name, state in backbones.items():
+        bb = common.build_backbone(run.args.arch, ds.image_size)
+        bb.load_state_dict(state)
+        f, y = evaluation.extract_features(bb.to(run.device), ds.test, run.device, run.amp_dtype, recipe=
+                                           "test_imagenet")
+        keep = [(i, pick.index(c)) for i, c in enumerate(y.tolist()) if c in pick]
+        evaluation.plot_tsne(F.normalize(f[[i for i, _ in keep]], dim=-1), [c for _, c in keep], run.run_dir
+                             / f"tsne_{name}.png", class_names=[ds.class_names[c] for c in pick])
+    return {"classes": [ds.class_names[c] for c in pick], "files": [f"tsne_{n}.png" for n in backbones]}
+
+
 @torch.no_grad()
-def prototype_analysis(stage1: dict, args: Args, ds, device, amp_dtype, run_dir) -> dict:
+def prototype_analysis(stage1: dict, run, ds) -> dict:
     """Sec. 4.5: each prototype's nearest training image (Stage-1 F^T and P, no augmentation; INFERRED), the
     group shares (Tables 4-5), prototype_grid.png: a tile per prototype, by group, then class (Fig. 4)."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torchvision.io as tvio
-    teacher, protos = teacher_from(args, ds.image_size, stage1)
-    z, labels = evaluation.extract_features(teacher.to(device), ds.train, device, amp_dtype,
-                                            recipe="test_imagenet")
-    nearest = prototype_similarities(z, protos.weight.to(device)).argmax(0).cpu()   # argmax_i p^_k . z^_i
+    (teacher, protos, _), dev, amp = networks(run.args, ds.image_size, stage1), run.device, run.amp_dtype
+    z, labels = evaluation.extract_features(teacher.to(dev), ds.train, dev, amp, recipe="test_imagenet")
+    nearest = prototype_similarities(z, protos.weight.to(dev)).argmax(0).cpu()     # argmax_i p^_k . z^_i
     cls = labels.cpu()[nearest]
     grp, k = group_of_classes(ds)[cls], len(cls)
-    share = {g: 100.0 * float((grp == i).sum()) / k for i, g in enumerate(("frequent", "medium", "rare"))}
+    share = {g: 100.0 * float((grp == i).sum()) / k for i, g in enumerate(GROUPS)}
     order = sorted(range(k), key=lambda j: (int(grp[j]), int(cls[j])))
-    imgs = ds.train.x[nearest] if ds.train.x is not None else torch.stack([F.interpolate(   # list datasets
-        tvio.decode_image(ds.train.files[i], mode=tvio.ImageReadMode.RGB)[None].float(), size=(96, 96),
-        mode="bilinear")[0].byte() for i in nearest.tolist()])
+    imgs = ds.train.x[nearest] if ds.train.x is not None else data._decode_all(   # list datasets: 96 px
+        [ds.train.files[i] for i in nearest.tolist()], 96)
     fig, axes = plt.subplots(-(-k // 16), 16, figsize=(14.4, -(-k // 16)), squeeze=False)
     for ax, j in zip(axes.flat, order + [None] * (axes.size - k)):
         ax.axis("off")
@@ -432,7 +448,7 @@ def prototype_analysis(stage1: dict, args: Args, ds, device, amp_dtype, run_dir)
             ax.set_title(ds.class_names[cls[j]][:10], fontsize=5, color=("C0", "C1", "C3")[grp[j]])
     fig.suptitle("Prototype -> nearest training image (Fig. 4). Frequent {frequent:.1f}% / Medium "
                  "{medium:.1f}% / Rare {rare:.1f}%".format(**share), fontsize=8)
-    fig.savefig(run_dir / "prototype_grid.png", dpi=150, bbox_inches="tight")
+    fig.savefig(run.run_dir / "prototype_grid.png", dpi=150, bbox_inches="tight")
     plt.close(fig)
     return {"K": k, "share_percent": share, "counts": {g: round(v * k / 100) for g, v in share.items()},
             "nearest_index": nearest.tolist(), "nearest_class": cls.tolist(),
@@ -440,30 +456,31 @@ def prototype_analysis(stage1: dict, args: Args, ds, device, amp_dtype, run_dir)
 
 
 def report(run, ds, stages: list, outputs: dict, init: dict | None):
-    """Probes (the first is the headline), teacher probe, prototype analysis -> results.json; paper rows."""
+    """Probes (the first is the headline), teacher probe, t-SNE, prototype analysis -> results.json; rows."""
     args, last = run.args, outputs[stages[-1]]
     probes = probe(last["backbone"], args, ds, run.device, run.amp_dtype)
     head = next(iter(probes.values()), None)
     network = {"sdclr": "backbone (SDCLR dense branch)" if args.prune_ratio > 0 else "backbone",
                "prototypes": "teacher", "rebalance": "student"}[stages[-1]]
-    epochs = {f"stage{i}": outputs[s]["epoch"] if s in stages else 0 for i, s in enumerate(STAGES)}
+    epochs = {f"stage{i}": sum(o["epochs"].get(s, 0) for o in outputs.values()) for i, s in enumerate(STAGES)}
     results = run.results(ds, head["protocol"] if head else "none", network,
                           {**epochs, "probe": head["probe"]["epochs"] if head else 0})
     results.update({k: head[k] for k in ("selection", "at_selected", "at_last")} if head else {})
     results["extra"].update({"probe_variant": head["variant"]} if head else {})
     rows = [json.loads(r) for r in (run.run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
     results["knn"] = [{"stage": r["stage"], "epoch": r["epoch"], **r["knn"]} for r in rows if "knn" in r]
-    for mode, r in probes.items():
-        results["extra"][f"probe_{mode}"] = {k: r[k] for k in ("protocol", "variant", "selection",
-                                                               "at_selected", "at_last", "probe")}
+    keys = ("protocol", "variant", "selection", "at_selected", "at_last", "probe")         # per probe mode
+    results["extra"].update({f"probe_{m}": {k: r[k] for k in keys} for m, r in probes.items()})
     if args.probe_teacher and stages[-1] == "rebalance" and args.probe:
         teacher = {k[len("backbone."):]: v for k, v in last["teacher"].items() if k.startswith("backbone.")}
         results["extra"]["teacher_probe"] = {m: {k: r[k] for k in ("selection", "at_selected")} for m, r in
                                              probe(teacher, args, ds, run.device, run.amp_dtype).items()}
-    stage1 = outputs.get("prototypes") or (init if stages == ["rebalance"] else None)    # Stage-1 teacher + P
-    if args.analyze and stage1 is not None and "prototypes" in stage1:
-        res = results["extra"]["prototypes"] = prototype_analysis(stage1, args, ds, run.device, run.amp_dtype,
-                                                                  run.run_dir)
+    sdclr = outputs.get("sdclr") or (init if init and init.get("stage") == "sdclr" else None)
+    if args.analyze and stages[-1] == "rebalance" and sdclr:                     # Fig. 3: FASSL vs SDCLR
+        results["extra"]["tsne"] = tsne_figures(run, ds, student=last["backbone"], sdclr=sdclr["backbone"])
+    stage1 = outputs.get("prototypes", init if stages == ["rebalance"] and not args.alternate_every else None)
+    if args.analyze and stage1 is not None and "prototypes" in stage1:                 # Stage-1 F^T and P
+        res = results["extra"]["prototypes"] = prototype_analysis(stage1, run, ds)
         print("prototypes: " + " / ".join(f"{g} {v:.2f}%" for g, v in res["share_percent"].items()))
     run.finish(results)
     print(f"| Method {evaluation.PAPER_HEADER[head['probe']['row']]}" if head else "no probe")
@@ -472,71 +489,54 @@ def report(run, ds, stages: list, outputs: dict, init: dict | None):
     return run.run_dir
 
 
-# ---- Benchmark and main ------------------------------------------------------------------------------------
 def benchmark(args: Args) -> None:
     """Images/s of each stage's training step (augmentation, forward, backward, update) on random data."""
     dev, amp = common.setup_device(args.device, args.amp)
     size = 224 if args.dataset in LIST_224PX else 64 if args.dataset == "tiny-imagenet-lt" else 32
     x = torch.randint(0, 256, (args.batch_size, 3, *[size if size <= 64 else 256] * 2), dtype=torch.uint8,
                       device=dev)                                        # list datasets arrive at 256 px
-    gen, sc, cl = torch.Generator(dev).manual_seed(0), common.make_scaler(amp), args.channels_last
+    g, sc, cl = torch.Generator(dev).manual_seed(0), common.make_scaler(amp), args.channels_last
     net = Encoder(args.arch, size, args.proj_dim, args.proj_layers, args.prune_ratio > 0, args.dual_bn)
-    teacher, protos = teacher_from(args, size, None)
-    student, q = copy.deepcopy(teacher), predictor(args)
+    teacher, protos, q = networks(args, size, None)
     m0, mt, ms, mq = (common.prepare_model(m, dev, c, args.compile) for m, c in
-                      ((net, cl), (teacher, cl), (student, cl), (q, False)))
+                      ((net, cl), (teacher, cl), (copy.deepcopy(teacher), cl), (q, False)))
     o0, o1 = sgd(args, net.parameters()), sgd(args, teacher.parameters(), protos.to(dev).parameters())
-    o2, s0 = sgd(args, [*student.parameters(), *q.parameters()]), "sdclr" if args.prune_ratio else "simclr"
-    for name, step in ((s0, lambda v: sdclr_step(m0, o0, sc, *v, args, amp)),
-                       ("prototypes", lambda v: prototype_step(mt, protos, o1, sc, *v, args, amp)[0]),
-                       ("rebalance", lambda v: rebalance_step(ms, mq, mt, protos, o2, sc, *v, args, amp)[0])):
-        common.benchmark(name, lambda: step(two_views(x, gen, size, cl)), len(x), args.benchmark_steps, dev,
-                         amp)
-
-
-def method_name(args: Args) -> str:
-    """results.json "method": simclr / sdclr for a run of Stage 0 alone, else fassl."""
-    return ("simclr" if args.prune_ratio == 0 else "sdclr") if args.stage == "sdclr" else "fassl"
-
-
-def parse(argv=None):
-    """common.parse_args, plus --no-init: the alias of --init scratch (the name of the Table 9 row)."""
-    argv = [w for a in (sys.argv[1:] if argv is None else argv) for w in
-            (["--init", "scratch"] if a == "--no-init" else [a])]
-    return common.parse_args(Args, argv, DEFAULTS)
+    o2, s0 = sgd(args, [*ms.parameters(), *q.parameters()]), "sdclr" if args.prune_ratio else "simclr"
+    for n, step in ((s0, lambda v: sdclr_step(m0, o0, sc, *v, args, amp)),
+                    ("prototypes", lambda v: prototype_step(mt, protos, o1, sc, *v, args, amp)[0]),
+                    ("rebalance", lambda v: rebalance_step(ms, mq, mt, protos, o2, sc, *v, args, amp)[0])):
+        common.benchmark(n, lambda: step(two_views(x, g, size, cl)), len(x), args.benchmark_steps, dev, amp)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args, filled = parse(argv)
+    argv = [w for a in (sys.argv[1:] if argv is None else argv) for w in   # --no-init: Table 9's name
+            (["--init", "scratch"] if a == "--no-init" else [a])]
+    args, filled = common.parse_args(Args, argv, DEFAULTS)
     if args.benchmark:
         return benchmark(args)
-    run = common.Run(method_name, args, filled, DEFAULTS, PAPER)
-    run.args.stop_after_epochs = args.stop_after_epochs        # a budget for this call only
-    args = run.args                                            # a resumed run's own settings
+    name = lambda a: ("simclr" if a.prune_ratio == 0 else "sdclr") if a.stage == "sdclr" else "fassl"  # noqa
+    run = common.Run(name, args, filled, DEFAULTS, PAPER)      # method: sdclr / simclr for Stage 0 alone
+    run.args.stop_after_epochs, args = args.stop_after_epochs, run.args     # a budget for this call only
     ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio, protocol=args.protocol,
                            seed=args.data_seed, **{k: getattr(args, k) for k in ("split", "split_file",
                            "sdclr_split_dir", "num_classes", "synthetic_n_max", "synthetic_n_test")})
-    stages = [s for s in STAGES if args.stage in ("all", s)][1 if args.init and args.stage == "all" else 0:]
+    stages = [s for s in STAGES if args.stage in ("all", s) and not (s == "prototypes" and args.stage == "all"
+              and args.alternate_every)][1 if args.init and args.stage == "all" else 0:]   # Table 7: 1 in 2
     if args.init is None and stages[0] != "sdclr":
         raise UserError(f"--stage {stages[0]} needs a teacher: --init <previous stage's .pt> or --no-init")
     init = common.load_checkpoint(args.init) if args.init not in (None, "scratch") else None
-    if stages[0] == "rebalance" and args.reweight and init is not None and "prototypes" not in init:
+    if stages[0] == "rebalance" and args.reweight and not args.alternate_every and init is not None \
+            and "prototypes" not in init:
         raise UserError(f"--init {args.init} has no prototypes: give a stage_prototypes.pt or --no-reweight")
     run.start(ds, f"{args.arch} | stages {' -> '.join(stages)} | batch {args.batch_size} | lr {args.lr}")
     outputs, prev = {}, init
     for stage in stages:
-        done = run.run_dir / f"stage_{stage}.pt"
-        if run.ckpt is not None and done.is_file():          # finished before the interruption
+        if run.ckpt is not None and (done := run.run_dir / f"stage_{stage}.pt").is_file():   # finished before
             prev = common.load_checkpoint(done)
             if run.ckpt["stage"] == stage:
                 run.restore()                                 # the RNG state the next stage is built with
-        elif stage == "sdclr":
-            prev = train_sdclr(run, ds)
-        elif stage == "prototypes":
-            prev = train_prototypes(run, ds, prev)
         else:
-            prev = train_rebalance(run, ds, prev)
+            prev = train_sdclr(run, ds) if stage == "sdclr" else train_fassl(run, ds, stage, prev)
         if prev is None:                                      # --stop-after-epochs
             return run.run_dir
         outputs[stage] = prev

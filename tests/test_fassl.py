@@ -1,6 +1,8 @@
-"""Tests for fassl.py: the losses of Eq. (1)-(4) and SDCLR's NT-Xent, pruning and dual BN; the DEFAULTS
-and PAPER tables; the probe settings at 224 px and on Places-LT; end-to-end runs on synthetic-lt with exact
-resume."""
+"""Tests for fassl.py: the losses of Eq. (1)-(4) and SDCLR's NT-Xent, pruning and dual BN; the Eq. (3)
+weights on a CIFAR-10-LT-like toy; the frozen teacher of --ema-decay 1; the DEFAULTS (seeds) and PAPER
+tables; the probe settings at 224 px and on Places-LT; end-to-end runs on synthetic-lt with exact resume,
+also alternating (Table 7); the training steps without host synchronisation."""
+import contextlib
 import copy
 import json
 import math
@@ -21,8 +23,9 @@ TINY = ["--dataset", "synthetic-lt", "--synthetic-n-max", "24", "--synthetic-n-t
         "--print-every", "1000"]
 
 
-def parse(*argv):
-    return fassl.parse(list(argv))
+def parse(*argv):             # as fassl.main parses: --no-init is --init scratch
+    argv = [w for a in argv for w in (["--init", "scratch"] if a == "--no-init" else [a])]
+    return common.parse_args(fassl.Args, argv, fassl.DEFAULTS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,11 +150,14 @@ def test_frequency_weights_favour_samples_far_from_the_prototypes():
     w = fassl.frequency_weights(z, P)
     assert w[0] < w[1] and w[0] == w.min() and w[1] == w.max()
     assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
-    # without clipping, exactly phi_i / mean(phi) with phi = 1 / exp(s) (Eq. 3)
+    # without clipping, exactly phi_i / mean(phi) with phi = 1 / exp(s) (Eq. 3, --weight-norm literal)
     s = torch.nn.functional.normalize(z, dim=-1) @ centre
     phi = torch.exp(-s.double())
-    w0 = fassl.frequency_weights(z, P, clip_sigma=0).double()
+    w0 = fassl.frequency_weights(z, P, clip_sigma=0, norm="literal").double()
     assert torch.allclose(w0, phi / phi.mean(), rtol=1e-4)
+    u = (s - s.mean()) / s.std(unbiased=False)                 # zscore: the same form in batch std units
+    w1 = fassl.frequency_weights(z, P, clip_sigma=0).double()
+    assert torch.allclose(w1, torch.exp(-u.double()) / torch.exp(-u.double()).mean(), rtol=1e-4)
 
 
 def test_frequency_weights_clipping_bounds_outliers():
@@ -161,19 +167,57 @@ def test_frequency_weights_clipping_bounds_outliers():
     z = torch.randn(32, 8)
     z[0] = -centre                                             # one sample far from every prototype
     s = torch.nn.functional.normalize(z, dim=-1) @ centre
-    w_raw, w = fassl.frequency_weights(z, P, clip_sigma=0), fassl.frequency_weights(z, P, clip_sigma=2.0)
+    w_raw, w = (fassl.frequency_weights(z, P, clip_sigma=c, norm="literal") for c in (0.0, 2.0))
     assert w_raw[0] > 25                                       # unclipped: the outlier takes most weight
     assert w[0] < 0.75 * w_raw[0] and w[0] == w.max()          # clipped: still the largest, but bounded
     assert (w.max() / w.min()).log() <= 4 * s.std(unbiased=False) + 1e-4     # s within mu +- 2 sigma
     assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    wz = fassl.frequency_weights(z, P)                         # zscore: w_max / w_min <= e^(2c), any sigma
+    assert wz[0] == wz.max() and (wz.max() / wz.min()).log() <= 4 + 1e-4
+    assert wz.mean().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def lt_toy(seed=0, D=128, K=128, B=512):
+    """The toy of the issue: CIFAR-10-LT counts (rho = 100), embeddings clustered by class, K prototypes drawn
+    from the data (so they follow the class frequencies), a random batch of B. Returns z, P, y, counts."""
+    counts = [round(5000 * 0.01 ** (i / 9)) for i in range(10)]          # 5000 ... 50
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(10).repeat_interleave(torch.tensor(counts))
+    centres = torch.nn.functional.normalize(torch.randn(10, D, generator=g), dim=-1)
+    noise = 0.5 * torch.randn(len(y), D, generator=g) / D ** 0.5               # within-class cosine ~ 0.9
+    z = torch.nn.functional.normalize(centres[y] + noise, dim=-1)
+    P = z[torch.randperm(len(y), generator=g)[:K]]
+    batch = torch.randperm(len(y), generator=g)[:B]
+    return z[batch], P, y[batch], counts
+
+
+def ess(w):
+    return float(w.sum() ** 2 / (w ** 2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_weights_are_bounded_ordered_and_keep_the_sample_size_on_the_lt_toy(seed):
+    z, P, y, counts = lt_toy(seed)
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])[y]              # thirds: frequent / medium / rare
+    inverse = 1.0 / torch.tensor(counts, dtype=torch.float)[y]           # class-balanced weights, same batch
+    w = fassl.frequency_weights(z, P)                                    # the default post-processing
+    assert torch.isfinite(w).all() and w.min() > 0 and w.max() / w.min() <= math.exp(4) + 1e-3   # bounded
+    means = [float(w[group == g].mean()) for g in range(3)]
+    assert means[0] < means[1] < means[2], means                         # frequent < medium < rare
+    assert ess(w) >= ess(inverse), (ess(w), ess(inverse))
+    literal = fassl.frequency_weights(z, P, norm="literal")              # what the issue measured
+    assert ess(literal) < ess(inverse) and float(literal[group == 0].mean()) < 0.1       # collapsed
+    stats = fassl.weight_stats(w, group)                                 # what metrics.jsonl logs
+    assert stats[6].item() == pytest.approx(ess(w), rel=1e-5)
+    assert (stats[:3] / stats[3:6]).tolist() == pytest.approx(means, rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_frequency_weights_are_finite_for_extreme_inputs(dtype):
     P = torch.ones(512, 4)                                     # every prototype identical: s in [-512, 512]
     z = torch.tensor([[1e4, 0, 0, 0], [-1e4, 0, 0, 0], [1, 1, 1, 1], [-3e3, 1, 0, 0]]).to(dtype)
-    for clip in (0.0, 2.0):
-        w = fassl.frequency_weights(z, P.to(dtype), clip_sigma=clip)
+    for clip, norm in ((0.0, "literal"), (2.0, "literal"), (0.0, "zscore"), (2.0, "zscore")):
+        w = fassl.frequency_weights(z, P.to(dtype), clip_sigma=clip, norm=norm)
         assert w.dtype == torch.float32 and torch.isfinite(w).all()
         assert w.mean().item() == pytest.approx(1.0, abs=1e-4)
     w = fassl.frequency_weights(torch.zeros(3, 4, dtype=dtype), P)   # zero embeddings, sigma = 0
@@ -206,30 +250,69 @@ def test_ema_update_matches_formula():
     for k, v in t.state_dict().items():
         if v.is_floating_point():
             assert torch.allclose(v, 0.99 * t0[k] + 0.01 * s.state_dict()[k], atol=1e-6), k
-        else:
-            assert torch.equal(v, s.state_dict()[k])
+        else:                                                  # num_batches_tracked: the teacher's own
+            assert torch.equal(v, t0[k])
 
 
-def test_ema_decay_zero_makes_teacher_equal_student_and_one_freezes_it():
-    args = parse(*TINY, "--ema-decay", "0")[0]
-    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    for decay in (0.0, 1.0):
-        args.ema_decay = decay
-        torch.manual_seed(0)
-        teacher, protos = fassl.teacher_from(args, 32, None)
-        student, q = copy.deepcopy(teacher), fassl.predictor(args)
-        opt = fassl.sgd(args, [*student.parameters(), *q.parameters()])
-        before = {k: v.clone() for k, v in teacher.state_dict().items()}
-        x1, x2 = fassl.two_views(x, torch.Generator().manual_seed(0), 32, False)
-        scaler = common.make_scaler(None)
-        loss, w = fassl.rebalance_step(student, q, teacher, protos, opt, scaler, x1, x2, args, None)
-        assert torch.isfinite(loss) and w.mean().item() == pytest.approx(1.0, abs=1e-5)
-        after, moved = teacher.state_dict(), student.state_dict()
-        if decay == 0.0:                                      # tau = 0: the teacher is the student
-            assert any(not torch.equal(before[k], after[k]) for k in before)
-            assert all(torch.allclose(after[k].float(), moved[k].float(), atol=1e-6) for k in after)
-        else:                                                 # tau = 1: the teacher never moves
-            assert all(torch.equal(v, before[k]) for k, v in teacher.named_parameters())
+def stage2_step(args, steps=1, weight_view="target", seed=0):
+    """Stage 2 as train_fassl sets it up (F^S <- F^T, the teacher's BN statistics by the EMA alone): `steps`
+    steps of rebalance_step on random images. Returns: teacher state before, teacher, student, (loss, w)."""
+    torch.manual_seed(seed)
+    args.weight_view = weight_view
+    teacher, protos, q = fassl.networks(args, 32, None)
+    student = copy.deepcopy(teacher)
+    for bn in teacher.bns:
+        teacher.get_submodule(bn).track_running_stats = False
+    opt, scaler = fassl.sgd(args, [*student.parameters(), *q.parameters()]), common.make_scaler(None)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
+        views = fassl.two_views(x, g, 32, False)
+        out = fassl.rebalance_step(student, q, teacher, protos, opt, scaler, *views, args, None)
+    return before, teacher, student, out
+
+
+def test_ema_decay_zero_makes_the_teacher_the_student():
+    before, teacher, student, (loss, w) = stage2_step(parse(*TINY, "--ema-decay", "0")[0])
+    assert torch.isfinite(loss) and w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    after, moved = teacher.state_dict(), student.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.allclose(after[k], moved[k], atol=1e-6) for k in after if after[k].is_floating_point())
+
+
+def test_ema_decay_one_leaves_every_teacher_tensor_bit_identical(tmp_path):
+    """Table 3's frozen teacher (tau = 1): parameters, BN running statistics and num_batches_tracked, after
+    whole Stage-2 epochs (train_fassl) and after a few steps of rebalance_step."""
+    args = parse(*TINY)[0]
+    teacher, protos, _ = fassl.networks(args, 32, None)
+    init = {"backbone": teacher.backbone.state_dict(), "head": teacher.head.state_dict(),
+            "prototypes": protos.state_dict(), "proj_layers": args.proj_layers}
+    torch.save(init, tmp_path / "init.pt")
+    run = fassl.main(TINY + ["--stage", "rebalance", "--init", str(tmp_path / "init.pt"), "--ema-decay", "1",
+                             "--stage2-epochs", "2", "--knn-every", "0", "--probe", "--no-analyze",
+                             "--out-dir", str(tmp_path)])
+    out = torch.load(run / "stage_rebalance.pt", weights_only=True)
+    want = {**{f"backbone.{k}": v for k, v in init["backbone"].items()},
+            **{f"head.{k}": v for k, v in init["head"].items()}}
+    assert set(out["teacher"]) == set(want)
+    assert all(torch.equal(out["teacher"][k], v) for k, v in want.items()), \
+        [k for k, v in want.items() if not torch.equal(out["teacher"][k], v)]
+    assert any(not torch.equal(out["student"][k], v) for k, v in want.items())     # the student did learn
+    before, teacher, _, _ = stage2_step(parse(*TINY, "--ema-decay", "1")[0], steps=3)
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_weights_from_the_mean_of_both_views():
+    torch.manual_seed(0)
+    t1, t2, P = torch.randn(16, 8), torch.randn(16, 8), torch.randn(32, 8)
+    n = torch.nn.functional.normalize
+    s = (n(t1, dim=-1) @ n(P, dim=-1).sum(0) + n(t2, dim=-1) @ n(P, dim=-1).sum(0)) / 2
+    w = fassl.frequency_weights(torch.stack([t1, t2]), P, clip_sigma=0, norm="literal")
+    assert torch.allclose(w, 16 * torch.softmax(-s, 0), atol=1e-6)
+    _, _, _, (loss, w) = stage2_step(parse(*TINY)[0], weight_view="mean")
+    assert torch.isfinite(loss) and w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert parse()[0].weight_view == "target"
 
 
 def test_prototype_loss_stays_fp32_under_bf16_autocast():
@@ -258,6 +341,18 @@ def test_dataset_defaults(dataset, expected):
     assert (simclr.tau, simclr.proj_layers) == (0.2, 2)               # SimCLR: tau 0.2, 2-layer head
 
 
+@pytest.mark.parametrize("dataset,seed", [("cifar10-lt", 10), ("cifar100-lt", 10), ("imagenet100-lt", 1),
+                                          ("places-lt", 0), ("tiny-imagenet-lt", 0), ("synthetic-lt", 0)])
+def test_default_seed_is_the_sdclr_scripts_one(dataset, seed):
+    args, filled = parse("--dataset", dataset)
+    assert args.seed == seed and filled["seed"] == seed
+    args, filled = parse("--dataset", dataset, "--seed", "3")
+    assert args.seed == 3 and "seed" not in filled                       # an explicit flag wins
+    assert common.variant_label(args, fassl.DEFAULTS) == "default"       # the seed is not a variant
+    helptext = " ".join(common.make_parser(fassl.Args, fassl.DEFAULTS).format_help().split())
+    assert "cifar10-lt/cifar100-lt: 10; imagenet100-lt: 1" in helptext
+
+
 def test_synthetic_lt_demo_profile_fills_only_unset_fields():
     demo, filled = parse("--dataset", "synthetic-lt")
     assert {k: getattr(demo, k) for k in fassl.SYNTHETIC_DEMO} == fassl.SYNTHETIC_DEMO
@@ -283,6 +378,7 @@ def test_paper_rows_are_paper_settings():
     assert paper("--num-prototypes", "64") and paper("--ema-decay", "0.9")                            # Tab. 3
     assert paper("--stage", "rebalance", "--no-init", "--no-reweight", "--stage2-epochs", "2000")      # BYOL
     assert paper("--arch", "resnet34", ds="cifar100-lt") and not paper("--arch", "resnet34")          # Tab. 8
+    assert paper("--alternate-every", "5", ds="cifar100-lt") and not paper("--alternate-every", "5")  # Tab. 7
     assert paper("--imb-ratio", "20", ds="tiny-imagenet-lt") and not paper("--imb-ratio", "20")       # Tab. 5
     assert paper(ds="imagenet100-lt") and paper(ds="places-lt")
     assert paper("--prune-ratio", "0", ds="places-lt") and not paper("--prune-ratio", "0.5", ds="places-lt")
@@ -295,7 +391,8 @@ NOT_PAPER = {"protocol": "ldam", "split": "2", "data_seed": "1", "imb_ratio": "5
              "proj_dim": "64", "proj_layers": "2", "dual_bn": None, "num_prototypes": "100", "beta": "0.1",
              "predictor_hidden": "256", "ema_decay": "0.95", "clip_sigma": "0", "lr": "0.3", "final_lr": "0",
              "momentum": "0.8", "weight_decay": "5e-4", "lr_warmup_epochs": "5", "stage1_epochs": "50",
-             "stage2_epochs": "100", "epochs_scale": "0.5", "probe_aug": "none", "probe_epochs": "5"}
+             "stage2_epochs": "100", "epochs_scale": "0.5", "probe_aug": "none", "probe_epochs": "5",
+             "weight_norm": "literal", "weight_view": "mean", "alternate_every": "5"}
 
 
 @pytest.mark.parametrize("field", sorted(fassl.PAPER["cifar10-lt"]))
@@ -396,6 +493,10 @@ def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
                                                            ("rebalance", 2)]
     assert 0.05 < metrics[0]["mask_kept"] < 0.15
     assert "protos_used" in metrics[1] and "w_mean_rare" in metrics[2]
+    assert 1 <= metrics[2]["w_ess"] <= 32 and metrics[2]["w_min"] <= 1 <= metrics[2]["w_max"]    # batch 32
+    assert all(k in metrics[3] for k in ("w_mean_frequent", "w_mean_medium", "w_ess"))
+    assert len(res["extra"]["tsne"]["classes"]) == 5                  # Fig. 3: five classes, head to tail
+    assert all((run_dir / f).stat().st_size > 0 for f in ("tsne_student.png", "tsne_sdclr.png"))
     final = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     common.build_backbone("resnet8", 32).load_state_dict(final["backbone"])    # eval.py --ckpt contract
 
@@ -450,3 +551,53 @@ def test_benchmark_times_every_stage(capsys):
                 "--device", "cpu"])
     out = capsys.readouterr().out
     assert all(f"[{name} benchmark]" in out for name in ("sdclr", "prototypes", "rebalance"))
+
+
+def test_alternate_every_takes_turns_and_resumes_exactly(tmp_path):
+    """Table 7: --alternate-every 1 with 2 Stage-1 and 3 Stage-2 epochs runs P R P R R inside the Stage-2 loop
+    (no stage_prototypes.pt); a run interrupted between blocks resumes to the same weights."""
+    argv = TINY + ["--sdclr-epochs", "1", "--stage1-epochs", "2", "--stage2-epochs", "3", "--alternate-every",
+                   "1", "--knn-every", "0", "--probe", "--no-analyze"]
+    straight = fassl.main(argv + ["--out-dir", str(tmp_path / "a")])
+    metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["stage"], m.get("block")) for m in metrics] == [
+        ("sdclr", None), *[("rebalance", b) for b in ("prototypes", "rebalance", "prototypes", "rebalance",
+                                                       "rebalance")]]
+    assert "protos_used" in metrics[1] and "w_ess" in metrics[2] and "w_ess" not in metrics[3]
+    assert not (straight / "stage_prototypes.pt").exists()
+    res = json.loads((straight / "results.json").read_text())
+    assert res["epochs"] == {"stage0": 1, "stage1": 2, "stage2": 3, "probe": 0}
+    assert "--alternate-every 1" in res["variant"]
+    cut = fassl.main(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "3"])   # 0, P, R
+    assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    fassl.main(["--resume", str(cut)])
+    a, b = (torch.load(d / "stage_rebalance.pt", weights_only=True) for d in (straight, cut))
+    for part in ("student", "teacher", "prototypes", "predictor"):
+        for k, v in a[part].items():
+            assert torch.allclose(v.float(), b[part][k].float(), atol=1e-6), (part, k)
+
+
+@pytest.mark.parametrize("norm,view", [("zscore", "target"), ("literal", "mean")])
+def test_training_steps_make_no_host_synchronisation(no_host_sync, norm, view):
+    args = parse(*TINY, "--weight-norm", norm, "--weight-view", view)[0]
+    torch.manual_seed(0)
+    net = fassl.Encoder("resnet8", 32, 16, proj_layers=3, prune=True)
+    fassl.update_mask(net, 0.5)                                            # once per epoch: may sync
+    teacher, protos, q = fassl.networks(args, 32, None)
+    student, K = copy.deepcopy(teacher), args.num_prototypes
+    for bn in teacher.bns:
+        teacher.get_submodule(bn).track_running_stats = False
+    o0, o1 = fassl.sgd(args, net.parameters()), fassl.sgd(args, teacher.parameters(), protos.parameters())
+    o2, sc = fassl.sgd(args, [*student.parameters(), *q.parameters()]), common.make_scaler(None)
+    g, group = torch.Generator().manual_seed(0), torch.arange(8) % 3
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    for check in (False, True):                                            # warm up, then under the check
+        views, stats = fassl.two_views(x, g, 32, False), torch.zeros(max(K, 9))
+        with no_host_sync() if check else contextlib.nullcontext():
+            l0 = fassl.sdclr_step(net, o0, sc, *views, args, None)
+            l1, z1 = fassl.prototype_step(teacher, protos, o1, sc, *views, args, None)
+            h = fassl.prototype_similarities(z1, protos.weight)
+            stats[:K] += torch.nn.functional.one_hot(h.argmax(1), K).sum(0)
+            l2, w = fassl.rebalance_step(student, q, teacher, protos, o2, sc, *views, args, None)
+            stats[:9] += fassl.weight_stats(w, group)
+    assert all(torch.isfinite(v) for v in (l0, l1, l2)) and stats[:3].sum() == pytest.approx(8.0, rel=1e-5)
