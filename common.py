@@ -1,18 +1,9 @@
-"""Shared machinery for the four method scripts (fassl.py, tase.py, dscl.py, hybrid.py) and eval.py.
-
-What lives here:
-  * the run harness every script uses the same way (README, 'One command line for four scripts'):
-    `RunArgs` (the shared runtime flags), `arg` and `parse_args` (a dataclass -> argparse, the per-dataset
-    DEFAULTS table and the demo profile, argument checks), `Run` (resume, run directory, config.json, the
-    loss guard, checkpoints, the paper-setting rule, results.json), `benchmark`, `Progress`, one-line user
-    errors (`UserError`, `fatal`, `main_guard`);
-  * seeding, device / AMP / TF32 setup, channels_last and optional torch.compile;
-  * backbones: torchvision ResNet-18/34/50/152 (CIFAR stem for inputs <= 64 px) and the He et al. CIFAR
-    ResNet-8/20/32 in the LDAM-DRW layout; a projection-MLP builder;
-  * EMA of parameters with foreach ops; LR schedules that are pure functions of the step / epoch;
-  * the shared NT-Xent loss with per-anchor temperature (SimCLR, Chen et al. 2020);
-  * run directories, atomic JSON / checkpoint writes, RNG state capture.
-"""
+"""Shared machinery for the four method scripts (fassl.py, tase.py, dscl.py, hybrid.py) and eval.py, as the
+README's module table lists it: the run harness (`RunArgs`, `arg`, `parse_args` with the per-dataset DEFAULTS
+and demo profile, argument checks, `Run`, `benchmark`, `Progress`, one-line user errors), seeding, torchrun,
+device / AMP / TF32 / channels_last / torch.compile setup, backbones (torchvision ResNet-18/34/50/152, the He
+et al. CIFAR ResNet-8/20/32 in the LDAM-DRW layout), projection MLPs, EMA, LR schedules, the shared NT-Xent,
+run directories, atomic JSON / checkpoint writes and RNG states."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +27,7 @@ from typing import NoReturn, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.models import resnet as tv_resnet
 
@@ -78,6 +70,10 @@ class RunArgs:
     benchmark: bool = arg(False, "time the training step on random data, print images/s, exit", runtime=True)
     benchmark_steps: int = arg(10, "timed steps of --benchmark, after 3 warm-up steps", check=">=1",
                                runtime=True)
+    stop_after_epochs: Optional[int] = arg(None, "stop after N epochs of this command, checkpoint written; "
+                                           "continue with --resume", check=">=1", runtime=True)
+    sync_bn: bool = arg(False, "SyncBatchNorm across the processes of a torchrun run (CUDA only); default: "
+                        "the method's official code's", runtime=True)
 
 
 class UserError(Exception):
@@ -142,15 +138,11 @@ def _default_help(defaults: dict, name: str) -> str:
 def make_parser(cls, defaults: dict | None = None) -> argparse.ArgumentParser:
     """argparse parser for dataclass `cls` (a RunArgs subclass): the script's own flags first, then the shared
     runtime flags. A field that appears in `defaults` shows its per-dataset values."""
-    doc = inspect.getdoc(cls) or ""
-    parser = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=inspect.getdoc(cls), formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
-    own = [f for f in dataclasses.fields(cls) if f.name not in RunArgs.__dataclass_fields__]
-    shared = [f for f in dataclasses.fields(cls) if f.name in RunArgs.__dataclass_fields__]
-    groups = [(parser.add_argument_group("method flags"), own),
-              (parser.add_argument_group("runtime (shared by the four scripts)"), shared)]
-    for group, fields in groups:
-        for f in fields:
+    for title, shared in (("method flags", False), ("runtime (shared by the four scripts)", True)):
+        group = parser.add_argument_group(title)
+        for f in [f for f in dataclasses.fields(cls) if (f.name in RunArgs.__dataclass_fields__) == shared]:
             tp = hints[f.name]
             optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
             if optional:
@@ -171,8 +163,7 @@ def make_parser(cls, defaults: dict | None = None) -> argparse.ArgumentParser:
             by_dataset = _default_help(defaults or {}, f.name)
             shown = f"default: {by_dataset}" if by_dataset else "default: %(default)s"
             if f.metadata.get("check"):
-                rule = f.metadata["check"]
-                shown += "; > 0, at most the training set" if rule == "batch" else f"; {_CHECKS[rule][1]}"
+                shown += f"; {_CHECKS[f.metadata['check']][1]}"
             kw["help"] += f" ({shown})"
             group.add_argument("--" + f.name.replace("_", "-"), **kw)
     return parser
@@ -189,9 +180,23 @@ def parse_args(cls, argv=None, defaults: dict | None = None):
     args = cls(**vars(parser.parse_args(argv)))
     given = {name for name in given_flags(cls, argv) if getattr(args, name) is not None}   # "none" = unset
     filled = fill_defaults(args, defaults, given=given)
+    filled.update(lab_scale(args))
     with user_errors():
         check_args(args)
     return args, filled
+
+
+def lab_scale(args) -> dict:
+    """LAB_SCALE=f (0 < f < 1) in the environment shrinks every *epochs argument to max(1, round(f * value))
+    and the synthetic-lt class sizes, so that the labs' commands run in seconds in the tests (labs/README.md).
+    Returns what it changed (recorded with the filled defaults)."""
+    f = float(os.environ.get("LAB_SCALE", 1))
+    if not 0 < f < 1:
+        return {}
+    changed = {k: max(1 if k.endswith("epochs") else 8, round(f * v)) for k, v in vars(args).items()
+               if (k.endswith("epochs") or k.startswith("synthetic_n")) and type(v) is int and v > 0}
+    vars(args).update(changed)
+    return changed
 
 
 def given_flags(cls, argv) -> set[str]:
@@ -203,7 +208,7 @@ def given_flags(cls, argv) -> set[str]:
 
 
 _CHECKS = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"),
-           ">=1": (lambda v: v >= 1, ">= 1"),
+           ">=1": (lambda v: v >= 1, ">= 1"), "batch": (None, "> 0, at most the training set"),  # check_args
            "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
            "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"), "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)")}
 
@@ -235,11 +240,17 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = True
 
 
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+def epoch_seed(seed: int, epoch: int, stream: int = 0, per_process: bool = True) -> int:
     """Seed of one epoch's random stream (augmentation, sampling): a function of (seed, epoch), so a resumed
-    run draws exactly what an uninterrupted one draws. `stream` separates independent streams."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0] >> 1)
+    run draws exactly what an uninterrupted one draws. `stream` separates independent streams. Under torchrun
+    each process gets its own stream (process 0 the single-process one); per_process=False gives every
+    process the same stream (the data order, which the processes then split)."""
+    rank = get_rank_world()[0] if per_process else 0
+    return int(np.random.SeedSequence([seed, epoch, stream] + [rank] * (rank > 0)).generate_state(
+        1, np.uint64)[0] >> 1)
 
+
+# --- Several processes: torchrun, one process per GPU (README, 'Many GPUs and machines') --------------------
 
 def get_rank_world() -> tuple[int, int]:
     """(rank, world size) from the torchrun environment; (0, 1) for a plain `python script.py` launch."""
@@ -251,16 +262,67 @@ def is_main() -> bool:
     return get_rank_world()[0] == 0
 
 
+def init_distributed(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per process
+    (cuda:LOCAL_RANK), gloo on CPUs. Processes other than 0 print nothing. Returns this process's device."""
+    rank, world = get_rank_world()
+    if world == 1 or dist.is_initialized():
+        return device
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")                      # one progress line, one table
+    return device
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """The global batch: every process's `x` concatenated in rank order (`x` itself in one process). With
+    gradient when x needs one: each process computes the loss of the whole batch, its own part receives the
+    gradient of every copy (the sum), and DDP's average then gives exactly the single-process gradient."""
+    return _Gather.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
+
+
+class _Gather(torch.autograd.Function):
+    """all_gather forward; backward: the sum over processes of the gradient, this process's rows of it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return local_part(grad)
+
+
+def local_part(x: torch.Tensor) -> torch.Tensor:
+    """This process's rows of a gathered tensor (the inverse of `gather`)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return x.chunk(world)[rank] if world > 1 else x
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over the processes (the tensor itself in one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 def setup_device(device: str = "auto", amp: str = "auto") -> tuple[torch.device, torch.dtype | None]:
-    """Pick the device and the autocast dtype (README, 'Speed').
-
-    device "auto" -> cuda if available else cpu. amp "auto" -> bf16 on a GPU that supports it, else fp16
-    (with a GradScaler, see `make_scaler`); off (None) on CPU. "bf16" | "fp16" | "off" force a choice.
-    TF32 is turned on for CUDA devices.
-    """
+    """Pick the device ("auto": cuda if available, else cpu) and the autocast dtype (README, 'Speed'): amp
+    "auto" is bf16 on a GPU that supports it, else fp16 (with a GradScaler, `make_scaler`), and off (None) on
+    the CPU; "bf16" | "fp16" | "off" force a choice. TF32 is turned on for CUDA devices."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -269,14 +331,11 @@ def setup_device(device: str = "auto", amp: str = "auto") -> tuple[torch.device,
         raise UserError(f"--device {device!r} is not a device ({e}); use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
-    if amp == "auto":
-        amp_dtype = None
-        if dev.type == "cuda":
-            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif amp in _AMP:
-        amp_dtype = _AMP[amp]
-    else:
+    if amp != "auto" and amp not in _AMP:
         raise UserError(f"--amp {amp!r} is unknown; use one of auto, bf16, fp16, off")
+    amp_dtype = _AMP.get(amp)                                                     # "auto": None on the CPU
+    if amp == "auto" and dev.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dev.type == "cuda":  # TF32 matmuls / convolutions; CPU numerics are left exact
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -291,24 +350,29 @@ def amp_name(amp_dtype) -> str:
 
 def autocast(device, amp_dtype):
     """torch.autocast on `device` with `amp_dtype`, or a no-op context when amp_dtype is None."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=amp_dtype)
+    return torch.autocast(torch.device(device).type, amp_dtype) if amp_dtype else contextlib.nullcontext()
 
 
 def make_scaler(amp_dtype) -> torch.amp.GradScaler:
     """GradScaler that is enabled only for fp16 (bf16 and fp32 need no loss scaling)."""
-    enabled = amp_dtype == torch.float16
-    return torch.amp.GradScaler("cuda" if torch.cuda.is_available() else "cpu", enabled=enabled)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
 
 
-def prepare_model(model: nn.Module, device, channels_last: bool = True, compile: bool = False) -> nn.Module:
-    """Move to `device`; channels_last memory format and (if asked) torch.compile on CUDA only.
-    Returns the (maybe compiled) module; `unwrap` gives the original."""
+def prepare_model(model: nn.Module, device, channels_last: bool = True, compile: bool = False,
+                  ddp: bool = False, sync_bn: bool = False) -> nn.Module:
+    """Move to `device`; channels_last memory format and (if asked) torch.compile on CUDA only. ddp=True (a
+    trained network): DistributedDataParallel under torchrun, with SyncBatchNorm if sync_bn and on CUDA.
+    Returns the (maybe wrapped, compiled) module; `unwrap` gives the original."""
     device = torch.device(device)
     model = model.to(device)
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if ddp and dist.is_initialized() and dist.get_world_size() > 1:
+        if sync_bn and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] * (device.type == "cuda")
+                                                    or None)
     if compile and device.type == "cuda":
         model = torch.compile(model)
     return model
@@ -316,23 +380,18 @@ def prepare_model(model: nn.Module, device, channels_last: bool = True, compile:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Strip torch.compile's `_orig_mod` and DDP / DataParallel `.module` wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while hasattr(model, "_orig_mod") or isinstance(model, wrappers):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
 
 
 # --- Backbones ----------------------------------------------------------------------------------------------
 
 class TorchvisionResNet(tv_resnet.ResNet):
     """torchvision ResNet without its fc. State-dict keys are torchvision's (conv1, bn1, layer1..4).
-
     cifar_stem: conv1 = 3x3 stride 1 (no bias) and no max-pool, for inputs <= 64 px (SDCLR's CIFAR code).
-    forward(x) -> pooled (N, out_dim); forward(x, return_map=True) -> (pooled, last feature map).
-    """
+    forward(x) -> pooled (N, out_dim); forward(x, return_map=True) -> (pooled, last feature map)."""
 
     def __init__(self, block, layers, cifar_stem: bool, zero_init_residual: bool = False):
         super().__init__(block, layers, zero_init_residual=zero_init_residual)
@@ -388,14 +447,10 @@ class CifarResNet(nn.Module):
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        stages, in_planes = [], 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = []
-            for i in range(n):
-                blocks.append(_CifarBlock(in_planes, planes, stride if i == 0 else 1))
-                in_planes = planes
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = (       # each stage takes planes // stride channels in
+            nn.Sequential(_CifarBlock(planes // stride, planes, stride),
+                          *[_CifarBlock(planes, planes, 1) for _ in range(n - 1)])
+            for planes, stride in ((16, 1), (32, 2), (64, 2)))
         self.out_dim, self.feature_stride = 64, 4
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -428,11 +483,9 @@ def build_backbone(arch: str, image_size: int = 32, zero_init_residual: bool = F
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, bn: bool = True,
                    last_bn: bool = False, bias_last: bool = True) -> nn.Sequential:
-    """(Linear [+BN] + ReLU) x (num_layers - 1), then Linear [+BN if last_bn]. The last BN is a standard
-    affine BatchNorm1d, as in the SDCLR / SimCLR heads (SDCLR code `models/utils.py`).
-
-    num_layers counts the Linear layers. Hidden Linears have no bias when followed by BN (it would be
-    cancelled by the BN mean)."""
+    """(Linear [+BN] + ReLU) x (num_layers - 1), then Linear [+BN if last_bn]: num_layers counts the Linears.
+    The last BN is a standard affine BatchNorm1d, as in the SDCLR / SimCLR heads (SDCLR `models/utils.py`).
+    Hidden Linears have no bias when followed by BN (the BN mean would cancel it)."""
     layers, dim = [], in_dim
     for _ in range(num_layers - 1):
         layers.append(nn.Linear(dim, hidden_dim, bias=not bn))
@@ -451,7 +504,6 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, tau: float, buffers: str) -> None:
     """theta_t <- tau * theta_t + (1 - tau) * theta_s over all parameters (foreach ops, in place).
-
     buffers="ema": floating buffers (BN running mean / var) averaged the same way, integer ones copied;
     buffers="none": the target keeps its own buffers (MoCo's key encoder)."""
     target, source = unwrap(target), unwrap(source)
@@ -494,11 +546,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # --- Shared contrastive loss --------------------------------------------------------------------------------
 
 def _per_anchor(value: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    """(B,) per image -> (2B,) per anchor (both views of image i get value[i]); (2B,) passes through."""
+    """(B,) per image -> (2B,) per anchor (both views of image i get value[i]); 1 or 2B values as given."""
     value = value.float().reshape(-1)
     if value.numel() == batch:
         return torch.cat([value, value])
-    if value.numel() == 2 * batch:
+    if value.numel() in (1, 2 * batch):
         return value
     raise ValueError(f"nt_xent: {what} has {value.numel()} entries; expected 1, B={batch} or 2B={2 * batch}")
 
@@ -511,18 +563,14 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, weight=None, reduct
 
     z1, z2: (B, D) views; normalised in fp32 and the logits built in fp32 outside autocast.
     temperature: float, 0-d tensor, (B,) per image or (2B,) per anchor; weight: None, (B,) or (2B,).
-    Returns mean_j weight_j * l_j ("mean") or the (2B,) vector ("none").
-    """
+    Returns mean_j weight_j * l_j ("mean") or the (2B,) vector ("none")."""
     batch = z1.shape[0]
     with torch.autocast(z1.device.type, enabled=False):
         a = F.normalize(torch.cat([z1, z2]).float(), dim=-1)                     # fp32 unit vectors
         sim = a @ a.T
-        if torch.is_tensor(temperature) and temperature.numel() > 1:
-            logits = sim / _per_anchor(temperature, batch, "temperature")[:, None]
-        else:
-            logits = sim / (temperature.float() if torch.is_tensor(temperature) else float(temperature))
-        self_mask = torch.eye(2 * batch, dtype=torch.bool, device=a.device)
-        logits = logits.masked_fill(self_mask, float("-inf"))                    # self excluded
+        tau = (_per_anchor(temperature, batch, "temperature")[:, None] if torch.is_tensor(temperature)
+               else float(temperature))
+        logits = (sim / tau).masked_fill(torch.eye(len(a), dtype=torch.bool, device=a.device), float("-inf"))
         positives = (torch.arange(2 * batch, device=a.device) + batch) % (2 * batch)
         loss = F.cross_entropy(logits, positives, reduction="none")               # l_j above
         if weight is not None:
@@ -578,20 +626,9 @@ def _to_json(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
-    """Make a rename durable (best effort; directories cannot be opened on every OS)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _atomic_write(path, write) -> None:
-    """write(file) into <path>.tmp beside `path`, flush + fsync, then os.replace onto `path`.
-
-    A crash or exception before the replace leaves the previous `path` untouched."""
+    """write(file) into <path>.tmp beside `path`, flush + fsync, then os.replace onto `path` and fsync the
+    directory. A crash or exception before the replace leaves the previous `path` untouched."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp") if path.suffix != ".tmp" else path.with_name(path.name + ".part")
@@ -604,7 +641,12 @@ def _atomic_write(path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):      # make the rename durable (best effort: not every OS opens dirs)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_json(path, obj) -> None:
@@ -615,17 +657,15 @@ def save_json(path, obj) -> None:
 
 def append_metrics(run_dir, record: dict) -> None:
     """Append one JSON line to run_dir/metrics.jsonl (main rank only)."""
-    if not is_main():
-        return
-    with open(pathlib.Path(run_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record, default=_to_json) + "\n")
+    if is_main():
+        with open(pathlib.Path(run_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, default=_to_json) + "\n")
 
 
 def save_checkpoint(path, state: dict) -> None:
-    """Atomic torch.save (tmp file beside `path`, fsync, os.replace); main rank only.
-
-    `state` must hold only tensors, numbers, strings, lists, tuples and dicts so that `load_checkpoint`
-    (weights_only=True) can read it. A failed write leaves the previous checkpoint at `path` as it was."""
+    """Atomic torch.save (`_atomic_write`; a failed write leaves the previous checkpoint as it was), main rank
+    only. `state` holds only tensors, numbers, strings, lists, tuples and dicts, which `load_checkpoint`
+    (weights_only=True) reads."""
     if not is_main():
         return
     try:
@@ -699,18 +739,15 @@ def _fmt_scalar(v) -> str:
 
 
 class Progress:
-    """One progress line, e.g. `[simclr] ep 3/200 it 40/48 | loss 4.1234 | lr 0.4812 | 1234 img/s | ETA 1h02m`
-
+    """One progress line: `[simclr] ep 3/200 it 40/48 | loss 4.1234 | lr 0.4812 | 1234 img/s | ETA 1h02m`.
     `step(global_step, **scalars)` is called after every optimiser step with the 0-based index of that step
     (the same index the LR schedule gets); it prints every `every` steps, at the end of each epoch and at the
     last step, on the main rank only. Scalars may be device tensors: they are converted only when printing,
-    and CUDA is synchronised only then, so the training loop has no per-step host sync.
-    """
+    and CUDA is synchronised only then, so the training loop has no per-step host sync."""
 
     def __init__(self, total_steps: int, batch_size: int, every: int = 20, prefix: str = ""):
         self.total_steps, self.batch_size, self.every = total_steps, batch_size, max(1, every)
-        self.prefix = prefix
-        self.epoch = self.epochs = None
+        self.prefix, self.epoch, self.epochs = prefix, None, None
         self.start_time = self.last_time = time.perf_counter()
         self.start_step = self.last_step = None
 
@@ -736,10 +773,9 @@ class Progress:
         self.last_time, self.last_step = now, global_step
         where = (f"ep {self.epoch}/{self.epochs} it {(done - 1) % per_epoch + 1}/{per_epoch}" if per_epoch
                  else f"it {done}/{self.total_steps}")
-        parts = [(f"[{self.prefix}] " if self.prefix else "") + where]
-        parts += [f"{k} {_fmt_scalar(v)}" for k, v in scalars.items()]
-        parts += [f"{img_s:.0f} img/s", f"ETA {eta}"]
-        line = " | ".join(parts)
+        line = " | ".join([(f"[{self.prefix}] " if self.prefix else "") + where,
+                           *[f"{k} {_fmt_scalar(v)}" for k, v in scalars.items()],
+                           f"{img_s:.0f} img/s", f"ETA {eta}"])
         print(line, flush=True)
         return line
 
@@ -829,6 +865,10 @@ class NonFiniteLoss(Exception):
     """A training loss that is NaN or infinite (see Run.end_epoch)."""
 
 
+class StopRun(Exception):
+    """--stop-after-epochs reached (see Run.end_epoch): the run ends early, its checkpoint written."""
+
+
 class Run:
     """What every script does around its training loops, in one place:
 
@@ -844,9 +884,10 @@ class Run:
     def __init__(self, method, args, filled: dict, defaults: dict | None = None, paper: dict | None = None,
                  label=None):
         """method / label: a name, or a function of the args (a resumed run's own args may name another)."""
-        name = (lambda a: method(a) if callable(method) else method)
+        def name(a):
+            return method(a) if callable(method) else method
         self.args, self.filled, self.defaults, self.paper = args, dict(filled), defaults or {}, paper or {}
-        self.run_dir, self.ckpt, self.t0, self.wall0 = None, None, time.time(), 0.0
+        self.run_dir, self.ckpt, self.t0, self.wall0, self.epochs_run = None, None, time.time(), 0.0, 0
         self.method = name(args)
         if args.resume:
             run_dir = make_run_dir(self.method, args.dataset, args.out_dir, args.resume)
@@ -857,7 +898,7 @@ class Run:
                 self._restore_args(path)
         self.method = name(self.args)
         self.label = (label(self.args) if callable(label) else label) or self.method
-        self.device, self.amp_dtype = setup_device(self.args.device, self.args.amp)
+        self.device, self.amp_dtype = setup_device(init_distributed(self.args.device), self.args.amp)
         self.amp = amp_name(self.amp_dtype)
         seed_everything(self.args.seed)
 
@@ -884,7 +925,10 @@ class Run:
         self.paper_ds = paper_dataset(ds)
         fresh = self.run_dir is None
         if fresh:
-            self.run_dir = make_run_dir(self.method, self.args.dataset, self.args.out_dir)
+            made = [make_run_dir(self.method, self.args.dataset, self.args.out_dir) if is_main() else None]
+            if dist.is_initialized():
+                dist.broadcast_object_list(made)                     # process 0 names it
+            self.run_dir = made[0]
         if is_main():
             print(data.describe(ds))
             print(f"[{self.method}] run dir {self.run_dir} | {self.device} | amp {self.amp}"
@@ -917,7 +961,7 @@ class Run:
 
     def check_loss(self, loss, where: str) -> float:
         """The loss guard: one host sync per call (once per epoch). A NaN or infinite loss ends the run."""
-        value, last = float(loss), self.run_dir / "checkpoint.pt"
+        value, last = float(all_mean(loss)), self.run_dir / "checkpoint.pt"
         if not math.isfinite(value):
             raise NonFiniteLoss(f"the training loss is {value} in {where}; usual causes: a learning rate too "
                                 "high (--lr) or fp16 overflow (try --amp bf16 or --amp off); nothing of this "
@@ -932,10 +976,15 @@ class Run:
                                               "wall_time_s": self.wall_time()})
 
     def end_epoch(self, epoch: int, loss, record: dict, state: dict, where: str | None = None) -> None:
-        """Loss guard, then one metrics.jsonl line and checkpoint.pt (epoch = epochs done, 1-based)."""
+        """Loss guard, then one metrics.jsonl line and checkpoint.pt (epoch = epochs done, 1-based); StopRun
+        after --stop-after-epochs epochs of this command."""
         value = self.check_loss(loss, where or f"epoch {epoch}")
         append_metrics(self.run_dir, {"epoch": epoch, "loss": value, **record, "time_s": self.wall_time()})
         self.save({**state, "epoch": epoch})
+        self.epochs_run += 1
+        if self.epochs_run == self.args.stop_after_epochs:
+            raise StopRun(f"[{self.method}] stopped after {self.epochs_run} epochs (--stop-after-epochs); "
+                          f"continue with --resume {self.run_dir}")
 
     def results(self, ds, protocol: str, network: str, epochs: dict) -> dict:
         """results.json skeleton with the run's method label, variant, paper_setting, AMP, seed, wall time."""
@@ -963,3 +1012,8 @@ def main_guard(main, argv=None):
             return main(argv)
     except NonFiniteLoss as e:
         fatal(str(e), code=1)
+    except StopRun as e:
+        print(e, flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,11 +1,8 @@
 """Long-tailed datasets, batched on-device augmentation and loaders shared by the four methods.
 
-`load_dataset` builds every `--dataset` (CIFAR-LT in the `ldam` or `sdclr` convention, folders, Tiny-ImageNet,
-list datasets, `synthetic-lt`); `augment` applies a named recipe to a whole batch on its device with random
-parameters per image; `make_loader` serves device-resident uint8 batches or decodes list datasets in workers.
-CLI: `python data.py --stats` (class counts, histogram), `python data.py --bench-augment`.
-User documentation: docs/data.md; comments cite its sections by name ("docs/data.md, Splits"). INFERRED
-marks a choice that no paper or official code fixes (docs/data.md, Inferred choices).
+`load_dataset` builds every `--dataset`, `augment` applies a named recipe with per-image random parameters,
+`make_loader` serves device batches; CLI `python data.py --stats | --bench-augment`. User documentation:
+docs/data.md (cited by section name); INFERRED marks a choice no paper or official code fixes.
 """
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError, epoch_seed
+from common import UserError, epoch_seed, get_rank_world
 
 DATASETS = ("cifar10-lt", "cifar100-lt", "folder", "synthetic-lt", "tiny-imagenet-lt",
             "imagenet-lt", "places-lt", "inat2018", "imagenet100-lt")
@@ -98,10 +95,9 @@ def describe(ds: LTDataset) -> str:
     else:
         order = sorted(range(ds.num_classes), key=lambda c: ds.class_rank[c])
         lines.append("  counts by rank (head -> tail): " + ", ".join(str(ds.class_counts[c]) for c in order))
-    cc = ds.class_counts
+    cc, info = ds.class_counts, ds.info()
     lines.append(f"  train total {sum(cc):,} (max {max(cc)}, min {min(cc)}, "
                  f"ratio {max(cc) / max(min(cc), 1):.1f})")
-    info = ds.info()
     lines += [f"  {nm:8s} {info['n_' + nm]:,}" for nm in ("test", "val", "probe", "fewshot")]
     lines += [f"  note: {n}" for n in ds.notes]
     return "\n".join(lines)
@@ -134,13 +130,9 @@ def _split_of(x, y, idx) -> Split:
 def ldam_indices(targets: np.ndarray, counts: list[int], seed: int = 0) -> np.ndarray:
     """LDAM-DRW (Cao et al. 2019) `gen_imbalanced_data`: for c in label order, shuffle np.where(targets == c)
     with one RandomState(seed) (as np.random.seed(0) there) and keep the first counts[c], class by class."""
-    rs = np.random.RandomState(seed)
-    out = []
-    for c, n in enumerate(counts):
-        idx = np.where(targets == c)[0]
-        rs.shuffle(idx)
-        out.append(idx[:n])
-    return np.concatenate(out).astype(np.int64)
+    rs = np.random.RandomState(seed)                        # permutation(a) is shuffle() on a copy of a
+    return np.concatenate([rs.permutation(np.where(targets == c)[0])[:n]
+                           for c, n in enumerate(counts)]).astype(np.int64)
 
 
 def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split: int, seed: int = 0) -> dict:
@@ -172,9 +164,8 @@ def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split
 # --- synthetic-lt: class = texture (oriented grating / checker / rings); colour and phase random ---------
 def synthetic_images(labels: torch.Tensor, num_classes: int, generator: torch.Generator,
                      size: int = 32) -> torch.Tensor:
-    """uint8 (N,3,size,size) images of the given labels. Each class is a texture (kind, orientation,
-    frequency); foreground/background colours, phase (position) jitter and pixel noise are random per image,
-    so colour statistics carry no class information."""
+    """uint8 (N,3,size,size) images of the given labels: a texture (kind, orientation, frequency) per class;
+    colours, phase jitter and pixel noise are random per image, so colour carries no class information."""
     table = [(kind, (a * 3 + kind * 5) % 8 * math.pi / 8, f) for f in (2.0, 3.5, 5.0, 7.0)
              for a in range(8) for kind in range(3)]           # (kind, angle, frequency) per class
     if num_classes > len(table):
@@ -184,22 +175,18 @@ def synthetic_images(labels: torch.Tensor, num_classes: int, generator: torch.Ge
     coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
     yy, xx = torch.meshgrid(coord, coord, indexing="ij")
     for s in range(0, len(labels), 4096):
-        lab = labels[s:s + 4096]
-        n = len(lab)
-        kind, ang, freq = table[lab].unbind(1)
-        phase = (torch.rand(n, generator=generator) - 0.5) * (math.pi / 2)      # small position jitter
-        shift = (torch.rand(n, 2, generator=generator) - 0.5) * 0.15
-        ca, sa = ang.cos()[:, None, None], ang.sin()[:, None, None]
-        X = xx[None] - shift[:, 0, None, None]
-        Y = yy[None] - shift[:, 1, None, None]
-        u = (X * ca + Y * sa) * (2 * math.pi * freq[:, None, None]) + phase[:, None, None]
-        v = (-X * sa + Y * ca) * (2 * math.pi * freq[:, None, None])
+        kind, ang, freq = table[labels[s:s + 4096]][:, :, None, None].unbind(1)      # each (n, 1, 1)
+        n = len(kind)
+        phase = (torch.rand(n, 1, 1, generator=generator) - 0.5) * (math.pi / 2)   # small position jitter
+        shift = (torch.rand(n, 2, 1, 1, generator=generator) - 0.5) * 0.15
+        ca, sa, w = ang.cos(), ang.sin(), 2 * math.pi * freq
+        X, Y = xx - shift[:, 0], yy - shift[:, 1]
+        u = (X * ca + Y * sa) * w + phase
+        v = (-X * sa + Y * ca) * w
         grating = 0.5 + 0.5 * torch.sin(u)
-        checker = 0.5 + 0.5 * torch.sin(u) * torch.sin(v + phase[:, None, None])
-        rings = 0.5 + 0.5 * torch.sin(2 * math.pi * freq[:, None, None] * 1.5 * (X * X + Y * Y).sqrt()
-                                      + phase[:, None, None])
-        k = kind[:, None, None]
-        pat = torch.where(k == 0, grating, torch.where(k == 1, checker, rings))
+        checker = 0.5 + 0.5 * torch.sin(u) * torch.sin(v + phase)
+        rings = 0.5 + 0.5 * torch.sin(w * 1.5 * (X * X + Y * Y).sqrt() + phase)
+        pat = torch.where(kind == 0, grating, torch.where(kind == 1, checker, rings))
         bg = torch.rand(n, 3, 1, 1, generator=generator) * 0.5
         fg = 0.5 + torch.rand(n, 3, 1, 1, generator=generator) * 0.5
         img = bg + (fg - bg) * pat[:, None] + 0.06 * torch.randn(n, 3, size, size, generator=generator)
@@ -228,7 +215,6 @@ def load_dataset(name, data_dir="./data", imb_ratio=100.0, protocol="ldam", spli
                  seed=0, num_classes=10, download=True, *, synthetic_n_max=500, synthetic_n_test=100,
                  sdclr_split_dir=None) -> LTDataset:
     """Build dataset `name` (one of DATASETS); bad input raises common.UserError with a one-line message.
-
     imb_ratio: rho = n_max / n_min (None: the tree or lists as they are). protocol: "ldam" or "sdclr" for
     CIFAR and folder trees (docs/data.md, CIFAR-LT conventions). split: SDCLR split 1..5. split_file,
     sdclr_split_dir: docs/data.md, SDCLR index files. seed: data seed (0 reproduces LDAM-DRW).
@@ -242,9 +228,8 @@ def load_dataset(name, data_dir="./data", imb_ratio=100.0, protocol="ldam", spli
     if name == "synthetic-lt":
         return _load_synthetic(num_classes, imb_ratio, seed, synthetic_n_max, synthetic_n_test)
     if name in ("cifar10-lt", "cifar100-lt"):
-        x_tr, t_tr, x_te, t_te, classes = read_cifar(name, data_dir, download)
-        return _build_lt(name, x_tr, t_tr, x_te, t_te, classes, imb_ratio, protocol, split, seed, "canonical",
-                         split_file, sdclr_split_dir)
+        return _build_lt(name, *read_cifar(name, data_dir, download), imb_ratio, protocol, split, seed,
+                         "canonical", split_file, sdclr_split_dir)
     if name == "folder":
         return _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed)
     if name == "tiny-imagenet-lt":
@@ -292,21 +277,15 @@ def rrc_params(n, height, width, scale, ratio, generator=None, device=None):
 
 
 def resized_crop(x, boxes, size):
-    """Crop boxes (top, left, h, w) (float, per image) and resize to size x size, bilinear; equal to
-    torchvision's resized_crop(antialias=False) on each crop: sample coordinates are clamped to the crop,
-    then read with grid_sample (bilinear, align_corners=False)."""
+    """Crop boxes (top, left, h, w) (float, per image), resize to size x size: torchvision's resized_crop
+    (antialias=False) per crop, as grid_sample (bilinear, align_corners=False) at points inside the crop."""
     x = _float(x)
     H, W = x.shape[-2:]
-    size = (size, size) if isinstance(size, int) else tuple(size)
     top, left, h, w = [b[:, None] for b in boxes.float().unbind(1)]
-    j = torch.arange(size[1], device=x.device, dtype=torch.float32)[None] + 0.5
-    i = torch.arange(size[0], device=x.device, dtype=torch.float32)[None] + 0.5
-    sx = torch.maximum(j * (w / size[1]) - 0.5, torch.zeros_like(j))       # source pixel inside the crop
-    sx = torch.minimum(sx, w - 1) + left
-    sy = torch.maximum(i * (h / size[0]) - 0.5, torch.zeros_like(i))
-    sy = torch.minimum(sy, h - 1) + top
-    gx = (2 * sx + 1) / W - 1                                               # align_corners=False coordinates
-    gy = (2 * sy + 1) / H - 1
+    j = torch.arange(size, device=x.device, dtype=torch.float32)[None] + 0.5     # output pixel centres
+    sx = torch.minimum((j * (w / size) - 0.5).clamp(min=0), w - 1) + left      # source pixel inside the crop
+    sy = torch.minimum((j * (h / size) - 0.5).clamp(min=0), h - 1) + top
+    gx, gy = (2 * sx + 1) / W - 1, (2 * sy + 1) / H - 1                    # align_corners=False coordinates
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -452,11 +431,9 @@ def normalize(x, mean, std):
 
 def sample_boxes(n, num_boxes, height, width, scale=(0.05, 0.6), ratio=(3 / 4, 4 / 3), generator=None,
                  device=None):
-    """DSCL (Xuan & Zhang 2024) patch boxes: area fraction ~ U(scale), log-ratio uniform, w/h rounded,
-    top-left uniform, 10 tries then the centre fallback (as rrc_params). Returns (n, num_boxes, 4) float
-    (x1, y1, x2, y2) pixel coordinates inside the image (x2 = x1 + w)."""
-    b = rrc_params(n * num_boxes, height, width, scale, ratio, generator, device)
-    top, left, h, w = b.unbind(1)
+    """DSCL (Xuan & Zhang 2024) patch boxes drawn as rrc_params (area ~ U(scale), log-ratio uniform, 10 tries,
+    centre fallback): (n, num_boxes, 4) float (x1, y1, x2, y2) pixel coordinates in the image, x2 = x1 + w."""
+    top, left, h, w = rrc_params(n * num_boxes, height, width, scale, ratio, generator, device).unbind(1)
     return torch.stack([left, top, left + w, top + h], 1).view(n, num_boxes, 4)
 
 
@@ -476,21 +453,9 @@ RECIPES = ("simclr_cifar", "mocov2_imagenet", "crop_flip_cifar", "crop_flip_imag
 
 
 def augment(x, recipe: str, generator=None, image_size=None):
-    """Apply a named recipe to a uint8/float batch on its device; returns normalised float32 (N,3,S,S).
-
-    S = image_size (default: the input side). jitter = ColorJitter(.4, .4, .4, .1) p .8, gray =
-    RandomGrayscale(.2), blur = GaussianBlur(sigma 0.1-2) p .5, RRC = RandomResizedCrop; "CIFAR stats" are
-    LDAM-DRW's CIFAR mean/std. Sources: docs/data.md, Augmentation recipes.
-      simclr_cifar      RRC(S, scale (0.1, 1)), flip, jitter, gray; ImageNet stats (SDCLR / SimCLR)
-      mocov2_imagenet   RRC(S or 224, (0.08, 1)), flip, jitter, gray, blur; ImageNet stats (MoCo v2)
-      crop_flip_cifar   RandomCrop(S, pad S//8), flip; CIFAR stats. crop_flip_imagenet: ImageNet stats, and
-                        RRC(S, (0.08, 1)) instead of the crop when the input is larger than S
-      dscl_query_color[_cifar]  jitter, gray, blur (not _cifar); ImageNet (CIFAR) stats: the photometric
-                        half of the DSCL query, for a batch dscl.py already cropped and flipped
-      dscl_patch[_cifar]  flip, then as dscl_query_color[_cifar], for patches cut by crop_boxes
-      hybrid_base       RandomCrop(S, pad 4 at 32 px, else S//8), flip, gray; CIFAR stats (Hybrid)
-      hybrid_jitter     hybrid_base with jitter before the grayscale
-      test_cifar / test_imagenet  centre crop to S if larger; normalisation only"""
+    """Apply a named recipe (one of RECIPES) to a uint8/float batch on its device; returns normalised float32
+    (N,3,S,S), S = image_size (default: the input side; 224 for mocov2_imagenet). Steps and sources of each
+    recipe: docs/data.md, Augmentation recipes; "CIFAR stats" are LDAM-DRW's CIFAR mean/std."""
     g = generator
     S = image_size or x.shape[-1]
     jit = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
@@ -502,12 +467,9 @@ def augment(x, recipe: str, generator=None, image_size=None):
         y = random_grayscale(color_jitter(random_hflip(y, generator=g), **jit, p=0.8, generator=g), 0.2, g)
         return normalize(gaussian_blur(y, (0.1, 2.0), 0.5, generator=g) if moco else y, *inet)
     if recipe in ("crop_flip_cifar", "crop_flip_imagenet"):
-        stats = cif if recipe == "crop_flip_cifar" else inet
-        if x.shape[-1] > S:
-            y = random_resized_crop(x, S, (0.08, 1.0), generator=g)
-        else:
-            y = random_crop(x, S, S // 8, g)
-        return normalize(random_hflip(y, generator=g), *stats)
+        big = x.shape[-1] > S                       # larger input: RandomResizedCrop(S) instead of the crop
+        y = random_resized_crop(x, S, (0.08, 1.0), generator=g) if big else random_crop(x, S, S // 8, g)
+        return normalize(random_hflip(y, generator=g), *(cif if recipe == "crop_flip_cifar" else inet))
     if recipe in ("dscl_query_color", "dscl_query_color_cifar", "dscl_patch", "dscl_patch_cifar"):
         is_c = recipe.endswith("_cifar")
         y = random_hflip(x, generator=g) if recipe.startswith("dscl_patch") else _float(x)
@@ -528,7 +490,7 @@ def augment(x, recipe: str, generator=None, image_size=None):
 
 # --- Loaders and the class-balanced sampler (docs/data.md, Loaders and samplers) -------------------------
 def _epoch_generator(device, seed, epoch, stream=0):
-    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, stream + 1) % (2 ** 63))
+    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, stream + 1, False) % (2 ** 63))
 
 
 def balanced_indices(y: torch.Tensor, n: int, generator=None) -> torch.Tensor:
@@ -552,7 +514,7 @@ class Loader:
     takes its RandomResizedCrop(224) from that square; INFERRED) or CenterCrop(224) for evaluation."""
 
     def __init__(self, split: Split, batch_size, device, shuffle=True, drop_last=True, sampler="random",
-                 seed=0, workers=8, image_size=224):
+                 seed=0, workers=8, image_size=224, shard=False):
         if sampler not in ("random", "balanced", "sequential"):
             raise UserError(f"unknown sampler '{sampler}'; use random, balanced or sequential")
         if split.x is None and split.files is None:
@@ -561,6 +523,10 @@ class Loader:
         self.sampler = sampler if (shuffle or sampler == "balanced") else "sequential"
         self.drop_last, self.seed, self.epoch, self.stream = drop_last, seed, 0, 0
         self.workers, self.image_size, self.shuffle = min(workers, os.cpu_count() or 1), image_size, shuffle
+        self.rank, self.world = get_rank_world() if shard else (0, 1)
+        if self.world > 1 and (self.batch_size % self.world or not drop_last):
+            raise UserError(f"--batch-size {self.batch_size} is the global batch: under torchrun it must be "
+                            f"a multiple of the {self.world} processes")
         if split.x is not None:
             key = str(self.device)
             if key not in split._on_device:
@@ -594,15 +560,23 @@ class Loader:
         if self.split.x is None:
             yield from self._iter_files(order)
             return
-        B = self.batch_size
-        for b in range(len(self)):
-            idx = order[b * B:(b + 1) * B]
+        for idx in self._mine(order).split(self.batch_size // self.world):
             yield self.x.index_select(0, idx), self.y.index_select(0, idx), idx
+
+    def _mine(self, order):
+        """This process's part of every global batch: the r-th of `world` equal slices, so that gathering
+        the processes' batches in rank order gives back the single-process batch (disjoint; together the
+        epoch)."""
+        if self.world == 1:
+            return order[:len(self) * self.batch_size]
+        part = self.batch_size // self.world
+        return order[:len(self) * self.batch_size].view(len(self), self.world, part)[:, self.rank].reshape(-1)
 
     def _iter_files(self, order):
         ds = _FileDataset(self.split.files, self.split.y, self.image_size, train=self.shuffle)
         dl = torch.utils.data.DataLoader(
-            ds, batch_size=self.batch_size, sampler=order.cpu().tolist(), num_workers=self.workers,
+            ds, batch_size=self.batch_size // self.world, sampler=self._mine(order).tolist(),
+            num_workers=self.workers,
             drop_last=self.drop_last, pin_memory=self.device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if self.workers > 0 else None)
         for batch in dl:
@@ -630,17 +604,18 @@ class _FileDataset(torch.utils.data.Dataset):
 
 
 def make_loader(split: Split, batch_size: int, device, *, shuffle=True, drop_last=True, sampler="random",
-                seed: int = 0, workers: int = 8, image_size: int = 224) -> Loader:
+                seed: int = 0, workers: int = 8, image_size: int = 224, shard: bool = False) -> Loader:
     """See Loader. sampler: "random" (device randperm), "balanced" (len(split) draws with replacement, see
-    balanced_indices) or "sequential"; shuffle=False with "random" means sequential (evaluation)."""
-    return Loader(split, batch_size, device, shuffle, drop_last, sampler, seed, workers, image_size)
+    balanced_indices) or "sequential"; shuffle=False with "random" means sequential (evaluation).
+    shard=True (training loops): under torchrun each process takes its part of every global batch of
+    `batch_size`; evaluation loaders are not sharded (every process evaluates the same, process 0 writes)."""
+    return Loader(split, batch_size, device, shuffle, drop_last, sampler, seed, workers, image_size, shard)
 
 
 # --- Building an LTDataset from canonical uint8 arrays (CIFAR pickles, small folder trees, Tiny-ImageNet) ---
 def _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir):
-    """Load SDCLR's index files (docs/data.md, SDCLR index files), found by their standard names: split_file
-    is D_i; the other roles are looked up under split_dir or next to split_file (its folder's parent).
-    Checks that D_i follows the rho profile, misses the validation list and contains S_b."""
+    """SDCLR's index files by their standard names, under split_dir or split_file's grandparent (split_file is
+    D_i; docs/data.md, SDCLR index files); D_i must follow the rho profile, miss val and contain S_b."""
     pre = "cifar100_" if C == 100 else ""
     if split_dir is not None and not os.path.isdir(split_dir):
         raise UserError(f"--sdclr-split-dir {split_dir} does not exist; point it at SDCLR's split/ folder "
@@ -657,8 +632,7 @@ def _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir):
     sets, n = dict.fromkeys(files), len(t_tr)
     for k, path in [(k, p) for k, p in files.items() if p is not None]:
         if not os.path.isfile(path):
-            raise UserError(f"split file {path} not found; give the path of an SDCLR index file such as "
-                            f"split1_D_i.npy")
+            raise UserError(f"split file {path} not found; give an SDCLR index file such as split1_D_i.npy")
         try:
             idx = np.load(path, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
@@ -686,7 +660,7 @@ def _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir):
     if sets["fewshot"] is not None and np.setdiff1d(sets["fewshot"], tr).size:
         raise UserError(f"{files['fewshot']} is not a subset of {files['train']}; use the S_b file of the "
                         f"same split")
-    return sets, counts
+    return {**sets, "counts": counts}
 
 
 def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split, seed, image_source,
@@ -705,12 +679,10 @@ def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split,
         return LTDataset(train=Split(y=y_tr, x=x_tr), val=None, probe=None, fewshot=None, class_counts=counts,
                          class_rank=_rank_from_counts(counts), lt_convention="list", split=None, **base)
     if split_file is not None or split_dir is not None:     # SDCLR's exact membership
-        sets, counts = _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir)
-        tr, val, probe, few = sets["train"], sets["val"], sets["probe"], sets["fewshot"]
-        rank, conv = _rank_from_counts(counts), "sdclr-npy"
+        s = _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir)
+        rank, conv = _rank_from_counts(s["counts"]), "sdclr-npy"
     elif protocol == "sdclr":
         s = sdclr_indices(t_tr, C, imb_ratio, split, seed)
-        tr, val, probe, few, counts = s["train"], s["val"], s["probe"], s["fewshot"], s["counts"]
         rank, conv = _rank_of_order(s["order"]), "sdclr"
     else:
         per = int(np.bincount(t_tr, minlength=C).min())
@@ -718,10 +690,10 @@ def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split,
         tr = ldam_indices(t_tr, counts, seed)
         perm = np.random.RandomState(seed + 1).permutation(len(t_tr))     # INFERRED val / probe / few-shot
         val = np.sort(np.concatenate([perm[t_tr[perm] == c][:per // 10] for c in range(C)]))
-        probe = np.setdiff1d(np.arange(len(t_tr)), val)
-        few = np.concatenate([tr[t_tr[tr] == c][:counts[-1]] for c in range(C)])
+        s = dict(train=tr, val=val, probe=np.setdiff1d(np.arange(len(t_tr)), val), counts=counts,
+                 fewshot=np.concatenate([tr[t_tr[tr] == c][:counts[-1]] for c in range(C)]))
         rank, conv, split = list(range(C)), "ldam", None
-    return LTDataset(train=sub(tr), val=sub(val), probe=sub(probe), fewshot=sub(few), class_counts=counts,
+    return LTDataset(**{k: sub(s[k]) for k in ("train", "val", "probe", "fewshot")}, class_counts=s["counts"],
                      class_rank=rank, lt_convention=conv, split=split, **base)
 
 
@@ -735,31 +707,23 @@ CIFAR_LAYOUT = {
                         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", tv="CIFAR100")}
 
 
-def _cifar_error(name, data_dir, lay, why):
-    files = ",".join(lay["train"][:1] + (["...", lay["train"][-1]] if len(lay["train"]) > 1 else [])
-                     + lay["test"] + [lay["meta"]])
-    alt = ("; or use a copy of CIFAR-10 as JPEGs in ImageFolder layout (ROOT/train/<class>/*.jpg, "
-           "ROOT/test/<class>/*.jpg) with --dataset folder --data-dir ROOT") if name == "cifar10-lt" else ""
-    return UserError(f"{name}: {why}; expected {os.path.join(data_dir, lay['folder'])}/{{{files}}} (the "
-                     f"python version of CIFAR); download {lay['url']} and unpack it into {data_dir}{alt}")
-
-
-def _unpickle(path):
+def _unpickle(path, *keys):
+    """The fields `keys` of a CIFAR python pickle; an unreadable file or a missing field is a UserError."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            d = pickle.load(f, encoding="latin1")
+        return [d[k] for k in keys]
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path} is not a CIFAR python pickle ({type(e).__name__}); re-download the python "
-                        f"version of CIFAR")
+        raise UserError(f"{path} is not a CIFAR python pickle with the fields {', '.join(keys)} "
+                        f"({type(e).__name__}); re-download the python version of CIFAR")
 
 
 def read_cifar(name, data_dir, download=True):
     """Canonical CIFAR arrays: (x_train uint8 (N,3,32,32), t_train int64 np, x_test, t_test, class names).
     Missing files: one torchvision download attempt (if the data dir exists or is ./data), else UserError."""
-    lay = CIFAR_LAYOUT[name]
-    base = os.path.join(data_dir, lay["folder"])
-    missing = lambda: [f for f in lay["train"] + lay["test"] + [lay["meta"]]  # noqa: E731
-                       if not os.path.isfile(os.path.join(base, f))]
+    lay, why = CIFAR_LAYOUT[name], None
+    base, names = os.path.join(data_dir, lay["folder"]), lay["train"] + lay["test"] + [lay["meta"]]
+    missing = lambda: [f for f in names if not os.path.isfile(os.path.join(base, f))]  # noqa: E731
     if missing() and download and (os.path.isdir(data_dir) or os.path.normpath(data_dir) == "data"):
         import torchvision
         old = socket.getdefaulttimeout()
@@ -769,28 +733,25 @@ def read_cifar(name, data_dir, download=True):
                 getattr(torchvision.datasets, lay["tv"])(data_dir, train=True, download=True)
         except Exception as e:  # noqa: BLE001 - no network, disk full, ...: one line
             why = f"files missing and the download failed ({type(e).__name__})"
-            raise _cifar_error(name, data_dir, lay, why)
         finally:
             socket.setdefaulttimeout(old)
-    if missing():
-        why = f"missing {', '.join(missing())}" if os.path.isdir(data_dir) else "data dir does not exist"
-        raise _cifar_error(name, data_dir, lay, why)
+    if why or missing():
+        why = why or (f"missing {', '.join(missing())}" if os.path.isdir(data_dir)
+                      else "data dir does not exist")
+        alt = ("; or use a copy of CIFAR-10 as JPEGs in ImageFolder layout (ROOT/train/<class>/*.jpg, ROOT/"
+               "test/<class>/*.jpg) with --dataset folder --data-dir ROOT") if name == "cifar10-lt" else ""
+        raise UserError(f"{name}: {why}; expected {base}/{{{','.join(names)}}} (the python version of "
+                        f"CIFAR); download {lay['url']} and unpack it into {data_dir}{alt}")
 
     def part(files):
-        xs, ys = [], []
-        for f in files:
-            d = _unpickle(os.path.join(base, f))
-            try:
-                xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                ys.append(np.asarray(d[lay["labels"]], dtype=np.int64))
-            except (KeyError, ValueError) as e:
-                raise UserError(f"{os.path.join(base, f)} lacks CIFAR fields ({e}); re-download the python "
-                                f"version")
-        return torch.from_numpy(np.concatenate(xs)), np.concatenate(ys)
-    x_tr, t_tr = part(lay["train"])
-    x_te, t_te = part(lay["test"])
-    meta = _unpickle(os.path.join(base, lay["meta"]))
-    return x_tr, t_tr, x_te, t_te, list(meta[lay["names"]])
+        xs, ys = zip(*(_unpickle(os.path.join(base, f), "data", lay["labels"]) for f in files))
+        try:
+            x = np.concatenate([np.asarray(a, dtype=np.uint8).reshape(-1, 3, 32, 32) for a in xs])
+            return torch.from_numpy(x), np.concatenate([np.asarray(t, dtype=np.int64) for t in ys])
+        except ValueError as e:
+            raise UserError(f"{base}: malformed CIFAR arrays in {', '.join(files)} ({e}); re-download them")
+    (x_tr, t_tr), (x_te, t_te) = part(lay["train"]), part(lay["test"])
+    return x_tr, t_tr, x_te, t_te, list(_unpickle(os.path.join(base, lay["meta"]), lay["names"])[0])
 
 
 # --- Image folders (ImageFolder trees) and Tiny-ImageNet: small images decoded once into a uint8 cache ----
@@ -811,10 +772,9 @@ def _decode_all(files, size=None):
     def one(path):
         try:
             with Image.open(path) as im:
-                a = np.asarray(im.convert("RGB"))
+                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{path}: cannot decode image ({type(e).__name__}); remove or replace the file")
-        return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
     S = size or one(files[0]).shape[-1]
     out = torch.empty(len(files), 3, S, S, dtype=torch.uint8)
@@ -826,8 +786,7 @@ def _decode_all(files, size=None):
 
 def _cached_arrays(root, parts: dict, tag: str):
     """parts = {name: (files, labels)} -> {name: (x uint8, y int64)}, cached in <root>/.cache-<hash>.pt
-    (hash of the relative paths, sizes and mtimes; docs/data.md, uint8 cache); written atomically, and
-    rebuilt when unreadable. A read-only data dir runs without a cache."""
+    (docs/data.md, uint8 cache: atomic write, rebuilt when unreadable, no cache in a read-only dir)."""
     h = hashlib.sha1(tag.encode())
     for k in sorted(parts):
         for f in parts[k][0]:
@@ -838,15 +797,14 @@ def _cached_arrays(root, parts: dict, tag: str):
         with contextlib.suppress(Exception):                # a truncated or foreign cache is rebuilt below
             d = torch.load(path, weights_only=True)
             return {k: (d[k + "_x"], d[k + "_y"]) for k in parts}
-    out, blob, size = {}, {}, None
+    out, size = {}, None
     for k, (files, labels) in parts.items():
         x = _decode_all(files, size)
         size = x.shape[-1]
         out[k] = (x, torch.as_tensor(labels, dtype=torch.int64))
-        blob[k + "_x"], blob[k + "_y"] = out[k]
     tmp = path + f".{os.getpid()}.tmp"
     try:
-        torch.save(blob, tmp)
+        torch.save({f"{k}_{v}": t for k in out for v, t in zip("xy", out[k])}, tmp)
         os.replace(tmp, path)
     except OSError:
         if os.path.exists(tmp):
@@ -891,10 +849,10 @@ def _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed):
         side = max(im.size)
     jpeg_copy = tuple(classes) == CIFAR10_CLASSES and side == 32 and len(tr_files) == 50000   # CIFAR-10 copy
     source = "jpeg-copy" if jpeg_copy else "folder"
+    parts = {"train": (tr_files, tr_y), "test": (te_files, te_y)}
     if side > 64:                                           # large images: decoded per step, as list datasets
-        return _files_dataset("folder", tr_files, tr_y, te_files, te_y, None, classes, source)
-    arr = _cached_arrays(root, {"train": (tr_files, tr_y), "test": (te_files, te_y)}, "folder")
-    (x_tr, y_tr), (x_te, y_te) = arr["train"], arr["test"]
+        return _files_dataset("folder", parts, classes, source)
+    (x_tr, y_tr), (x_te, y_te) = _cached_arrays(root, parts, "folder").values()
     return _build_lt("folder", x_tr, y_tr.numpy(), x_te, y_te, classes, imb_ratio, protocol, split, seed,
                      source)
 
@@ -910,14 +868,11 @@ def _load_tiny(data_dir, imb_ratio, seed):
     root = os.path.abspath(root)
     with open(os.path.join(root, "wnids.txt")) as f:
         wnids = sorted(w.strip() for w in f if w.strip())      # label = sorted wnid index (INFERRED)
-    lab = {w: i for i, w in enumerate(wnids)}
-    for d in (os.path.join(root, "train", w, "images") for w in wnids):
-        if not os.path.isdir(d):
-            raise UserError(f"tiny-imagenet-lt: {d} missing; re-extract tiny-imagenet-200.zip")
+    lab, ann = {w: i for i, w in enumerate(wnids)}, os.path.join(root, "val", "val_annotations.txt")
+    for p in [os.path.join(root, "train", w, "images") for w in wnids] + [ann]:
+        if not (os.path.isfile(p) if p == ann else os.path.isdir(p)):
+            raise UserError(f"tiny-imagenet-lt: {p} missing; re-extract tiny-imagenet-200.zip")
     tr_files, tr_y = _scan_split(os.path.join(root, "train"), wnids, "images")
-    ann = os.path.join(root, "val", "val_annotations.txt")
-    if not os.path.isfile(ann):
-        raise UserError(f"tiny-imagenet-lt: {ann} missing; re-extract tiny-imagenet-200.zip")
     test = []
     with open(ann) as f:
         for ln, line in enumerate(f, 1):
@@ -926,8 +881,8 @@ def _load_tiny(data_dir, imb_ratio, seed):
                 raise UserError(f"{ann}:{ln}: expected '<file>\\t<wnid>\\t...' with a wnid from wnids.txt")
             test.append((os.path.join(root, "val", "images", parts[0]), lab[parts[1]]))
     te_files, te_y = (list(t) for t in zip(*sorted(test, key=lambda p: p[0])))     # sorted by file name
-    arr = _cached_arrays(root, {"train": (tr_files, tr_y), "test": (te_files, te_y)}, "tiny")
-    (x_tr, y_tr), (x_te, y_te) = arr["train"], arr["test"]
+    parts = {"train": (tr_files, tr_y), "test": (te_files, te_y)}
+    (x_tr, y_tr), (x_te, y_te) = _cached_arrays(root, parts, "tiny").values()
     return _build_lt("tiny-imagenet-lt", x_tr, y_tr.numpy(), x_te, y_te, wnids,
                      100.0 if imb_ratio is None else imb_ratio, "ldam", None, seed, "canonical")
 
@@ -986,15 +941,14 @@ def parse_list(path: str, root: str):
     return files, labels
 
 
-def _files_dataset(name, tr_files, tr_y, te_files, te_y, extra, classes, source) -> LTDataset:
-    counts = torch.bincount(torch.as_tensor(tr_y, dtype=torch.int64), minlength=len(classes)).tolist()
+def _files_dataset(name, sets, classes, source, notes=()) -> LTDataset:
+    """sets: role -> (absolute paths, labels), train and test required; decoded per step by the loader."""
     mk = lambda fs, ys: Split(y=torch.as_tensor(ys, dtype=torch.int64), files=fs)  # noqa: E731
-    extra = extra or {}
-    opt = {r: mk(*extra[r]) if r in extra else None for r in ("val", "probe", "fewshot")}
-    return LTDataset(name=name, num_classes=len(classes), class_names=list(classes), image_size=224,
-                     train=mk(tr_files, tr_y), test=mk(te_files, te_y), **opt, class_counts=counts,
-                     class_rank=_rank_from_counts(counts), lt_convention="list", image_source=source,
-                     imb_ratio=None, split=None, tensor_resident=False)
+    splits = {r: mk(*sets[r]) if r in sets else None for r in ("train", "test", "val", "probe", "fewshot")}
+    counts = torch.bincount(splits["train"].y, minlength=len(classes)).tolist()
+    return LTDataset(name=name, num_classes=len(classes), class_names=list(classes), image_size=224, **splits,
+                     class_counts=counts, class_rank=_rank_from_counts(counts), lt_convention="list",
+                     image_source=source, imb_ratio=None, split=None, tensor_resident=False, notes=[*notes])
 
 
 def _load_list_dataset(name, data_dir):
@@ -1007,7 +961,7 @@ def _load_list_dataset(name, data_dir):
                         f"put them in {root} next to the image folders they index")
     sets = {r: parse_list(os.path.join(root, lists[r]), root)
             for r in ("train", "test", "val", "fewshot", "probe") if have(r)}
-    tr_files, tr_y = sets.pop("train")
+    tr_files, tr_y = sets["train"]
     if not os.path.isfile(tr_files[0]):
         raise UserError(f"{name}: image {tr_files[0]} (line 1 of {lists['train']}) not found; the list paths "
                         f"are relative to --data-dir ({root})")
@@ -1020,18 +974,14 @@ def _load_list_dataset(name, data_dir):
     if name == "imagenet100-lt" and "probe" not in sets and os.path.isdir(os.path.join(root, "train")):
         # INFERRED full-shot probe pool (SDCLR's ImageNet_100_train.txt is unpublished): train/<wnid>/ - val
         skip = set(sets.get("val", ([], []))[0])
-        files, labels = _scan_split(os.path.join(root, "train"), names)
-        keep = [i for i, f in enumerate(files) if f not in skip]
-        sets["probe"] = [files[i] for i in keep], [labels[i] for i in keep]
+        pool = [(f, c) for f, c in zip(*_scan_split(os.path.join(root, "train"), names)) if f not in skip]
+        sets["probe"] = [f for f, _ in pool], [c for _, c in pool]
         notes.append("full-shot probe pool built from train/<wnid>/ minus the val list (INFERRED)")
-    te_files, te_y = sets.pop("test")
-    bad = [c for c in te_y if c >= C]
+    bad = [c for c in sets["test"][1] if c >= C]
     if bad:
         raise UserError(f"{name}: {lists['test']} has label {bad[0]} but {lists['train']} has only {C} "
                         f"classes")
-    ds = _files_dataset(name, tr_files, tr_y, te_files, te_y, sets, names, "canonical")
-    ds.notes += notes
-    return ds
+    return _files_dataset(name, sets, names, "canonical", notes)
 
 
 # --- CLI: --stats and --bench-augment (docs/data.md, Command line) ----------------------------------------
@@ -1057,24 +1007,16 @@ def save_histogram(ds: LTDataset, path: str) -> None:
     plt.close(fig)
 
 
-class _PILTwoViews(torch.utils.data.Dataset):
-    """The official per-image SDCLR/SimCLR CIFAR pipeline (PIL, bicubic), two views per image."""
-
-    def __init__(self, x_uint8):
-        import torchvision.transforms as T
-        self.x = x_uint8.permute(0, 2, 3, 1).numpy()
-        rrc = T.RandomResizedCrop(32, scale=(0.1, 1.0), interpolation=T.InterpolationMode.BICUBIC)
-        jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)
-        self.tf = T.Compose([rrc, T.RandomHorizontalFlip(), jitter, T.RandomGrayscale(p=0.2), T.ToTensor(),
-                             T.Normalize(*MEAN_STD["imagenet"])])
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        im = Image.fromarray(self.x[i])
-        return self.tf(im), self.tf(im)
+def _pil_two_views(images):
+    """DataLoader collate_fn, run in the workers: two views of each (H,W,3) uint8 image through the official
+    per-image SDCLR/SimCLR CIFAR pipeline (torchvision on PIL images, bicubic)."""
+    import torchvision.transforms as T
+    from PIL import Image
+    tf = T.Compose([T.RandomResizedCrop(32, scale=(0.1, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                    T.RandomGrayscale(p=0.2), T.ToTensor(), T.Normalize(*MEAN_STD["imagenet"])])
+    ims = [Image.fromarray(a) for a in images]
+    return torch.stack([tf(im) for im in ims]), torch.stack([tf(im) for im in ims])
 
 
 def bench_augment(n=2048, batch_size=512, workers=2, device="auto") -> dict:
@@ -1087,13 +1029,12 @@ def bench_augment(n=2048, batch_size=512, workers=2, device="auto") -> dict:
     augment(xd[:batch_size], "simclr_cifar", gen), augment(xd[:batch_size], "simclr_cifar", gen)   # warm-up
     sync()
     t = time.perf_counter()
-    for s in range(0, n, batch_size):
-        xb = xd[s:s + batch_size]
+    for xb in xd.split(batch_size):
         augment(xb, "simclr_cifar", gen), augment(xb, "simclr_cifar", gen)
     sync()
     batched = n / (time.perf_counter() - t)
-    it = iter(torch.utils.data.DataLoader(_PILTwoViews(x), batch_size=batch_size, shuffle=True,
-                                          num_workers=workers, drop_last=False))
+    it = iter(torch.utils.data.DataLoader(x.permute(0, 2, 3, 1).numpy(), batch_size=batch_size, shuffle=True,
+                                          num_workers=workers, drop_last=False, collate_fn=_pil_two_views))
     next(it)                                                # worker start-up excluded
     t = time.perf_counter()
     pil = sum(v1.shape[0] for v1, _ in it) / max(time.perf_counter() - t, 1e-9)
@@ -1129,8 +1070,7 @@ def main(argv=None):
         ds = load_dataset(a.dataset, a.data_dir, rho, a.protocol, a.split, a.split_file, seed=a.seed,
                           num_classes=a.num_classes, download=not a.no_download,
                           sdclr_split_dir=a.sdclr_split_dir)
-        print(describe(ds))
-        print(f"loaded in {time.perf_counter() - t:.1f}s")
+        print(f"{describe(ds)}\nloaded in {time.perf_counter() - t:.1f}s")
         tag = ds.lt_convention + (f"-split{ds.split}" if ds.split else "")
         path = a.plot or os.path.join("runs", "data-stats", f"{ds.name}-{tag}.png")
         save_histogram(ds, path)

@@ -79,8 +79,10 @@ class Args(common.RunArgs):
     multicrop: bool = arg(False, "patches as extra DSCL anchors, not PBSD students: Table 1 row 5 (INFERRED "
                           "reading); use with --pbsd-weight 0")
     crop_scale: list[float] = arg([], "RandomResizedCrop scale of both views (released code)", check="(0,1]")
-    shuffle_bn_chunks: int = arg(2, "key BN on this many random chunks: shuffle-BN on one device (INFERRED)",
-                                 check=">=1")
+    shuffle_bn_chunks: int = arg(2, "key BN on this many random chunks, one process: shuffle-BN (INFERRED); "
+                                 "torchrun: one chunk per process (released code)", check=">=1")
+    sync_bn: bool = arg(False, "SyncBatchNorm across the processes of a torchrun run (CUDA only); off: the "
+                        "released code's DDP keeps BN per GPU, shuffled key BN (docs/dscl.md)", runtime=True)
     # --- stage 1: optimisation ---
     epochs: int | None = arg(None, "stage-1 epochs (Impl. Details)", check=">=0")
     batch_size: int | None = arg(None, "stage-1 batch B (Impl. Details)", check="batch")
@@ -153,9 +155,12 @@ def roi_teacher(head: nn.Module, fmap: torch.Tensor, boxes: torch.Tensor, stride
 
 @torch.no_grad()
 def encode_keys(key_net: nn.Module, xk: torch.Tensor, chunks: int) -> torch.Tensor:
-    """z^+ = n(g'(f'(x^k))) with shuffle-BN on one device: permute, BN per chunk, un-permute (INFERRED)."""
-    perm = torch.randperm(xk.shape[0], device=xk.device)
-    out = torch.cat([key_net(c) for c in xk[perm].chunk(chunks)])
+    """z^+ = n(g'(f'(x^k))) of the global batch, BN on random chunks, un-permuted: torchrun as the released
+    _batch_shuffle_ddp (process 0's permutation, one chunk per process); one process: `chunks` (INFERRED)."""
+    world, xs = common.get_rank_world()[1], common.gather(xk)                  # the global batch's views
+    perm = common.gather(torch.randperm(len(xs), device=xs.device)[None])[0]  # process 0's, on every one
+    mine = common.local_part(xs[perm]).chunk(chunks if world == 1 else 1)
+    out = common.gather(torch.cat([key_net(c) for c in mine]))                 # in the permuted order
     return F.normalize(out[torch.argsort(perm)].float(), dim=1)
 
 
@@ -171,47 +176,47 @@ def init_queue(size: int, dim: int, num_classes: int, label_init: str, device, g
 def enqueue(queue, queue_labels, ptr: int, keys: torch.Tensor, labels: torch.Tensor) -> int:
     """Write keys and their labels at ptr (wrapping around); returns the new pointer (ptr + B) mod K."""
     idx = (ptr + torch.arange(keys.shape[0], device=queue.device)) % queue.shape[0]
-    queue[idx] = keys.detach().to(queue.dtype)
-    queue_labels[idx] = labels.to(queue_labels.dtype)
+    queue[idx], queue_labels[idx] = keys.detach().to(queue.dtype), labels.to(queue_labels.dtype)
     return int((ptr + keys.shape[0]) % queue.shape[0])
 
 
 # ---- Losses (pure functions): fp32 logits even inside autocast, log_softmax forms. -------------------------
-def dscl_loss(q, k, labels, queue, queue_labels, alpha, temperature, contrast_batch=False, extra=None):
+def dscl_loss(q, k, labels, queue, queue_labels, alpha, temperature, contrast_batch=False, extra=None,
+              mine=None):
     """DSCL loss, Eq. (8)-(9), as a cross-entropy against a fixed target (the w_t of Eq. (9) sum to |P_i|+1):
 
         L_i = - alpha_i log p(z_i^+ | z_i) - (1 - alpha_i)/|P_i| sum_{t in P_i} log p(z_t | z_i)
         p(z_t | z_i) = softmax over the contrast set of z_t . z_i / tau                         # Eq. (2)
 
     q: (B, D) queries (with grad); k: (B, D) own keys; labels (B,); queue (K, D) and queue_labels (K,),
-    before this step's enqueue. alpha: float, a (B,) tensor, or "scl" for alpha_i = 1/(|P_i|+1) (Eq. 1).
+    before this step's enqueue. mine: the b rows of the batch that are anchors (torchrun: this process's
+    rows of the gathered batch); default all. alpha: float, a (b,) tensor, or "scl" for 1/(|P_i|+1) (Eq. 1).
     Contrast set: {own key} + queue (Eq. 2), or with contrast_batch also the other B-1 queries (with grad)
-    and the other B keys (released code). |P_i| = 0 gives -log p(z_i^+ | z_i). extra (A, B, D): more
+    and the other B keys (released code). |P_i| = 0 gives -log p(z_i^+ | z_i). extra (A, b, D): more
     anchors of image i (--multicrop), scored as q_i: its contrast set, own key, positives. Mean over all."""
     with torch.autocast(q.device.type, enabled=False):   # fp32 logits even inside autocast
         q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1).detach()
-        anchors = q[None] if extra is None else torch.cat([q[None], F.normalize(extra.float(), dim=-1)])
-        queue = queue.float().detach()
-        B, rows = q.shape[0], torch.arange(q.shape[0], device=q.device)
+        B, rows = q.shape[0], torch.arange(q.shape[0], device=q.device) if mine is None else mine
+        a_q, n, queue = q[rows][None], torch.arange(len(rows), device=q.device), queue.float().detach()
+        anchors = a_q if extra is None else torch.cat([a_q, F.normalize(extra.float(), dim=-1)])  # (A, b, D)
         if contrast_batch:  # columns: [batch queries | batch keys | queue]; own key of anchor i: column B + i
-            logits = anchors @ torch.cat([q, k, queue]).T / temperature           # (A, B, 2B + K)
+            logits = anchors @ torch.cat([q, k, queue]).T / temperature           # (A, b, 2B + K)
             col_labels = torch.cat([labels, labels, queue_labels])
-            logits[:, rows, rows] = float("-inf")                         # query i is not in row i's set
+            logits[:, n, rows] = float("-inf")                            # query i is not in row i's set
             own = B + rows
         else:               # columns: [own key | queue]
-            logits = torch.cat([(anchors * k).sum(-1, keepdim=True), anchors @ queue.T], -1) / temperature
+            logits = torch.cat([(anchors * k[rows]).sum(-1)[..., None], anchors @ queue.T], -1) / temperature
             col_labels = torch.cat([labels.new_full((1,), -1), queue_labels])
             own = torch.zeros_like(rows)
-        pos = (labels[:, None] == col_labels[None, :]) & (logits[0] > float("-inf"))   # P_i: same class, in
-        pos[rows, own] = False                                                # the set, not the own key
-        log_p = F.log_softmax(logits, dim=-1)                                 # Eq. (2) in log space
-        n_pos = pos.sum(1)
+        pos = (labels[rows, None] == col_labels[None, :]) & (logits[0] > float("-inf"))   # P_i: same class,
+        pos[n, own] = False                                                 # in the set, not the own key
+        log_p, n_pos = F.log_softmax(logits, dim=-1), pos.sum(1)              # Eq. (2) in log space; |P_i|
         log_p_pos = log_p.masked_fill(~pos, 0.0).sum(-1) / n_pos.clamp(min=1)
         if isinstance(alpha, str):                                            # "scl": SCL, Eq. (1)
             alpha = 1.0 / (n_pos.float() + 1.0)
-        a = alpha.to(q) if torch.is_tensor(alpha) else q.new_full((B,), alpha)     # no host copy
+        a = alpha.to(q) if torch.is_tensor(alpha) else q.new_full((len(rows),), alpha)     # no host copy
         a = torch.where(n_pos > 0, a, 1.0)                                    # no positive -> own key only
-        return -(a * log_p[:, rows, own] + (1.0 - a) * log_p_pos).mean()      # Eq. (8)-(9)
+        return -(a * log_p[:, n, own] + (1.0 - a) * log_p_pos).mean()         # Eq. (8)-(9)
 
 
 def pbsd_loss(student, teacher, k, queue, temperature):
@@ -281,8 +286,8 @@ def build_stage1(args: Args, num_classes: int, image_size: int, device, amp_dtyp
             p.requires_grad_("layer4" in name)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=args.lr,
                           momentum=args.momentum, weight_decay=args.weight_decay)
-    net = common.prepare_model(net, device, args.channels_last, args.compile)
-    key = common.prepare_model(key, device, args.channels_last, args.compile).train()  # batch-stat. BN
+    net = common.prepare_model(net, device, args.channels_last, args.compile, ddp=True, sync_bn=args.sync_bn)
+    key = common.prepare_model(key, device, args.channels_last, args.compile).train()  # EMA: no DDP
     queue, labels = init_queue(args.queue_size, args.feat_dim, num_classes, args.queue_label_init, device,
                                torch.Generator().manual_seed(args.seed))
     return MoCo(net, key, opt, common.make_scaler(amp_dtype), queue, labels)
@@ -299,10 +304,9 @@ def stage1_step(m: MoCo, x, y, lr: float, args: Args, image_size: int, amp_dtype
     if device.type == "cuda" and args.channels_last:
         xq, xk, patches = (t if t is None else t.contiguous(memory_format=torch.channels_last)
                            for t in (xq, xk, patches))
-    with torch.no_grad():                                  # EMA of the parameters only, then the keys
+    with torch.no_grad(), common.autocast(device, amp_dtype):    # EMA of the parameters only, then the keys
         common.ema_update(common.unwrap(m.key), net, args.ema_decay, buffers="none")
-        with common.autocast(device, amp_dtype):
-            k = encode_keys(m.key, xk, args.shuffle_bn_chunks)
+        k = encode_keys(m.key, xk, args.shuffle_bn_chunks)                # the global batch's keys (B, D)
     with common.autocast(device, amp_dtype):
         z, fmap = m.net(xq, return_map=True)
         if patches is not None and args.fuse_patch_passes:  # one pass: BN statistics over all B*L patches
@@ -311,18 +315,20 @@ def stage1_step(m: MoCo, x, y, lr: float, args: Args, image_size: int, amp_dtype
             pv = patches.view(B, L, *patches.shape[1:])
             s = torch.stack([m.net(pv[:, j]) for j in range(L)], dim=1)                       # Eq. (13)
         extra = s.transpose(0, 1) if args.multicrop else None  # Table 1 row 5: patches as anchors (INFERRED)
-        l_dscl = dscl_loss(z, k, y, m.queue, m.queue_labels, "scl" if args.scl else args.alpha,
-                           args.temperature, args.contrast_batch, extra)                       # Eq. (8)-(9)
+        zg, yg = common.gather(z), common.gather(y)    # torchrun: the global batch, queries with gradient
+        mine = common.local_part(torch.arange(len(zg), device=device))      # anchors: this process's rows
+        l_dscl = dscl_loss(zg, k, yg, m.queue, m.queue_labels, "scl" if args.scl else args.alpha,
+                           args.temperature, args.contrast_batch, extra, mine)                 # Eq. (8)-(9)
         l_pbsd = torch.zeros((), device=device)
-        if args.pbsd_weight > 0:
+        if args.pbsd_weight > 0:                                              # per image: local
             c = roi_teacher(net.head, fmap, boxes, net.backbone.feature_stride).detach()      # Eq. (11)
-            l_pbsd = pbsd_loss(s, c, k, m.queue, args.temperature)                            # Eq. (14)
+            l_pbsd = pbsd_loss(s, c, k[mine], m.queue, args.temperature)                      # Eq. (14)
         loss = l_dscl + args.pbsd_weight * l_pbsd                                             # Eq. (15)
     m.opt.zero_grad(set_to_none=True)
     m.scaler.scale(loss).backward()
     m.scaler.step(m.opt)
     m.scaler.update()
-    m.ptr = enqueue(m.queue, m.queue_labels, m.ptr, k, y)
+    m.ptr = enqueue(m.queue, m.queue_labels, m.ptr, k, yg)                   # the global batch
     return loss.detach(), l_dscl.detach(), l_pbsd.detach()
 
 
@@ -331,18 +337,16 @@ def pretrain(run: common.Run, args: Args, ds) -> MoCo:
     m = build_stage1(args, ds.num_classes, ds.image_size, run.device, run.amp_dtype)
     net, key = common.unwrap(m.net), common.unwrap(m.key)
     loader = data.make_loader(ds.train, args.batch_size, run.device, drop_last=True, sampler="random",
-                              seed=args.seed, workers=args.workers, image_size=ds.image_size)
+                              seed=args.seed, workers=args.workers, image_size=ds.image_size, shard=True)
     iters = len(loader)
     total, warmup = args.epochs * iters, args.lr_warmup_epochs * iters
     start, ck = 0, run.restore()
     if ck is not None:
         for part, name in ((net, "model"), (key, "key_model"), (m.opt, "optimizer"), (m.scaler, "scaler")):
             part.load_state_dict(ck[name])
-        m.queue.copy_(ck["queue"])
-        m.queue_labels.copy_(ck["queue_labels"])
+        m.queue[:], m.queue_labels[:] = ck["queue"], ck["queue_labels"]
         start, m.ptr = int(ck["epoch"]), int(ck["queue_ptr"])
-    progress = run.progress(total, args.batch_size)
-    gen = torch.Generator(device=run.device)
+    progress, gen = run.progress(total, args.batch_size), torch.Generator(device=run.device)
     for epoch in range(start, args.epochs):
         loader.set_epoch(epoch)
         gen.manual_seed(common.epoch_seed(args.seed, epoch))   # a function of (seed, epoch): exact resume
@@ -354,7 +358,7 @@ def pretrain(run: common.Run, args: Args, ds) -> MoCo:
             out = stage1_step(m, x, y, lr, args, ds.image_size, run.amp_dtype, gen)
             sums += torch.stack(out)
             progress.step(step, loss=out[0], lr=lr)
-        loss, l_dscl, l_pbsd = sums / iters
+        loss, l_dscl, l_pbsd = common.all_mean(sums) / iters
         record = {"stage": "pretrain", "loss_dscl": l_dscl, "loss_pbsd": l_pbsd, "lr": lr}
         run.end_epoch(epoch + 1, loss, record, {
             "arch": args.arch, "image_size": ds.image_size, "stage": "pretrain",
@@ -378,8 +382,9 @@ def linear_stage(run: common.Run, args: Args, ds, backbone: nn.Module, stage1: d
     beta = None if args.scl or args.alpha == 0 else (1 - args.alpha) / args.alpha   # the released code's beta
     res["extra"].update(alpha="scl" if args.scl else args.alpha, beta=beta,
                         stage1_checkpoint=stage1["checkpoint"])
-    common.append_metrics(run.run_dir, {"stage": "linear", "epoch": args.linear_epochs,
-                                        "top1": res["at_last"]["top1_overall"]})
+    if common.is_main():
+        common.append_metrics(run.run_dir, {"stage": "linear", "epoch": args.linear_epochs,
+                                            "top1": res["at_last"]["top1_overall"]})
     run.finish(res)
     print(f"[dscl] {evaluation.PAPER_HEADER['dscl']}  (strict groups, last epoch)")
     print(evaluation.paper_row(res["at_last"], style="dscl"))
@@ -389,8 +394,7 @@ def linear_stage(run: common.Run, args: Args, ds, backbone: nn.Module, stage1: d
 # ---- Benchmark, dry run and main. --------------------------------------------------------------------------
 def benchmark(args: Args) -> float:
     """Images/s of one stage-1 step (views, both encoders, both losses, SGD, enqueue) on random data."""
-    device, amp_dtype = common.setup_device(args.device, args.amp)
-    small = args.dataset in SMALL
+    (device, amp_dtype), small = common.setup_device(args.device, args.amp), args.dataset in SMALL
     size = 64 if args.dataset == "tiny-imagenet-lt" else 32 if small else 224
     classes = 100 if args.dataset == "cifar100-lt" else 10 if small else 1000       # the label range only
     m = build_stage1(args, classes, size, device, amp_dtype)

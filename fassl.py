@@ -50,7 +50,6 @@ class Args(common.RunArgs):
     synthetic_n_test: int = arg(100, "synthetic-lt only: test images per class", check=">=1")
     stage: str = arg("all", "all = sdclr -> prototypes -> rebalance (Alg. 1)", choices=["all", *STAGES])
     init: str | None = arg(None, "first stage's start: a stage_<previous>.pt or scratch (Table 9, --no-init)")
-    stop_after_epochs: int | None = arg(None, "debug: stop after N epochs", check=">=0", runtime=True)
     arch: str | None = arg(None, "backbone (Sec. 4.2; Table 8: resnet34)", choices=list(common.ARCHS))
     proj_dim: int = arg(128, "embedding and prototype dimension D (SDCLR's head)", check=">=1")
     proj_layers: int | None = arg(None, "head Linear layers: 3 SDCLR, 2 SimCLR (SDCLR code)", check=">=1")
@@ -87,6 +86,8 @@ class Args(common.RunArgs):
     probe_epochs: int | None = arg(None, "override the probe epochs (30 / 100, Sec. 4.2)", check=">=1")
     probe_teacher: bool = arg(True, "also probe the Stage-2 teacher (results.json extra)", runtime=True)
     analyze: bool = arg(True, "prototype analysis (Sec. 4.5, Fig. 4), t-SNE (Fig. 3)", runtime=True)
+    sync_bn: bool = arg(True, "SyncBatchNorm across the processes of a torchrun run (CUDA only); on: as "
+                        "SDCLR's code; Stage 2's F^T too (docs/fassl.md, Several GPUs)", runtime=True)
 
 
 # Defaults: SDCLR's CIFAR (<= 64 px) and ImageNet-100-LT (224 px) recipes and seeds; synthetic-lt: a CPU demo.
@@ -237,15 +238,15 @@ def sdclr_step(model, opt, scaler, x1, x2, args: Args, amp_dtype):
     with common.autocast(x1.device, amp_dtype):
         twin = args.prune_ratio > 0                                           # SimCLR: one forward of both
         z1, z2 = (model(x1), model(x2, pruned=True)) if twin else model(torch.cat([x1, x2])).chunk(2)
-        loss = nt_xent(z1, z2, args.tau)
+        loss = nt_xent(common.gather(z1), common.gather(z2), args.tau)          # the global batch
     sgd_step(loss, opt, scaler)
     return loss.detach()
 
 
 def prototype_step(model, protos: nn.Linear, opt, scaler, x1, x2, args: Args, amp_dtype):
-    """Stage 1 (Alg. 1 lines 6-9): z^T = F^T(x) of both views, Eq. (1)-(2), update F^T and P."""
+    """Stage 1 (Alg. 1 lines 6-9): z^T = F^T(x) of both views, Eq. (1)-(2) (global batch), update F^T, P."""
     with common.autocast(x1.device, amp_dtype):
-        z1, z2 = model(torch.cat([x1, x2])).chunk(2)
+        z1, z2 = map(common.gather, model(torch.cat([x1, x2])).chunk(2))
         loss = prototype_contrastive_loss(z1, z2, protos.weight, args.beta)
     sgd_step(loss, opt, scaler)
     return loss.detach(), z1.detach()
@@ -253,18 +254,20 @@ def prototype_step(model, protos: nn.Linear, opt, scaler, x1, x2, args: Args, am
 
 def rebalance_step(student, q, teacher, protos: nn.Linear, opt, scaler, x1, x2, args: Args, amp_dtype):
     """Stage 2 (Alg. 1 lines 14-17): Eq. (3) between q(F^S(x)) and F^T(x') (batch-statistics BN), symmetrised
-    over the views, each term weighted from its target view or both views' mean score (INFERRED); Eq. (4)."""
+    over the views, each term weighted from its target view or both views' mean score (INFERRED); Eq. (4).
+    The weights are normalised over the global batch; the loss is this process's mean (DDP averages)."""
     with common.autocast(x1.device, amp_dtype):
         p1, p2 = q(student(torch.cat([x1, x2]))).chunk(2)
         with torch.no_grad():
             t1, t2 = teacher(torch.cat([x1, x2])).chunk(2)
+    g1, g2 = common.gather(t1), common.gather(t2)
     phi = (lambda t: frequency_weights(t, protos.weight, args.clip_sigma, args.weight_norm)) if args.reweight\
         else (lambda t: torch.ones(t.shape[-2], device=t.device))                    # --no-reweight: BYOL
-    w1, w2 = [phi(torch.stack([t1, t2]))] * 2 if args.weight_view == "mean" else (phi(t1), phi(t2))
-    loss = rebalanced_loss(p1, t2, w2) + rebalanced_loss(p2, t1, w1)
+    w1, w2 = [phi(torch.stack([g1, g2]))] * 2 if args.weight_view == "mean" else (phi(g1), phi(g2))
+    loss = rebalanced_loss(p1, t2, common.local_part(w2)) + rebalanced_loss(p2, t1, common.local_part(w1))
     sgd_step(loss, opt, scaler)
     update_teacher(teacher, student, args.ema_decay)
-    return loss.detach(), w2
+    return loss.detach(), w2                                 # w2: the global batch's
 
 
 # ---- One loop per stage; StageLoop holds the epoch / checkpoint plumbing they share ------------------------
@@ -283,7 +286,7 @@ class StageLoop:
                      for k in range(b, min(b + every, self.n[s]))]
         self.epochs, self.done, self.output = len(self.plan), 0, None
         self.loader = data.make_loader(ds.train, a.batch_size, run.device, seed=a.seed, workers=a.workers,
-                                       image_size=ds.image_size)
+                                       image_size=ds.image_size, shard=True)
         self.iters, self.gen = len(self.loader), torch.Generator(run.device)
         self.progress = run.progress(self.epochs * self.iters, a.batch_size, stage)
         if run.ckpt is not None and run.ckpt["stage"] == stage:              # exact mid-stage resume
@@ -292,10 +295,7 @@ class StageLoop:
                 module.load_state_dict(run.ckpt[name])
 
     def __iter__(self):
-        for epoch in range(self.done, self.epochs):
-            if self.run.args.stop_after_epochs == 0:
-                return print(f"[{self.stage}] stopped (--stop-after-epochs); --resume {self.run.run_dir}")
-            yield epoch
+        yield from range(self.done, self.epochs)
         self.output = self.state(self.epochs)           # the stage's output: stage_<stage>.pt
         self.run.save(self.output, f"stage_{self.stage}.pt")
 
@@ -327,7 +327,6 @@ class StageLoop:
             record["knn"] = {"acc_class_mean": m["acc_class_mean"], "groups_thirds": m["groups_thirds"]}
             print(f"[{self.stage}] ep {n} kNN class-mean acc {m['acc_class_mean']:.2f}", flush=True)
         self.run.end_epoch(n, self.loss_sum / self.iters, record, self.state(n), f"{self.stage} epoch {n}")
-        self.done, a.stop_after_epochs = n, None if a.stop_after_epochs is None else a.stop_after_epochs - 1
 
     def state(self, epoch: int) -> dict:    # "backbone" / "head": the network this stage hands on
         return {"stage": self.stage, "epoch": epoch, "image_size": self.ds.image_size,
@@ -337,29 +336,31 @@ class StageLoop:
                 **{name: module.state_dict() for name, module in self.parts.items()}}
 
 
-def train_sdclr(run, ds) -> dict | None:
+def train_sdclr(run, ds) -> dict:
     """Stage 0: SDCLR (SimCLR with --prune-ratio 0), the teacher's initialisation (Alg. 1 line 4)."""
     a = run.args
     net = Encoder(a.arch, ds.image_size, a.proj_dim, a.proj_layers, a.prune_ratio > 0, a.dual_bn)
-    model, opt = common.prepare_model(net, run.device, a.channels_last, a.compile), sgd(a, net.parameters())
-    loop = StageLoop(run, ds, "sdclr", {"model": net}, net, {"sdclr": opt})
+    model = common.prepare_model(net, run.device, a.channels_last, a.compile, ddp=True, sync_bn=a.sync_bn)
+    loop = StageLoop(run, ds, "sdclr", {"model": net}, net, {"sdclr": sgd(a, net.parameters())})
     for epoch in loop:
         record = {"mask_kept": update_mask(net, a.prune_ratio)} if a.prune_ratio > 0 else {}
         for x1, x2, _ in loop.batches(epoch):
-            loop.log(sdclr_step(model, opt, loop.scaler, x1, x2, a, run.amp_dtype))
+            loop.log(sdclr_step(model, loop.opts["sdclr"], loop.scaler, x1, x2, a, run.amp_dtype))
         loop.end_epoch(epoch, record)
-    return loop.output                                     # None when --stop-after-epochs ended the run
+    return loop.output
 
 
-def train_fassl(run, ds, stage: str, init: dict | None) -> dict | None:
+def train_fassl(run, ds, stage: str, init: dict | None) -> dict:
     """Stage 1 (Alg. 1 lines 2-10): F^T (from Stage 0) and P learn by Eq. (2). Stage 2 (lines 11-19): F^S <-
     F^T learns by Eq. (3), F^T follows by Eq. (4), P frozen (INFERRED); --alternate-every: both in turns."""
     a, dev, amp, K = run.args, run.device, run.amp_dtype, run.args.num_prototypes
     phases = STAGES[1:] if a.alternate_every and stage == "rebalance" else (stage,)      # Table 7: both
     teacher, protos, q = networks(a, ds.image_size, init)
-    student, protos, group = copy.deepcopy(teacher), protos.to(dev), group_of_classes(ds).to(dev)
-    ms, mt, mq = (common.prepare_model(m, dev, a.channels_last and m is not q, a.compile) for m in
-                  (student, teacher, q))                   # the networks to call (compiled with --compile)
+    if a.sync_bn and dev.type == "cuda" and common.get_rank_world()[1] > 1:      # F^T's BN as F^S's
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    student, protos, group = copy.deepcopy(teacher), protos.to(dev), group_of_classes(ds).to(dev)  # P: no DDP
+    ms, mt, mq = (common.prepare_model(m, dev, a.channels_last and m is not q, a.compile, m is not teacher or
+                                       "prototypes" in phases, a.sync_bn) for m in (student, teacher, q))
     opts = {p: sgd(a, teacher.parameters(), no_decay=protos.parameters()) if p == "prototypes"
             else sgd(a, [*student.parameters(), *q.parameters()]) for p in phases}
     net, two = (student, {"student": student, "predictor": q}) if stage == "rebalance" else (teacher, {})
@@ -376,7 +377,7 @@ def train_fassl(run, ds, stage: str, init: dict | None) -> dict | None:
                 stats[:K] += F.one_hot(prototype_similarities(z1, protos.weight).argmax(1), K).sum(0)
             else:
                 loss, w = rebalance_step(ms, mq, mt, protos, opts[phase], loop.scaler, x1, x2, a, amp)
-                stats[:9] += weight_stats(w, group[y])
+                stats[:9] += weight_stats(w, group[common.gather(y)])
             loop.log(loss)
         if phase == "prototypes":                          # usage of the prototypes (argmax_k h): collapse?
             p, share = F.normalize(protos.weight.detach().float(), dim=-1), stats[:K] / stats[:K].sum()
@@ -387,7 +388,7 @@ def train_fassl(run, ds, stage: str, init: dict | None) -> dict | None:
             record = {"w_ess": v[6] / loop.iters, "w_max": v[7] / loop.iters, "w_min": v[8] / loop.iters,
                       **{f"w_mean_{g}": v[i] / max(v[3 + i], 1) for i, g in enumerate(GROUPS)}}
         loop.end_epoch(epoch, {"block": phase, **record} if len(phases) > 1 else record)
-    return loop.output                                     # None when --stop-after-epochs ended the run
+    return loop.output
 
 
 def group_of_classes(ds) -> torch.Tensor:
@@ -457,7 +458,7 @@ def prototype_analysis(stage1: dict, run, ds) -> dict:
 
 def report(run, ds, stages: list, outputs: dict, init: dict | None):
     """Probes (the first is the headline), teacher probe, t-SNE, prototype analysis -> results.json; rows."""
-    args, last = run.args, outputs[stages[-1]]
+    args, last, analyze = run.args, outputs[stages[-1]], run.args.analyze and common.is_main()   # its files
     probes = probe(last["backbone"], args, ds, run.device, run.amp_dtype)
     head = next(iter(probes.values()), None)
     network = {"sdclr": "backbone (SDCLR dense branch)" if args.prune_ratio > 0 else "backbone",
@@ -467,7 +468,8 @@ def report(run, ds, stages: list, outputs: dict, init: dict | None):
                           {**epochs, "probe": head["probe"]["epochs"] if head else 0})
     results.update({k: head[k] for k in ("selection", "at_selected", "at_last")} if head else {})
     results["extra"].update({"probe_variant": head["variant"]} if head else {})
-    rows = [json.loads(r) for r in (run.run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    rows = [json.loads(r) for r in (run.run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()] \
+        if common.is_main() else []                          # process 0 writes, others need not read it
     results["knn"] = [{"stage": r["stage"], "epoch": r["epoch"], **r["knn"]} for r in rows if "knn" in r]
     keys = ("protocol", "variant", "selection", "at_selected", "at_last", "probe")         # per probe mode
     results["extra"].update({f"probe_{m}": {k: r[k] for k in keys} for m, r in probes.items()})
@@ -476,10 +478,10 @@ def report(run, ds, stages: list, outputs: dict, init: dict | None):
         results["extra"]["teacher_probe"] = {m: {k: r[k] for k in ("selection", "at_selected")} for m, r in
                                              probe(teacher, args, ds, run.device, run.amp_dtype).items()}
     sdclr = outputs.get("sdclr") or (init if init and init.get("stage") == "sdclr" else None)
-    if args.analyze and stages[-1] == "rebalance" and sdclr:                     # Fig. 3: FASSL vs SDCLR
+    if analyze and stages[-1] == "rebalance" and sdclr:                     # Fig. 3: FASSL vs SDCLR
         results["extra"]["tsne"] = tsne_figures(run, ds, student=last["backbone"], sdclr=sdclr["backbone"])
     stage1 = outputs.get("prototypes", init if stages == ["rebalance"] and not args.alternate_every else None)
-    if args.analyze and stage1 is not None and "prototypes" in stage1:                 # Stage-1 F^T and P
+    if analyze and stage1 is not None and "prototypes" in stage1:                # Stage-1 F^T and P
         res = results["extra"]["prototypes"] = prototype_analysis(stage1, run, ds)
         print("prototypes: " + " / ".join(f"{g} {v:.2f}%" for g, v in res["share_percent"].items()))
     run.finish(results)
@@ -516,7 +518,7 @@ def main(argv=None):
         return benchmark(args)
     name = lambda a: ("simclr" if a.prune_ratio == 0 else "sdclr") if a.stage == "sdclr" else "fassl"  # noqa
     run = common.Run(name, args, filled, DEFAULTS, PAPER)      # method: sdclr / simclr for Stage 0 alone
-    run.args.stop_after_epochs, args = args.stop_after_epochs, run.args     # a budget for this call only
+    args = run.args
     ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio, protocol=args.protocol,
                            seed=args.data_seed, **{k: getattr(args, k) for k in ("split", "split_file",
                            "sdclr_split_dir", "num_classes", "synthetic_n_max", "synthetic_n_test")})
@@ -537,8 +539,6 @@ def main(argv=None):
                 run.restore()                                 # the RNG state the next stage is built with
         else:
             prev = train_sdclr(run, ds) if stage == "sdclr" else train_fassl(run, ds, stage, prev)
-        if prev is None:                                      # --stop-after-epochs
-            return run.run_dir
         outputs[stage] = prev
     return report(run, ds, stages, outputs, init)
 

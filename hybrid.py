@@ -80,6 +80,8 @@ class Args(common.RunArgs):
     stage2_weight_decay: float = arg(0.0, "two-stage: classifier weight decay (INFERRED)", check=">=0")
     con_sampler: str = arg("random", "sampler of the contrastive batch: random (paper) or balanced "
                            "(CB-PSC, Table 3)", choices=["random", "balanced"])
+    ce_sampler: str = arg("balanced", "sampler of the CE batch: balanced (Sec. 3.1) or random (not in the "
+                          "paper; with --no-curriculum 0: plain CE)", choices=["balanced", "random"])
     prototypes_per_class: int = arg(1, "PSC prototypes per class; > 1 = MPSC (Eq. 5), EXPERIMENTAL: the "
                                     "paper never evaluates it and its formula is lost", check=">=1")
     psc_include_pos: bool = arg(False, "keep the positive prototype in the Eq. (4) denominator (a "
@@ -88,13 +90,18 @@ class Args(common.RunArgs):
                               "diagnostic; two passes by default, INFERRED)")
     eval_every: int = arg(10, "evaluate the classifier branch on the test set every N epochs and at the end",
                           check=">=1", runtime=True)
+    num_classes: int = arg(10, "synthetic-lt only: classes (docs/data.md)", check=">=1")
+    synthetic_n_max: int = arg(500, "synthetic-lt only: images of the head class", check=">=1")
+    synthetic_n_test: int = arg(100, "synthetic-lt only: test images per class", check=">=1")
+    sync_bn: bool = arg(False, "SyncBatchNorm across the processes of a torchrun run (CUDA only); default: "
+                        "the method's official code's (none released; SupContrast, which the paper builds "
+                        "on, keeps per-GPU BN: INFERRED)", runtime=True)
 
 
 # Defaults per dataset. CIFAR-LT (Sec. 4.2, with the batch and LR of the authors' CIFAR recipe); PSC's tau is
 # 1.0 on CIFAR-10 and 0.1 on CIFAR-100. iNaturalist 2018 (Sec. 4.2): ResNet-50, batch 100, 100 epochs, decays
 # at 60 and 80, linear alpha; its LR, decay factor and tau are lost (INFERRED 0.1): not a paper setting.
-# synthetic-lt: a CPU demo, not a paper setting; its LR decays at 60% and 80% of the epochs (as 120/160
-# of 200).
+# synthetic-lt: a CPU demo, not a paper setting; LR decays at 60% and 80% of the epochs (as 120/160 of 200).
 CIFAR_RECIPE = {"protocol": "ldam", "arch": "resnet32", "epochs": 200, "batch_size": 512, "lr": 0.5,
                 "milestones": [120, 160], "alpha_schedule": "parabolic"}
 DEFAULTS = {
@@ -105,10 +112,10 @@ DEFAULTS = {
     "synthetic-lt": {"arch": "resnet8", "epochs": 16, "batch_size": 128, "lr": 0.1,
                      "milestones": lambda a: [round(0.6 * a.epochs), round(0.8 * a.epochs)]},
 }
-# What the paper fixes (paper_setting is true only with every one of these): the CIFAR recipe, SGD, and the
-# paper's form of the losses.
+# What the paper fixes (paper_setting needs every one): the CIFAR recipe, SGD, the paper's form of the losses.
 PAPER_FIXED = {**CIFAR_RECIPE, "momentum": 0.9, "weight_decay": 1e-4, "lr_gamma": 0.1, "cb_batch_size": 512,
-               "prototypes_per_class": 1, "psc_include_pos": False, "fused_forward": False}
+               "prototypes_per_class": 1, "psc_include_pos": False, "fused_forward": False,
+               "ce_sampler": "balanced"}
 PAPER = {"cifar10-lt": {**PAPER_FIXED, "tau": lambda a: 1.0 if a.loss == "psc" else 0.1},
          "cifar100-lt": {**PAPER_FIXED, "tau": 0.1}}
 # Top-1 of Tables 1, 3, 4, 5 per imbalance ratio 100 / 50 / 10.
@@ -132,10 +139,9 @@ class HybridNet(nn.Module):
             self.head = nn.Linear(d, num_classes)
         else:              # one-hidden-layer MLP projection, no BN (widths INFERRED, SupContrast's head)
             self.head = common.projection_mlp(d, proj_hidden or d, proj_dim, num_layers=2, bn=False)
-        if loss == "psc":  # one (M: MPSC) learnable prototype per class, N(0,1), normalised on use (INFERRED)
-            self.prototypes = nn.Parameter(torch.randn(num_classes, prototypes_per_class, proj_dim))
-        else:
-            self.prototypes = None
+        # PSC: one (M: MPSC) learnable prototype per class, N(0,1), normalised on use (INFERRED)
+        self.prototypes = (nn.Parameter(torch.randn(num_classes, prototypes_per_class, proj_dim))
+                           if loss == "psc" else None)
 
     def forward(self, x_con: torch.Tensor | None, x_ce: torch.Tensor | None, fused: bool = False):
         """x_con: the 2N contrastive views -> head output (un-normalised z, or CE-CE logits);
@@ -193,11 +199,8 @@ def psc_from_affinity(a: torch.Tensor, labels: torch.Tensor, temperature: float,
     own = logits[torch.arange(b, device=a.device), labels]                   # (B, M): a_{y,m} / tau
     w = torch.softmax(own, dim=1).detach()                                   # Eq. (5) weights; 1 when M = 1
     pos_term = (w * own).sum(1)
-    if include_pos:
-        neg = logits
-    else:
-        is_pos = F.one_hot(labels, c).bool()[:, :, None].expand(b, c, m)
-        neg = logits.masked_fill(is_pos, float("-inf"))
+    is_pos = F.one_hot(labels, c).bool()[:, :, None].expand(b, c, m) & (not include_pos)
+    neg = logits.masked_fill(is_pos, float("-inf"))
     loss = torch.logsumexp(neg.reshape(b, c * m), dim=1) - pos_term          # Eq. (4)
     return loss.mean() if reduction == "mean" else loss
 
@@ -228,9 +231,9 @@ def curriculum_alpha(epoch: int, epochs: int, schedule: str = "parabolic", fixed
 # Training step: Eq. (1) on a random two-view batch and an independent class-balanced batch.
 # ----------------------------------------------------------------------------------------------------------
 def feature_loss(model: HybridNet, out_con: torch.Tensor, y2: torch.Tensor, args: Args) -> torch.Tensor:
-    """L_con of Eq. (1) on the 2N views (labels y2 = [y; y])."""
-    if args.loss == "sc":
-        return supcon_loss(out_con, y2, args.tau)                                       # Eq. (2)-(3)
+    """L_con of Eq. (1) on the 2N views, labels y2 = [y; y]; torchrun: SC gathers, PSC / CE-CE are local."""
+    if args.loss == "sc":       # every process's views (with gradient) and labels: the global batch
+        return supcon_loss(common.gather(out_con), common.gather(y2), args.tau)         # Eq. (2)-(3)
     if args.loss == "psc":
         return psc_loss(out_con, y2, model.prototypes, args.tau, args.psc_include_pos)  # Eq. (4) / (5)
     return F.cross_entropy(out_con.float(), y2)                                         # CE-CE (Table 4)
@@ -241,8 +244,7 @@ def train_step(model, unwrapped: HybridNet, optimizer, scaler, batch_con, batch_
     """One SGD step of Eq. (1). batch_con: uint8 random batch, seen in two views (with and without colour
     jitter, Sec. 4.2); batch_ce: uint8 class-balanced batch, one view. A branch of weight 0 is skipped.
     Returns the two detached losses (no host sync)."""
-    zero = torch.zeros((), device=device)
-    x_con = x_ce = None
+    zero, x_con, x_ce = torch.zeros((), device=device), None, None
     if alpha > 0:
         x, y = batch_con
         x_con = torch.cat([data.augment(x, "hybrid_base", gen, image_size),      # view A: base augmentation
@@ -258,21 +260,26 @@ def train_step(model, unwrapped: HybridNet, optimizer, scaler, batch_con, batch_
         out_con, logits = model(x_con, x_ce, args.fused_forward)
     l_con = feature_loss(unwrapped, out_con, y2, args) if out_con is not None else zero
     l_ce = F.cross_entropy(logits.float(), yc) if logits is not None else zero
-    loss = alpha * l_con + (1.0 - alpha) * l_ce                                         # Eq. (1)
+    # a branch of weight 0: zero gradient (DDP wants all parameters), then None: not updated, as one process
+    off = ("head.", "prototypes") if alpha == 0 else ("classifier.",) if alpha == 1 else ()
+    idle = [p for n, p in unwrapped.named_parameters() if n.startswith(off)]
+    loss = alpha * l_con + (1.0 - alpha) * l_ce + 0.0 * sum(p.sum() for p in idle)     # Eq. (1)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    for p in idle:
+        p.grad = None
     scaler.step(optimizer)
     scaler.update()
     return l_con.detach(), l_ce.detach()
 
 
 def classifier_step(unwrapped: HybridNet, optimizer, batch_ce, gen, image_size: int, device, amp_dtype):
-    """Two-stage SC, stage 2 (Table 5): CE on a class-balanced batch over the frozen backbone (BN eval)."""
+    """Two-stage SC, stage 2 (Table 5): CE over the frozen backbone (BN eval), global class-balanced batch."""
     xc, yc = batch_ce
     x = data.augment(xc, "hybrid_base", gen, image_size)
     with torch.no_grad(), common.autocast(device, amp_dtype):
         r = unwrapped.backbone(x)
-    loss = F.cross_entropy(unwrapped.classifier(r.float()), yc)
+    loss = F.cross_entropy(unwrapped.classifier(common.gather(r).float()), common.gather(yc))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -318,39 +325,39 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
     run = common.Run(method_name(args), args, filled or {}, DEFAULTS, PAPER)
     args, device, amp_dtype = run.args, run.device, run.amp_dtype
     if ds is None:     # the LDAM subset is drawn with seed 0 whatever --seed is (docs/data.md)
-        ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio, protocol=args.protocol)
+        ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio, protocol=args.protocol,
+                               num_classes=args.num_classes, synthetic_n_max=args.synthetic_n_max,
+                               synthetic_n_test=args.synthetic_n_test)
     if args.loss == "psc" and ds.num_classes < 2:
         raise common.UserError("--loss psc needs at least 2 classes (Eq. 4 contrasts with the other classes)")
-    alpha_text = args.alpha_schedule if args.no_curriculum is None else args.no_curriculum
     run.start(ds, f"{args.arch} | batch {args.batch_size}+{args.cb_batch_size} | lr {args.lr} "
                   f"x{args.lr_gamma} at {args.milestones} | {args.epochs} epochs | tau {args.tau} "
-                  f"| alpha {alpha_text}")
+                  f"| alpha {args.alpha_schedule if args.no_curriculum is None else args.no_curriculum}")
 
     unwrapped = HybridNet(args.arch, ds.num_classes, ds.image_size, args.loss, args.proj_hidden,
                           args.proj_dim, args.prototypes_per_class)
-    model = common.prepare_model(unwrapped, device, args.channels_last, args.compile)
+    model = common.prepare_model(unwrapped, device, args.channels_last, args.compile, ddp=True,
+                                 sync_bn=args.sync_bn)
     optimizer, scaler = make_optimizer(unwrapped, args), common.make_scaler(amp_dtype)
     stage2_opt = torch.optim.SGD(unwrapped.classifier.parameters(), lr=args.stage2_lr, momentum=args.momentum,
                                  weight_decay=args.stage2_weight_decay)
     total = args.epochs + (args.stage2_epochs if args.two_stage else 0)
     con_loader = data.make_loader(ds.train, args.batch_size, device, sampler=args.con_sampler, seed=args.seed,
-                                  workers=args.workers, image_size=ds.image_size)
-    ce_loader = data.make_loader(ds.train, args.cb_batch_size, device, sampler="balanced", seed=args.seed + 1,
-                                 workers=args.workers, image_size=ds.image_size)
+                                  workers=args.workers, image_size=ds.image_size, shard=True)
+    ce_loader = data.make_loader(ds.train, args.cb_batch_size, device, sampler=args.ce_sampler, shard=True,
+                                 seed=args.seed + 1, workers=args.workers, image_size=ds.image_size)
     start, history, best = 0, [], {"epoch": 0, "top1": -1.0, "selected_on_test": True}
     ck = run.restore()
     if ck is not None:
-        unwrapped.load_state_dict({**{"backbone." + k: v for k, v in ck["backbone"].items()},
-                                   **{"classifier." + k: v for k, v in ck["classifier"].items()},
-                                   **ck["heads"]})
+        unwrapped.load_state_dict({**{f"{part}.{k}": v for part in ("backbone", "classifier")
+                                      for k, v in ck[part].items()}, **ck["heads"]})
         (stage2_opt if ck["stage"] == "classifier" else optimizer).load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         start, history, best = ck["epoch"], ck["history"], ck["best_test"]
 
     steps = len(con_loader)
     progress = run.progress(steps * total, args.batch_size)
-    gen = torch.Generator(device=device)
-    metrics = None
+    gen, metrics = torch.Generator(device=device), None
     for epoch in range(start, total):
         stage = "classifier" if epoch >= args.epochs else ("feature" if args.two_stage else "joint")
         gen.manual_seed(common.epoch_seed(args.seed, epoch))      # a function of (seed, epoch): exact resume
@@ -378,12 +385,13 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
                 l_con, l_ce = train_step(model, unwrapped, optimizer, scaler, (x, y),
                                          next(ce_batches) if alpha < 1 else None, alpha, args, gen,
                                          ds.image_size, device, amp_dtype)
-                sum_con += l_con
-                sum_ce += l_ce
+                sum_con, sum_ce = sum_con + l_con, sum_ce + l_ce
                 progress.step(epoch * steps + it, loss=(alpha * sum_con + (1 - alpha) * sum_ce) / (it + 1),
                               lr=lr, alpha=alpha)
         record = {"stage": stage, "alpha": alpha, "lr": lr, "loss_con": sum_con / steps,
                   "loss_ce": sum_ce / steps}
+        for b in unwrapped.buffers() if torch.distributed.is_initialized() else ():
+            torch.distributed.broadcast(b, 0)      # process 0's BN statistics (what a resume loads)
         if (epoch + 1 == total or (epoch + 1) % args.eval_every == 0) and stage != "feature":
             metrics = evaluation.classifier_eval(unwrapped.backbone, unwrapped.classifier, ds, device,
                                                  amp_dtype)
@@ -400,7 +408,6 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
             "optimizer": (stage2_opt if stage == "classifier" else optimizer).state_dict(),
             "scaler": scaler.state_dict(), "history": history, "best_test": best})
 
-    # Evaluation summary: the headline is the last epoch on the balanced test set.
     if metrics is None:          # a finished run resumed: evaluate its final weights once
         metrics = evaluation.classifier_eval(unwrapped.backbone, unwrapped.classifier, ds, device, amp_dtype)
     epochs = {"train": args.epochs, **({"stage2": args.stage2_epochs} if args.two_stage else {})}

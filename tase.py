@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -85,6 +86,8 @@ class Args(common.RunArgs):
     probe_epochs: int | None = arg(None, "probe epochs; None = docs/evaluation.md's table", check=">=1")
     probe_aug: str = arg(None, "crop + flip (SDCLR probe) or none (cached features, fast)",  # "none": a value
                          choices=["crop", "none"])
+    sync_bn: bool = arg(True, "SyncBatchNorm across the processes of a torchrun run (CUDA only); the default "
+                        "is the method's official code's: SimCLR's global BN (INFERRED)", runtime=True)
 
 
 # DEFAULTS: SimCLR as SDCLR's scripts train it, the INFERRED schedule W = 50, R = 20, and a CPU demo (clusters
@@ -153,8 +156,7 @@ def _kmeanspp(x, k, generator):
     centroids = [x[torch.randint(x.shape[0], (1,), device=x.device, generator=generator)[0]]]
     d2 = ((x - centroids[0]) ** 2).sum(1)
     for _ in range(1, k):
-        p = d2.clamp_min(0)
-        j = torch.multinomial(p if float(p.sum()) > 0 else torch.ones_like(p), 1, generator=generator)[0]
+        j = torch.multinomial(d2 if float(d2.sum()) > 0 else torch.ones_like(d2), 1, generator=generator)[0]
         centroids.append(x[j])
         d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
     return torch.stack(centroids)
@@ -164,8 +166,7 @@ def _reseed_empty(x, assign, dmin, centroids, k):
     """Re-seed every empty cluster with the point farthest from its centroid (from a cluster of size > 1)."""
     for _ in range(k):
         counts = torch.bincount(assign, minlength=k)
-        empty = (counts == 0).nonzero().flatten()
-        if empty.numel() == 0:
+        if (empty := (counts == 0).nonzero().flatten()).numel() == 0:
             break
         far = torch.where(counts[assign] > 1, dmin, -1.0).topk(min(empty.numel(), x.shape[0])).indices
         assign[far], centroids[empty[:len(far)]], dmin[far] = empty[:len(far)], x[far], 0.0
@@ -179,8 +180,7 @@ def kmeans(x, k: int, iters: int = 100, generator=None, restarts: int = 3, tol: 
     (lowest inertia); reproducible from `generator`. Returns (assignments (N,), centroids (k, D))."""
     x, best = x.detach().float(), None
     if x.shape[0] < k:
-        raise common.UserError(f"k-means needs at least as many images ({x.shape[0]}) as clusters ({k}); "
-                               f"pass a smaller --clusters")
+        raise common.UserError(f"k-means: {x.shape[0]} images for {k} clusters; pass a smaller --clusters")
 
     def nearest(c):                                  # nearest centroid and squared distance to it, fp32
         dmin, a = ((x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)[None]).min(1)
@@ -190,8 +190,7 @@ def kmeans(x, k: int, iters: int = 100, generator=None, restarts: int = 3, tol: 
         assign, dmin = nearest(c)
         for _ in range(iters):
             assign = _reseed_empty(x, assign, dmin, c, k)
-            counts = torch.bincount(assign, minlength=k).float()
-            c = torch.zeros_like(c).index_add_(0, assign, x) / counts[:, None]          # Lloyd update
+            c = torch.zeros_like(c).index_add_(0, assign, x) / torch.bincount(assign, minlength=k)[:, None]
             new, dmin = nearest(c)
             changed, assign = (new != assign).float().mean().item(), new
             if changed < tol:
@@ -215,9 +214,11 @@ def pseudo_labels(backbone, ds, device, args: Args, epoch: int):
         return ds.train.y.to(device), torch.bincount(ds.train.y, minlength=ds.num_classes).to(device)
     k = args.clusters or ds.num_classes
     feats = evaluation.extract_features(backbone, ds.train, device, recipe="test_imagenet")[0]
-    gen = torch.Generator(device=feats.device).manual_seed(common.epoch_seed(args.seed, epoch, stream=1))
+    gen = torch.Generator(device=feats.device).manual_seed(common.epoch_seed(args.seed, epoch, 1, False))
     assign, _ = kmeans(F.normalize(feats, dim=1), k, args.kmeans_iters, gen, args.kmeans_restarts,
                        args.kmeans_tol)
+    if dist.is_initialized():                     # process 0's clusters everywhere, to the last GPU bit
+        dist.broadcast(assign, 0)
     return assign, torch.bincount(assign, minlength=k)
 
 
@@ -235,8 +236,7 @@ def _spearman(a, b):   # harness candidate: Pearson correlation of ranks, ties g
     def ranks(v):
         _, inv, cnt = torch.unique(v, sorted=True, return_inverse=True, return_counts=True)
         return ((torch.cumsum(cnt, 0) - cnt).double() + (cnt.double() + 1) / 2)[inv]
-    r = torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1]
-    return float(r) if torch.isfinite(r) else 0.0
+    return torch.nan_to_num(torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1]).item()   # constant: 0
 
 
 def cluster_diagnostics(assign, sizes, ds, tau_img, w_img) -> dict:
@@ -248,12 +248,11 @@ def cluster_diagnostics(assign, sizes, ds, tau_img, w_img) -> dict:
     pk, pc, nz = p.sum(1), p.sum(0), p > 0
     mi = (p[nz] * (p[nz] / (pk[:, None] * pc[None, :])[nz]).log()).sum()
     hk, hc = -(pk[pk > 0] * pk[pk > 0].log()).sum(), -(pc[pc > 0] * pc[pc > 0].log()).sum()
-    counts, thirds = torch.as_tensor(ds.class_counts, device=y.device), evaluation.group_masks(
-        ds.class_counts, ds.class_rank)["thirds"]
+    thirds = evaluation.group_masks(ds.class_counts, ds.class_rank)["thirds"]
     masks = {g: torch.isin(y, torch.as_tensor(ids, device=y.device).long()) for g, ids in thirds.items()}
     return {"cluster_sizes": sorted(sizes.tolist(), reverse=True), "purity": purity,
             "nmi": (2 * mi / (hk + hc)).item() if float(hk + hc) > 0 else 1.0,
-            "spearman_size_vs_class_count": _spearman(sizes[assign], counts[y]),
+            "spearman_size_vs_class_count": _spearman(sizes[assign], y.new_tensor(ds.class_counts)[y]),
             **{key: {"min": v.min().item(), "mean": v.mean().item(), "max": v.max().item()}
                for key, v in (("tau", tau_img), ("weight", w_img))},
             **{key: {g: v[m].mean().item() if bool(m.any()) else None for g, m in masks.items()}
@@ -284,20 +283,27 @@ def epoch_diagnostics(epoch, args, ds, assign, sizes, tau_c, z1, z2, tau, run_di
     tau_img = tau_c[assign] if args.sample_temperature else torch.full_like(tau_c[assign], rec["tau_global"])
     w_img = sample_weights(sizes[assign], args.reweight_power) if args.reweight else torch.ones_like(tau_img)
     d = rec["pseudo_labels"] = cluster_diagnostics(assign, sizes, ds, tau_img, w_img)
-    if reclustered:
+    if reclustered and common.is_main():
         plot_temperature_weight(sizes, tau_c, assign, args.reweight_power, run_dir / PLOT, f"TASE-R "
                                 f"(reconstruction), epoch {epoch}: K={len(sizes)}, purity {d['purity']:.2f}")
     return rec
 
 
 # ---- Training: the step (Eqs. T5-T6), one loop over the epochs, the final probes --------------------------
+def batch_temperature_weight(idx, assign, sizes, tau_c, epoch: int, args: Args):
+    """tau (Eq. T5) and w (Eq. T4, mean 1 over them) of the global batch: every process's images in order."""
+    c = None if assign is None else assign[common.gather(idx)]                   # c(i) of the global batch
+    tau = tau_c[c] if c is not None and args.sample_temperature else global_temperature(epoch, args)
+    return tau, sample_weights(sizes[c], args.reweight_power) if c is not None and args.reweight else None
+
+
 def train_step(net, optimizer, scaler, x, tau, w, recipe, gen, image_size, device, amp_dtype, channels_last):
-    """One SimCLR step: two independent views, one concatenated forward, loss T5-T6, SGD. tau: a float or one
-    value per image; w: None or one weight per image. Returns the detached loss and embeddings (no sync)."""
+    """One SimCLR step: two views, one forward, loss T5-T6 over the global batch (common.gather), SGD. tau, w:
+    a float / None or one per image of the global batch. Returns the detached loss and global embeddings."""
     xx = torch.cat([data.augment(x, recipe, generator=gen, image_size=image_size) for _ in range(2)])
     xx = xx.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and channels_last else xx
     with common.autocast(device, amp_dtype):
-        z1, z2 = net(xx).float().chunk(2)
+        z1, z2 = (common.gather(z) for z in net(xx).float().chunk(2))     # the global batch, with gradient
     loss = common.nt_xent(z1, z2, tau, weight=w)                                     # Eqs. (T5), (T6)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -323,9 +329,9 @@ def check_args(args: Args) -> None:
 
 
 def setup(args: Args, image_size: int, device, amp_dtype):
-    """SimCLRNet (and its compiled twin), SGD, the gradient scaler and the view recipe for `image_size`."""
+    """SimCLRNet (and its compiled / DDP twin), SGD, the gradient scaler and the views for `image_size`."""
     model = SimCLRNet(args.arch, image_size, args.proj_dim)
-    net = common.prepare_model(model, device, args.channels_last, args.compile)
+    net = common.prepare_model(model, device, args.channels_last, args.compile, True, args.sync_bn)   # DDP
     optimizer = torch.optim.SGD(model.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
     recipe = args.augment if args.augment != "auto" else VIEWS[image_size > 64]
     return model, net, optimizer, common.make_scaler(amp_dtype), recipe
@@ -337,22 +343,20 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
     run = common.Run(lambda a: RUN_NAMES[method_name(a)], args, filled or {}, DEFAULTS, PAPER, method_name)
     args, device, amp_dtype = run.args, run.device, run.amp_dtype
     check_args(args)
-    if ds is None:
-        ds = data.load_dataset(args.dataset, args.data_dir, args.imb_ratio, args.protocol, args.split,
-                               args.split_file, args.data_seed, args.num_classes,
-                               synthetic_n_max=args.synthetic_n_max, synthetic_n_test=args.synthetic_n_test,
-                               sdclr_split_dir=args.sdclr_split_dir)
+    ds = ds or data.load_dataset(args.dataset, args.data_dir, args.imb_ratio, args.protocol, args.split,
+                                 args.split_file, args.data_seed, args.num_classes,
+                                 synthetic_n_max=args.synthetic_n_max, synthetic_n_test=args.synthetic_n_test,
+                                 sdclr_split_dir=args.sdclr_split_dir)
     tase_on, k = args.sample_temperature or args.reweight, args.clusters or ds.num_classes
     if tase_on and len(ds.train) < k:
         raise common.UserError(f"--clusters {k} exceeds the {len(ds.train)} training images; pass fewer")
     run_dir = run.start(ds, f"{run.label} | {args.arch} | batch {args.batch_size} | {args.epochs} epochs")
     model, net, optimizer, scaler, recipe = setup(args, ds.image_size, device, amp_dtype)
     loader = data.make_loader(ds.train, args.batch_size, device, sampler="random", seed=args.seed,
-                              workers=args.workers, image_size=ds.image_size)
+                              workers=args.workers, image_size=ds.image_size, shard=True)
     parts = {"backbone": model.backbone, "head": model.head, "optimizer": optimizer, "scaler": scaler}
     start, assign, sizes, n_recluster, diag, knn = 0, None, None, 0, None, []
-    ck = run.restore()
-    if ck is not None:
+    if (ck := run.restore()) is not None:
         for key, part in parts.items():
             part.load_state_dict(ck[key])
         start, n_recluster, diag, knn = ck["epoch"], ck["num_reclusters"], ck["pseudo_labels"], ck["knn"]
@@ -365,12 +369,9 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
         if reclustered:
             assign, sizes = pseudo_labels(model.backbone, ds, device, args, epoch)               # Eq. (T1)
             n_recluster += 1
-            print(f"[{run.method}] epoch {epoch}: {len(sizes)} clusters in {time.time() - t0:.1f}s; sizes "
-                  f"{sorted(sizes.tolist(), reverse=True)}", flush=True)
+            print(f"[{run.method}] epoch {epoch}: n_c {sorted(sizes.tolist(), reverse=True)}", flush=True)
         m = ts_temperature(epoch, 0.0, 1.0, args.ts_period) if args.tau_schedule == "cosine" else 1.0
         tau_c = None if assign is None else sample_temperatures(sizes, args.tau_min, args.tau_max, m)  # T2-T3
-        tau_img = tau_c[assign] if tau_c is not None and args.sample_temperature else None
-        size_img = sizes[assign] if assign is not None and args.reweight else None
         net.train()
         loader.set_epoch(epoch)
         gen.manual_seed(common.epoch_seed(args.seed, epoch))          # views: a function of (seed, epoch)
@@ -380,12 +381,13 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
             step = (epoch - 1) * iters + it
             lr = common.cosine_lr(step, total, warmup, args.lr, args.final_lr)
             common.set_lr(optimizer, lr)
-            tau = tau_img[idx] if tau_img is not None else global_temperature(epoch, args)    # Eq. (T5)
-            w = sample_weights(size_img[idx], args.reweight_power) if size_img is not None else None  # (T4)
+            tau, w = batch_temperature_weight(idx, assign, sizes, tau_c, epoch, args)    # Eqs. (T4), (T5)
             loss, z1, z2 = train_step(net, optimizer, scaler, x, tau, w, recipe, gen, ds.image_size, device,
                                       amp_dtype, args.channels_last)
             loss_sum += loss
             progress.step(step, loss=loss, lr=lr)
+        for b in model.buffers() if dist.is_initialized() else ():   # process 0's BN statistics (checkpoint)
+            dist.broadcast(b, 0)                                      # everywhere: the same clusters and kNN
         rec = epoch_diagnostics(epoch, args, ds, assign, sizes, tau_c, z1, z2, tau, run_dir, reclustered)
         diag = rec.get("pseudo_labels", diag)
         rec.update(lr=lr, num_reclusters=n_recluster, epoch_time_s=time.time() - t0,
@@ -403,7 +405,6 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
             **{key: part.state_dict() for key, part in parts.items()}, "pseudo_labels": diag, "knn": knn,
             "clusters": None if assign is None else (assign.cpu(), sizes.cpu())})        # c(i), n_c of Eq. T1
 
-    # The final SDCLR probes (docs/evaluation.md): results.json, then few-shot/results.json
     extra = {"num_reclusters": n_recluster, "augment": recipe, "clusters": k if tase_on else None,
              "reconstruction_note": "TASE-R is reconstructed from paper 001's abstract" if tase_on else None,
              "final_cluster_sizes": diag and diag["cluster_sizes"], **{key: diag[key] for key in (
@@ -417,12 +418,11 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
             **extra, "probe_variant": probe["variant"], "probe": probe["probe"], "history": probe["history"]})
         if i == 0:
             run.finish(res)
-        else:                                                  # the second probe: <run>/few-shot/results.json
+        elif common.is_main():                                 # the second probe: <run>/few-shot/results.json
             evaluation.write_results(run_dir / mode, {**res, "wall_time_s": run.wall_time()})
             print(f"[{run.method}] results: {run_dir / mode / 'results.json'}", flush=True)
-        style = probe["probe"]["row"]
-        print(f"{run.label} [{mode}] {evaluation.PAPER_HEADER[style]}\n"
-              f"{evaluation.paper_row(res['at_selected'], style)}")
+        print(f"{run.label} [{mode}] {evaluation.PAPER_HEADER[probe['probe']['row']]}\n"
+              f"{evaluation.paper_row(res['at_selected'], probe['probe']['row'])}")
     return run_dir
 
 

@@ -50,3 +50,20 @@ def _bool_index(index) -> bool:
 def no_host_sync():
     """`with no_host_sync(): step(...)` fails the test on any host synchronisation inside."""
     return NoHostSync
+
+
+def torchrun(args, cwd=ROOT, nproc=2, env=None, timeout=600):
+    """`torchrun --standalone --nproc_per_node nproc ARGS` on the CPU (gloo, one thread per process); returns
+    the CompletedProcess (stdout and stderr as text)."""
+    import subprocess  # noqa: PLC0415
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+           **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_function(tmp_path, target: str, nproc=2):
+    """Run tests/dist_worker.py `target` ("test_module:function") under torchrun; assert it succeeded."""
+    done = torchrun([os.path.join(ROOT, "tests", "dist_worker.py"), target, str(tmp_path)], nproc=nproc)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done

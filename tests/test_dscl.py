@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import common
 import data
 import dscl
+from conftest import run_function
 
 TAU = 0.07
 
@@ -564,3 +565,88 @@ def test_stage1_step_makes_no_host_sync(tmp_path, no_host_sync):
     with no_host_sync():
         out = dscl.stage1_step(m, x, y, 0.05, args, 32, None)
     assert torch.isfinite(torch.stack(out)).all() and m.ptr == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes (torchrun, 2 gloo processes): the global batch's losses, gradients, keys and queue
+# ---------------------------------------------------------------------------------------------------------
+WORLD, PART = 2, 3                         # processes, images per process
+DIST_CASES = [(0.1, True, False), ("scl", True, False), (0.1, False, False), (0.1, True, True),
+              ("scl", False, True)]        # (alpha, contrast_batch, --multicrop anchors)
+
+
+def _global_batch():
+    q, k, labels, queue, queue_labels = _case(B=WORLD * PART, K=10, D=8, C=2, seed=6)
+    g = torch.Generator().manual_seed(7)
+    extra, s, c = (torch.randn(*shape, 8, generator=g) for shape in ((2, WORLD * PART), (WORLD * PART, 2),
+                                                                      (WORLD * PART, 2)))
+    return q, k, labels, queue, queue_labels, extra, s, c, torch.rand(WORLD * PART, 3, 6, 6, generator=g)
+
+
+def _key_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                               torch.nn.Linear(64, 8)).train()
+
+
+def _step_losses(z, y, extra, s, c, k, queue, queue_labels, alpha, contrast_batch, multicrop):
+    """stage1_step's lines: queries and labels gathered, this process's anchors, PBSD on its own rows."""
+    zg, yg = common.gather(z), common.gather(y)
+    mine = common.local_part(torch.arange(len(zg)))
+    l_dscl = dscl.dscl_loss(zg, k, yg, queue, queue_labels, alpha, TAU, contrast_batch,
+                            extra if multicrop else None, mine)
+    return l_dscl, dscl.pbsd_loss(s, c, k[mine], queue, TAU), yg
+
+
+def _dist_losses(out):                      # every process: its rows of the global batch
+    rank = common.get_rank_world()[0]
+    q, k, labels, queue, queue_labels, extra, s, c, x = _global_batch()
+    mine, got = slice(rank * PART, (rank + 1) * PART), {}
+    for case in DIST_CASES:
+        z, e, sl = (t.clone().requires_grad_() for t in (q[mine], extra[:, mine], s[mine]))
+        l_dscl, l_pbsd, yg = _step_losses(z, labels[mine], e, sl, c[mine], k, queue, queue_labels, *case)
+        (l_dscl + l_pbsd).backward()
+        got[case] = [l_dscl.detach(), l_pbsd.detach(), z.grad, e.grad, sl.grad]
+    net = _key_net()
+    torch.manual_seed(5 + rank)             # process 1's own permutation must not be used
+    got["keys"] = dscl.encode_keys(net, x[mine], chunks=5)
+    qu, ql = queue.clone(), queue_labels.clone()
+    got["queue"] = [qu, ql, dscl.enqueue(qu, ql, 7, got["keys"], yg)]
+    torch.save(got, out + f"/rank{rank}.pt")
+
+
+def test_two_processes_give_the_global_batch_losses_gradients_keys_and_queue(tmp_path):
+    """Under torchrun each process scores its anchors against the gathered batch: the mean of the processes'
+    losses is the single-process loss of the global batch, and each process's rows get W times the
+    single-process gradient (every process's loss sees them; DDP divides by W). The keys: MoCo's shuffled
+    BN, one chunk per process, equal to one process with as many chunks; the queue gets the global batch."""
+    run_function(tmp_path, "test_dscl:_dist_losses")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    q, k, labels, queue, queue_labels, extra, s, c, x = _global_batch()
+    for case in DIST_CASES:
+        alpha, contrast_batch, multicrop = case
+        z, e, sg = (t.clone().requires_grad_() for t in (q, extra, s))
+        l_dscl = dscl.dscl_loss(z, k, labels, queue, queue_labels, alpha, TAU, contrast_batch,
+                                e if multicrop else None)
+        l_pbsd = dscl.pbsd_loss(sg, c, k, queue, TAU)
+        (l_dscl + l_pbsd).backward()
+        for i, ref in enumerate((l_dscl, l_pbsd)):
+            torch.testing.assert_close((got[0][case][i] + got[1][case][i]) / WORLD, ref.detach(),
+                                       atol=1e-6, rtol=0)
+        assert multicrop or e.grad is None
+        for r, mine in enumerate((slice(0, PART), slice(PART, 2 * PART))):
+            torch.testing.assert_close(got[r][case][2] / WORLD, z.grad[mine], atol=1e-6, rtol=0)
+            torch.testing.assert_close(got[r][case][4] / WORLD, sg.grad[mine], atol=1e-6, rtol=0)
+            if multicrop:
+                torch.testing.assert_close(got[r][case][3] / WORLD, e.grad[:, mine], atol=1e-6, rtol=0)
+    net = _key_net()
+    torch.manual_seed(5)
+    keys = dscl.encode_keys(net, x, chunks=WORLD)              # process 0's permutation, BN per process
+    for r in range(WORLD):
+        torch.testing.assert_close(got[r]["keys"], keys, atol=1e-6, rtol=0)
+        qu, ql, ptr = got[r]["queue"]
+        assert ptr == (7 + WORLD * PART) % 10 and torch.equal(ql[[7, 8, 9, 0, 1, 2]], labels)
+        assert torch.equal(qu[[7, 8, 9, 0, 1, 2]], got[r]["keys"]) and torch.equal(qu[3:7], queue[3:7])
+    net = _key_net()
+    torch.manual_seed(5)
+    assert not torch.allclose(dscl.encode_keys(net, x, chunks=1), keys, atol=1e-3)   # BN over each chunk

@@ -4,8 +4,10 @@ tables; the probe settings at 224 px and on Places-LT; end-to-end runs on synthe
 also alternating (Table 7); the training steps without host synchronisation."""
 import contextlib
 import copy
+import dataclasses
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -467,10 +469,20 @@ def test_places_lt_probes_on_its_train_list(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # End to end: --stage all, interrupted in Stage 2 and resumed; exact resume of SDCLR; --init / --no-init
 # ----------------------------------------------------------------------------------------------------------
+def stopped(argv, out):
+    """fassl.main ended by --stop-after-epochs (common.StopRun; main_guard exits 0): the one run directory
+    under `out`, its checkpoint written."""
+    with pytest.raises(common.StopRun, match="--resume"):
+        fassl.main(argv)
+    (run_dir,) = pathlib.Path(out).iterdir()
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "results.json").exists()
+    return run_dir
+
+
 def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     argv = TINY + ["--out-dir", str(tmp_path), "--sdclr-epochs", "1", "--stage1-epochs", "1",
                    "--stage2-epochs", "2", "--knn-every", "1", "--no-probe-teacher"]
-    run_dir = fassl.main(argv + ["--stop-after-epochs", "3"])
+    run_dir = stopped(argv + ["--stop-after-epochs", "3"], tmp_path)
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert (ck["stage"], ck["epoch"], ck["method"]) == ("rebalance", 1, "fassl")
     assert not (run_dir / "results.json").exists() and (run_dir / "stage_prototypes.pt").exists()
@@ -508,7 +520,7 @@ def test_interrupted_sdclr_resumes_to_the_same_weights_and_records_the_demo_prof
     out = capsys.readouterr().out               # stage 1 / 2 epochs are the only demo values left unset
     assert "defaults for synthetic-lt (a CPU demo profile, not a paper setting)" in out
     assert "--stage1-epochs 10" in out and "--arch resnet8" not in out.split("defaults for synthetic-lt")[1]
-    cut = fassl.main(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "1"])
+    cut = stopped(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "1"], tmp_path / "b")
     assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 1
     fassl.main(["--resume", str(cut)])
     a = torch.load(straight / "stage_sdclr.pt", weights_only=True)
@@ -534,8 +546,8 @@ def test_interrupted_sdclr_resumes_to_the_same_weights_and_records_the_demo_prof
 
 def test_no_init_skips_stage0_with_a_random_teacher(tmp_path):
     assert parse("--no-init")[0].init == "scratch" and parse()[0].init is None
-    run_dir = fassl.main(TINY + ["--no-init", "--out-dir", str(tmp_path), "--stop-after-epochs", "1",
-                                 "--knn-every", "0"])
+    run_dir = stopped(TINY + ["--no-init", "--out-dir", str(tmp_path), "--stop-after-epochs", "1",
+                              "--knn-every", "0"], tmp_path)
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ck["stage"] == "prototypes" and not (run_dir / "stage_sdclr.pt").exists()
     with pytest.raises(common.UserError, match="needs a teacher"):
@@ -568,8 +580,8 @@ def test_alternate_every_takes_turns_and_resumes_exactly(tmp_path):
     res = json.loads((straight / "results.json").read_text())
     assert res["epochs"] == {"stage0": 1, "stage1": 2, "stage2": 3, "probe": 0}
     assert "--alternate-every 1" in res["variant"]
-    cut = fassl.main(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "3"])   # 0, P, R
-    assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    cut = stopped(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "3"], tmp_path / "b")
+    assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 2        # after 0, P, R
     fassl.main(["--resume", str(cut)])
     a, b = (torch.load(d / "stage_rebalance.pt", weights_only=True) for d in (straight, cut))
     for part in ("student", "teacher", "prototypes", "predictor"):
@@ -601,3 +613,111 @@ def test_training_steps_make_no_host_synchronisation(no_host_sync, norm, view):
             l2, w = fassl.rebalance_step(student, q, teacher, protos, o2, sc, *views, args, None)
             stats[:9] += fassl.weight_stats(w, group)
     assert all(torch.isfinite(v) for v in (l0, l1, l2)) and stats[:3].sum() == pytest.approx(8.0, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several processes (torchrun, gloo): each step on its part of the global batch computes the single-process
+# loss of the whole batch (Stage 0, Eq. 2) or Eq. (3) weights of the whole batch, with the same gradients
+# ----------------------------------------------------------------------------------------------------------
+B, IN, D, K = 4, 6, 5, 3        # per-process batch, input, embedding and prototype dimensions
+
+
+class Twin(nn.Module):          # SDCLR's dense and pruned branch: two maps, one forward each, one backward
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(IN, D), nn.Linear(IN, D)
+
+    def forward(self, x, pruned=False):
+        return (self.b if pruned else self.a)(x)
+
+
+@contextlib.contextmanager
+def outputs(*modules):
+    """The outputs of the modules' forwards inside, their gradients kept."""
+    outs = []
+
+    def keep(module, inputs, out):                      # returns None: the output stays as it is
+        out.retain_grad()
+        outs.append(out)
+    hooks = [m.register_forward_hook(keep) for m in modules]
+    yield outs
+    for h in hooks:
+        h.remove()
+
+
+def three_steps(rank=0, world=1, ddp=False):
+    """fassl's steps on linear stand-ins, fed this process's part of a global batch of B * world images."""
+    args, sc, got = parse(*TINY)[0], common.make_scaler(None), {}
+    x1, x2 = torch.randn(2, B * world, IN, generator=torch.Generator().manual_seed(0))
+    if ddp:                                                          # this process's part of the batch
+        x1, x2 = x1[rank * B:(rank + 1) * B], x2[rank * B:(rank + 1) * B]
+    wrap = lambda m: common.prepare_model(m, "cpu", False, ddp=ddp)                  # noqa: E731
+    for prune in (0.0, 0.5):                   # SimCLR: one forward of both views; SDCLR: the twin
+        torch.manual_seed(1)
+        net, a = Twin() if prune else nn.Linear(IN, D), dataclasses.replace(args, prune_ratio=prune)
+        with outputs(*([net.a, net.b] if prune else [net])) as z:
+            loss = fassl.sdclr_step(wrap(net), fassl.sgd(a, net.parameters()), sc, x1, x2, a, None)
+        got[f"sdclr{prune}"] = {"loss": loss, "z": [o.grad for o in z],
+                                "p": [t.grad for t in net.parameters()]}
+    torch.manual_seed(2)
+    enc, protos = nn.Linear(IN, D), nn.Linear(D, K, bias=False)
+    with outputs(enc) as z:
+        opt = fassl.sgd(args, enc.parameters(), protos.parameters())
+        loss, z1 = fassl.prototype_step(wrap(enc), protos, opt, sc, x1, x2, args, None)
+    got["prototypes"] = {"loss": loss, "z": [o.grad for o in z], "p": [enc.weight.grad, protos.weight.grad],
+                         "out": z1}
+    for view in ("target", "mean"):
+        torch.manual_seed(3)
+        student, q, protos = nn.Linear(IN, D), nn.Linear(D, D), nn.Linear(D, K, bias=False)
+        teacher, a = nn.Linear(IN, D), dataclasses.replace(args, weight_view=view)
+        for m in (student, teacher):                    # a floating buffer, as BN's, for Eq. (4)'s EMA
+            m.register_buffer("stat", torch.randn(D))
+        trained = [*student.parameters(), *q.parameters()]
+        with outputs(q) as p:
+            loss, w = fassl.rebalance_step(wrap(student), wrap(q), teacher, protos, fassl.sgd(a, trained), sc,
+                                           x1, x2, a, None)
+        got[view] = {"loss": loss, "z": [o.grad for o in p], "p": [t.grad for t in trained], "out": w,
+                     "teacher": torch.cat([teacher.weight.flatten(), teacher.stat])}
+    return got
+
+
+def _dist_steps(out):
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.save(three_steps(rank, world, ddp=True), pathlib.Path(out) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    from conftest import run_function
+    out = tmp_path_factory.mktemp("fassl_ddp")
+    run_function(out, "test_fassl:_dist_steps")
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)], three_steps(world=2)
+
+
+def rows(t, rank, world=1):       # (V * B * world, D) -> process `rank`'s (V, B, D)
+    return t.reshape(-1, world, B, t.shape[-1])[:, rank]
+
+
+@pytest.mark.parametrize("step", ["sdclr0.0", "sdclr0.5", "prototypes", "target", "mean"])
+def test_two_processes_compute_the_single_process_step_of_the_global_batch(two_processes, step):
+    """Stage 0 and Eq. (2): each process's loss is the single-process loss of the global batch; Eq. (3): the
+    weights are standardised and clipped over the global batch and the per-process losses average to the
+    single-process one. The embeddings' gradients / the world size and the parameters' gradients after DDP
+    (P, not DDP-wrapped, on its own) are the single-process ones; so is the teacher after Eq. (4)."""
+    parts, single = two_processes
+    one = single[step]
+    if step in ("target", "mean"):
+        torch.testing.assert_close(sum(p[step]["loss"] for p in parts) / 2, one["loss"], atol=1e-6, rtol=0)
+    for rank, part in enumerate(parts):
+        got = part[step]
+        if step not in ("target", "mean"):
+            torch.testing.assert_close(got["loss"], one["loss"], atol=1e-6, rtol=0)
+        mine = torch.cat([rows(g, 0) for g in got["z"]]) / 2
+        torch.testing.assert_close(mine, torch.cat([rows(g, rank, 2) for g in one["z"]]), atol=1e-6, rtol=0)
+        for a, b in zip(got["p"], one["p"], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        for key in ("out", "teacher"):          # Eq. (2)'s gathered z, Eq. (3)'s weights, Eq. (4)'s F^T
+            if key in one:
+                torch.testing.assert_close(got[key], one[key], atol=1e-6, rtol=0)
+    if step == "target":
+        assert one["out"].std() > 0.1          # weights that differ: the global normalisation is tested

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = ("fassl", "tase", "dscl", "hybrid")
 SHARED = ("--dataset", "--data-dir", "--imb-ratio", "--protocol", "--seed", "--device", "--amp",
           "--channels-last", "--compile", "--workers", "--out-dir", "--resume", "--print-every",
-          "--benchmark", "--benchmark-steps")
+          "--benchmark", "--benchmark-steps", "--stop-after-epochs", "--sync-bn")
 
 
 def test_shared_runtime_flags_are_the_ones_the_readme_names():
@@ -53,8 +53,9 @@ def test_help_lists_the_shared_flags_with_the_same_text(name):
     reference = entries(common.make_parser(common.RunArgs).format_help().split("four scripts):")[1])
     got = entries(runtime)
     assert set(got) == set(SHARED)
-    for flag in SHARED:        # same text: the same default and meaning (--protocol, --seed: the paper's)
+    for flag in SHARED:   # same text: the same default and meaning (--protocol, --seed, --sync-bn: the paper's)
         want = reference[flag].split("(default:")[0] if flag in ("--protocol", "--seed") else reference[flag]
+        want = want.split(";")[0] if flag == "--sync-bn" else want
         assert got[flag].startswith(want), (flag, got[flag])
     for old in ("--bench-steps", "--log-every", "--ema-tau", "--probes ", "--ema "):
         assert old not in text, (name, old)

@@ -3,15 +3,19 @@ the resolved paper defaults, and tiny end-to-end runs on synthetic-lt (CPU)."""
 import dataclasses
 import json
 import math
+import pathlib
+import types
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
 import data
 import eval as evaluation
 import hybrid
+from conftest import run_function
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,3 +387,121 @@ def test_training_step_makes_no_host_synchronisation(no_host_sync, loss):
     with no_host_sync():
         l_con, l_ce = step()
     assert torch.isfinite(l_con) and torch.isfinite(l_ce)
+
+
+def test_a_branch_of_weight_zero_is_not_updated():
+    """alpha = 1 (epoch 0) leaves the classifier as it was: no gradient, no weight decay, no momentum;
+    alpha = 0 likewise the feature branch (head and prototypes). Under DDP it gets a zero gradient first."""
+    args = parse("--loss", "psc", "--arch", "resnet8", "--lr", "0.1")[0]
+    model = hybrid.HybridNet("resnet8", 4, 32, "psc", None, 16, 1)
+    opt, scaler = hybrid.make_optimizer(model, args), common.make_scaler(None)
+    x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 4
+    for alpha, idle in ((1.0, ("classifier.",)), (0.0, ("head.", "prototypes"))):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), alpha, args, torch.Generator(), 32,
+                          torch.device("cpu"), None)
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]) == n.startswith(idle), n
+            assert p.grad is None if n.startswith(idle) else p.grad is not None, n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): the global batch's losses, gradients and SGD steps
+# ---------------------------------------------------------------------------------------------------------
+B, C, D = 4, 4, 4            # per-process batch, classes, embedding dimension (= C for the CE-CE head)
+
+
+def feature_case(loss, world):
+    """The global batch of one feature loss: both views' embeddings, labels, a holder of the prototypes."""
+    g = torch.Generator().manual_seed(0)
+    za, zb = torch.randn(B * world, D, generator=g), torch.randn(B * world, D, generator=g)
+    y = torch.randint(0, C, (B * world,), generator=g)
+    protos = torch.nn.Parameter(torch.randn(C, D, generator=g)) if loss == "psc" else None
+    return za, zb, y, types.SimpleNamespace(prototypes=protos), hybrid.Args(loss=loss, tau=0.3)
+
+
+def step_case(loss, world):
+    """A HybridNet (eval-mode BN: per-sample maths) and the global random and class-balanced batches."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (2 * B * world, 3, 16, 16), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, C, (2 * B * world,), generator=g)
+    torch.manual_seed(0)
+    net = hybrid.HybridNet("resnet8", C, 16, loss, None, D, 1).eval()
+    return net, x.chunk(2), y.chunk(2), hybrid.Args(loss=loss, tau=0.3, lr=0.1)
+
+
+def two_steps(model, net, batches, args, shard=slice(None)):
+    """Epoch 0 (alpha = 1, the classifier idle), a joint step (alpha = 0.5), a two-stage classifier step."""
+    (x, xc), (y, yc) = batches
+    opt, cpu = hybrid.make_optimizer(net, args), torch.device("cpu")
+    for alpha in (1.0, 0.5):
+        hybrid.train_step(model, net, opt, common.make_scaler(None), (x[shard], y[shard]),
+                          (xc[shard], yc[shard]), alpha, args, None, 16, cpu, None)
+    head = torch.optim.SGD(net.classifier.parameters(), lr=0.5, momentum=0.9)
+    hybrid.classifier_step(net, head, (xc[shard], yc[shard]), None, 16, cpu, None)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def plain(x, *_):                    # a deterministic stand-in for the augmentation (same in every process)
+    return x.float() / 255
+
+
+def _dist_hybrid(out):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine, got = slice(rank * B, (rank + 1) * B), {"world": world}
+    for loss in ("sc", "psc", "ce"):        # the local views [A; B] of this process's images
+        za, zb, y, holder, args = feature_case(loss, world)
+        z = torch.cat([za[mine], zb[mine]]).requires_grad_()
+        value = hybrid.feature_loss(holder, z, torch.cat([y[mine], y[mine]]), args)
+        value.backward()
+        protos = holder.prototypes
+        got[loss] = value.detach(), z.grad, None if protos is None else common.all_mean(protos.grad)
+    hybrid.data.augment = plain
+    for loss in ("sc", "psc"):
+        net, xs, ys, args = step_case(loss, world)
+        model = common.prepare_model(net, "cpu", ddp=True)
+        got["step", loss] = two_steps(model, net, (xs, ys), args, mine)
+    torch.save(got, pathlib.Path(out) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hybrid-dist")
+    run_function(out, "test_hybrid:_dist_hybrid")
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("loss", ["sc", "psc", "ce"])
+def test_feature_losses_of_two_processes_are_the_global_batch_ones(two_processes, loss):
+    """SC: every process computes the loss of the gathered batch; PSC and CE-CE: local means, which the loss
+    guard and DDP average. Either way the single-process loss, and the embeddings' gradients times W."""
+    za, zb, y, holder, args = feature_case(loss, 2)
+    z = torch.cat([za, zb]).requires_grad_()
+    value = hybrid.feature_loss(holder, z, torch.cat([y, y]), args)
+    value.backward()
+    values = torch.stack([got[loss][0] for got in two_processes])
+    if loss == "sc":
+        torch.testing.assert_close(values, value.detach().expand(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(values.mean(), value.detach(), atol=1e-6, rtol=0)
+    assert not torch.allclose(values[0], values[1]) or loss == "sc"       # the local means do differ
+    n = len(za)
+    for rank, got in enumerate(two_processes):
+        mine = slice(rank * B, (rank + 1) * B)
+        want = torch.cat([z.grad[:n][mine], z.grad[n:][mine]])
+        torch.testing.assert_close(got[loss][1] / got["world"], want, atol=1e-6, rtol=0)
+        if loss == "psc":                                               # after DDP's average
+            torch.testing.assert_close(got[loss][2], holder.prototypes.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["sc", "psc"])
+def test_ddp_steps_of_two_processes_are_the_single_process_steps(two_processes, loss, monkeypatch):
+    """An epoch-0 step (classifier idle), a joint step and a two-stage classifier step on shards of the global
+    batches end with the weights of the same steps in one process (BN in eval mode: per-sample maths)."""
+    monkeypatch.setattr(data, "augment", plain)
+    net, xs, ys, args = step_case(loss, 2)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    want = two_steps(net, net, (xs, ys), args)
+    assert not torch.equal(want["classifier.weight"], start["classifier.weight"])
+    for got in two_processes:
+        for k, v in want.items():
+            torch.testing.assert_close(got["step", loss][k], v, atol=1e-6, rtol=1e-5, msg=k)

@@ -2,13 +2,16 @@
 and TS1, the DEFAULTS / PAPER tables through common.parse_args, tiny CPU runs on synthetic-lt (and resume)."""
 import json
 import math
+import pathlib
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import common
 import data
 import tase
+from conftest import run_function
 
 
 def parse(*argv):
@@ -423,7 +426,8 @@ def test_knn_every_and_the_demo_profile(tmp_path):
 def test_a_training_step_makes_no_host_sync(no_host_sync):
     """The hot path (tau and weight per image, views, forward, loss T5-T6, SGD) never waits for the device."""
     cpu = torch.device("cpu")
-    model, net, optimizer, scaler, recipe = tase.setup(parse(*TINY)[0], 32, cpu, None)
+    args = parse(*TINY)[0]
+    model, net, optimizer, scaler, recipe = tase.setup(args, 32, cpu, None)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     sizes, assign, idx = torch.tensor([20, 6, 2]), torch.randint(0, 3, (16,), generator=g), torch.arange(8)
@@ -431,8 +435,86 @@ def test_a_training_step_makes_no_host_sync(no_host_sync):
     tase.train_step(net.train(), optimizer, scaler, x, 0.2, None, recipe, g, 32, cpu, None, False)
     with no_host_sync():
         tau_c = tase.sample_temperatures(sizes, 0.1, 0.5)                               # once per epoch
-        tau, w = tau_c[assign][idx], tase.sample_weights(sizes[assign][idx], 0.5)      # every step
+        tau, w = tase.batch_temperature_weight(idx, assign, sizes, tau_c, 3, args)     # every step
         loss, z1, z2 = tase.train_step(net.train(), optimizer, scaler, x, tau, w, recipe, g, 32, cpu, None,
                                        False)
         simclr = tase.train_step(net, optimizer, scaler, x, 0.2, None, recipe, g, 32, cpu, None, False)[0]
     assert torch.isfinite(loss) and torch.isfinite(simclr) and z1.shape == (8, 128)
+
+
+# ------------------------------------------------ several processes (torchrun): T1, T4-T6 of the global batch
+DIST_B, DIST_N, DIST_K = 4, 20, 3                  # images per process and step, in the data set; clusters
+
+
+def _dist_case(world, pseudo: bool):
+    """A global batch of images and the pseudo-labels of the whole data set (None: before any clustering)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (DIST_B * world, 3, 8, 8), dtype=torch.uint8, generator=g)
+    idx = torch.randperm(DIST_N, generator=g)[:DIST_B * world]
+    assign = torch.randint(0, DIST_K, (DIST_N,), generator=g)
+    sizes = torch.bincount(assign, minlength=DIST_K)
+    return x, idx, *((assign, sizes, tase.sample_temperatures(sizes, 0.1, 0.5)) if pseudo else (None,) * 3)
+
+
+def _dist_step(x, idx, assign, sizes, tau_c, ddp: bool):
+    """tase.py's step on `x` (this process's part of the batch) with a network without BatchNorm (so that one
+    process's forward is a slice of the single-process forward): loss, tau, w, embedding and weight grads."""
+    torch.manual_seed(1)
+    lin, out = torch.nn.Linear(3 * 8 * 8, 5), {}
+
+    def keep_grad(module, inputs, output):                    # the gradient w.r.t. this process's embeddings
+        output.register_hook(lambda g: out.update(grad=g))
+    lin.register_forward_hook(keep_grad)
+    net = common.prepare_model(torch.nn.Sequential(torch.nn.Flatten(), lin), "cpu", False, ddp=ddp)
+    optimizer, scaler = torch.optim.SGD(net.parameters(), lr=0.1), common.make_scaler(None)
+    args = parse("--dataset", "synthetic-lt")[0]
+    tau, w = tase.batch_temperature_weight(idx, assign, sizes, tau_c, 3, args)
+    cpu = torch.device("cpu")       # test_cifar views: normalisation only, the same in every process
+    loss, z1, z2 = tase.train_step(net, optimizer, scaler, x, tau, w, "test_cifar", torch.Generator(), 8, cpu,
+                                   None, False)
+    return {"loss": loss, "z": torch.cat([z1, z2]), "tau": tau, "w": w, "grad_z": out["grad"],
+            "grad_weight": lin.weight.grad}
+
+
+def _dist_tase(out):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine, got = slice(rank * DIST_B, (rank + 1) * DIST_B), {"world": world}
+    for pseudo in (True, False):
+        x, idx, assign, sizes, tau_c = _dist_case(world, pseudo)
+        got[pseudo] = _dist_step(x[mine], idx[mine], assign, sizes, tau_c, ddp=True)
+    # Eq. T1: one clustering on every process, even when the processes' features differ (here: their weights)
+    ds = data.load_dataset("synthetic-lt", imb_ratio=2.0, num_classes=3, synthetic_n_max=12,
+                           synthetic_n_test=2)
+    torch.manual_seed(rank)
+    got["clusters"] = tase.pseudo_labels(common.build_backbone("resnet8", 32), ds, torch.device("cpu"),
+                                         parse("--dataset", "synthetic-lt", "--kmeans-restarts", "1")[0], 2)
+    torch.save(got, pathlib.Path(out) / f"rank{rank}.pt")
+
+
+def test_two_processes_compute_the_single_process_step_of_the_global_batch(tmp_path):
+    """Under torchrun each process's loss is the single-process loss of the global batch (T5-T6, tau_i and
+    w_i looked up for the global batch, T4 normalised over it) to 1e-6, and so are the gradients w.r.t. its
+    embeddings (divided by W, as DDP's average) and the weight gradient; k-means gives one clustering (T1)."""
+    run_function(tmp_path, "test_tase:_dist_tase")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    world, bg = got[0]["world"], DIST_B * 2
+    for pseudo in (True, False):
+        x, idx, assign, sizes, tau_c = _dist_case(world, pseudo)
+        want = _dist_step(x, idx, assign, sizes, tau_c, ddp=False)
+        if pseudo:         # the weights are normalised over the global batch, not over one process's part
+            assert want["w"].mean().item() == pytest.approx(1.0)
+            local = tase.sample_weights(sizes[assign[idx[:DIST_B]]], 0.5)      # process 0's part alone
+            assert not torch.allclose(want["w"][:DIST_B], local)
+        for rank, part in enumerate(got):
+            p = part[pseudo]
+            rows = torch.arange(DIST_B) + rank * DIST_B
+            rows = torch.cat([rows, rows + bg])                            # its images in view 1, view 2
+            for key in ("loss", "z", "tau", "w", "grad_weight"):
+                if want[key] is None or isinstance(want[key], float):
+                    assert p[key] == want[key], key
+                else:
+                    torch.testing.assert_close(p[key], want[key], atol=1e-6, rtol=0, msg=key)
+            # each process's embeddings receive the gradient of both copies of the loss; DDP divides by W
+            torch.testing.assert_close(p["grad_z"] / world, want["grad_z"][rows], atol=1e-6, rtol=0)
+    assert torch.equal(got[0]["clusters"][0], got[1]["clusters"][0])           # process 0's clusters
+    assert torch.equal(got[0]["clusters"][1], got[1]["clusters"][1])
