@@ -3,6 +3,7 @@
 One module, so that every table is computed the same way. Reference: docs/evaluation.md (cited by heading).
   python eval.py --ckpt runs/X/checkpoint.pt --probe linear|few-shot|cb-linear|knn|classifier
   python eval.py --table runs/*/results.json
+  python eval.py --compare runs/A/results.json runs/B/results.json --out compare.png
 """
 from __future__ import annotations
 
@@ -33,23 +34,18 @@ _SDCLR = {"lr": 30.0, "epochs": {"full": 30, "few-shot": 100},
           "milestones": {"full": (10, 20), "few-shot": (40, 60)}, "val_every": {"full": 1, "few-shot": 5}}
 _POOL = {"full": "probe", "few-shot": "fewshot"}     # a balanced labelled pool and the 1 % few-shot subset
 _TRAIN = {"full": "train", "few-shot": "fewshot"}    # no separate probe pool: the LT train list trains it
+_ROW = lambda batch_size, split, groups="thirds", select_topk=1: {  # noqa: E731
+    **_SDCLR, "batch_size": batch_size, "split": split, "groups": groups, "select_topk": select_topk}
 PROBE_SETTINGS = {   # batch_size None: by image size (128 at <= 64 px, else 512)
-    "cifar10-lt":       {**_SDCLR, "batch_size": 128, "split": _POOL, "groups": "thirds", "select_topk": 1},
-    "cifar100-lt":      {**_SDCLR, "batch_size": 128, "split": _POOL, "groups": "thirds", "select_topk": 1},
-    "folder":           {**_SDCLR, "batch_size": None, "split": _POOL, "groups": "thirds", "select_topk": 1},
-    "synthetic-lt":     {**_SDCLR, "batch_size": 128, "split": _POOL, "groups": "thirds", "select_topk": 1},
-    "tiny-imagenet-lt": {**_SDCLR, "batch_size": 128, "split": _POOL, "groups": "thirds", "select_topk": 1},
-    "imagenet-lt":      {**_SDCLR, "batch_size": 512, "split": _TRAIN, "groups": "strict", "select_topk": 1},
-    "places-lt":        {**_SDCLR, "batch_size": 512, "split": _TRAIN, "groups": "thirds", "select_topk": 1},
-    "inat2018":         {**_SDCLR, "batch_size": 512, "split": _TRAIN, "groups": "strict", "select_topk": 1},
-    "imagenet100-lt":   {**_SDCLR, "batch_size": 512, "split": _POOL, "groups": "strict", "select_topk": 5},
-}
+    "cifar10-lt": _ROW(128, _POOL), "cifar100-lt": _ROW(128, _POOL), "folder": _ROW(None, _POOL),
+    "synthetic-lt": _ROW(128, _POOL), "tiny-imagenet-lt": _ROW(128, _POOL), "places-lt": _ROW(512, _TRAIN),
+    "imagenet-lt": _ROW(512, _TRAIN, "strict"), "inat2018": _ROW(512, _TRAIN, "strict"),
+    "imagenet100-lt": _ROW(512, _POOL, "strict", select_topk=5)}
 
 
 def probe_settings(ds) -> dict:
     """A copy of the PROBE_SETTINGS row of `ds` ("folder" row for unknown names), batch_size resolved from
-    ds.image_size where left open, plus `row`: the paper_row style of `groups`. Keys: lr, batch_size,
-    epochs / milestones / val_every / split (each keyed by mode), groups, row, select_topk."""
+    ds.image_size where left open, plus `row`: the paper_row style of `groups` (docs/evaluation.md)."""
     s = copy.deepcopy(PROBE_SETTINGS.get(ds.name, PROBE_SETTINGS["folder"]))
     s["batch_size"] = s["batch_size"] or (128 if ds.image_size <= 64 else 512)
     if getattr(ds, s["split"]["full"]) is None:     # a folder tree used as it is has no probe pool either
@@ -62,9 +58,8 @@ def probe_settings(ds) -> dict:
 def extract_features(backbone, split, device, amp_dtype=None, batch_size=512, recipe="test_cifar"):
     """GAP features of every image of `split` in order, without augmentation: (fp32 (N, D), labels (N,)).
     The backbone runs in eval mode (BN running statistics); its previous mode is restored."""
-    was_training = backbone.training
+    was_training, feats, labels = backbone.training, [], []
     backbone.eval()
-    feats, labels = [], []
     loader = data.make_loader(split, batch_size, device, shuffle=False, drop_last=False, sampler="sequential")
     try:
         for x, y, _ in loader:
@@ -90,8 +85,7 @@ def group_masks(class_counts, class_rank=None):
     thirds: classes sorted ascending by train count, ties tail first (higher generator rank first; descending
       class index without a rank); Few = first floor(C/3), Medium = next floor(C/3), Many = the rest.
     strict: Many n > 100, Medium 20 <= n <= 100, Few n < 20.   oltr: Many n >= 100, Few n <= 20."""
-    counts = [int(n) for n in class_counts]
-    C = len(counts)
+    counts, C = [int(n) for n in class_counts], len(class_counts)
     rank = list(class_rank) if class_rank is not None else list(range(C))
     order = sorted(range(C), key=lambda c: (counts[c], -rank[c]))   # ascending count, tail first on ties
     third = C // 3
@@ -105,15 +99,9 @@ def group_masks(class_counts, class_rank=None):
             "oltr": by_count(lambda n: n >= 100, lambda n: n <= 20)}
 
 
-def _mean(values):
+def _mean(values, f=np.mean):   # f=np.std: the population std (ddof = 0), as np.std in SDCLR's exp_analyse.py
     v = [x for x in values if x is not None]
-    return float(np.mean(v)) if v else None
-
-
-def _pstd(values):
-    """Population standard deviation (ddof = 0), as np.std in SDCLR's exp_analyse.py."""
-    v = [x for x in values if x is not None]
-    return float(np.std(np.asarray(v, dtype=np.float64))) if v else None
+    return float(f(np.asarray(v, dtype=np.float64))) if v else None
 
 
 def group_stats(per_class_acc, groups):
@@ -121,7 +109,7 @@ def group_stats(per_class_acc, groups):
     column: population std of the three) and n_classes. An empty group is None and left out of both."""
     out = {g: _mean([per_class_acc[c] for c in groups[g]]) for g in ("many", "medium", "few")}
     accs = [out["many"], out["medium"], out["few"]]
-    out["group_mean"], out["std"] = _mean(accs), _pstd(accs)
+    out["group_mean"], out["std"] = _mean(accs), _mean(accs, np.std)
     out["n_classes"] = [len(groups["many"]), len(groups["medium"]), len(groups["few"])]
     return out
 
@@ -129,8 +117,7 @@ def group_stats(per_class_acc, groups):
 def compute_metrics(preds, labels, num_classes, class_counts, class_rank=None):
     """The metrics block of results.json; accuracies in percent, unrounded. class_counts: (pre-)training
     counts, never the probe set's. A class absent from `labels` has accuracy None, left out of every mean."""
-    preds = torch.as_tensor(preds).long().cpu().view(-1)
-    labels = torch.as_tensor(labels).long().cpu().view(-1)
+    preds, labels = (torch.as_tensor(t).long().cpu().view(-1) for t in (preds, labels))
     if preds.shape != labels.shape:
         raise ValueError(f"preds {tuple(preds.shape)} and labels {tuple(labels.shape)} differ in shape")
     correct = (preds == labels).double()
@@ -141,10 +128,8 @@ def compute_metrics(preds, labels, num_classes, class_counts, class_rank=None):
     masks = group_masks(class_counts, class_rank)
     out = {"top1_overall": 100.0 * float(correct.mean()) if len(labels) else None,   # sample-weighted
            "acc_class_mean": _mean(per_class), "per_class_acc": per_class,
-           "std_classes": _pstd(per_class)}                                          # SDCLR's "variance"
-    for rule in GROUP_RULES:
-        out[f"groups_{rule}"] = group_stats(per_class, masks[rule])
-    return out
+           "std_classes": _mean(per_class, np.std)}                              # SDCLR's "variance"
+    return {**out, **{f"groups_{rule}": group_stats(per_class, masks[rule]) for rule in GROUP_RULES}}
 
 
 def _scored(fc, feats, y, ds):
@@ -165,17 +150,13 @@ def paper_row(metrics, style="ssl"):
     ssl          : All | Rare | Medium | Frequent | Std, thirds, All = group mean (FASSL Tables 1-2, 9)
     strict / dscl: Many | Medium | Few | Overall, strict groups, Overall = top-1 (DSCL Tables 1-3)
     top1         : Top-1 (Hybrid)"""
-    if style == "ssl":
-        g = metrics["groups_thirds"]
-        cells = [g["group_mean"], g["few"], g["medium"], g["many"], g["std"]]
-    elif style in ("strict", "dscl"):
-        g = metrics["groups_strict"]
-        cells = [g["many"], g["medium"], g["few"], metrics["top1_overall"]]
-    elif style == "top1":
-        cells = [metrics["top1_overall"]]
-    else:
+    t, s, top1 = metrics["groups_thirds"], metrics["groups_strict"], metrics["top1_overall"]
+    strict = [s["many"], s["medium"], s["few"], top1]
+    cells = {"ssl": [t["group_mean"], t["few"], t["medium"], t["many"], t["std"]], "top1": [top1],
+             "strict": strict, "dscl": strict}
+    if style not in cells:
         raise ValueError(f"unknown paper_row style {style!r}; use ssl, strict, dscl or top1")
-    return "| " + " | ".join(_fmt(c) for c in cells) + " |"
+    return "| " + " | ".join(_fmt(c) for c in cells[style]) + " |"
 
 
 # ----- SDCLR linear probe (Jiang et al. 2021; docs/evaluation.md, SDCLR linear probe) -----------------------
@@ -195,8 +176,7 @@ def _predict(fc, feats, chunk=8192):
 
 
 @torch.no_grad()
-def _val_accuracy(fc, feats, y, topk=1, chunk=8192):
-    """Top-k accuracy in percent."""
+def _val_accuracy(fc, feats, y, topk=1, chunk=8192):   # top-k accuracy in percent
     k = min(topk, fc.out_features)
     hits = [(fc(feats[i:i + chunk]).topk(k, 1).indices == y[i:i + chunk, None]).any(1)
             for i in range(0, len(feats), chunk)]
@@ -243,19 +223,15 @@ def label_fraction_split(ds, fraction, seed=0):
     return _subset(ds.train, torch.cat(keep).sort().values)
 
 
-def _test_recipe(recipe):
-    """Normalisation-only recipe matching a training recipe's statistics."""
+def _test_recipe(recipe):   # the normalisation-only recipe with a training recipe's statistics
     return "test_imagenet" if "imagenet" in recipe else "test_cifar"
 
 
 def linear_probe(backbone, ds, device, amp_dtype=None, mode="full", aug="crop", epochs=None, milestones=None,
                  lr=None, batch_size=None, train_split=None, seed=0, log=print, recipe="crop_flip_imagenet"):
-    """SDCLR linear probe of a frozen, eval-mode backbone: {protocol, variant, selection, at_selected,
-    at_last, history, probe}. Arguments left None (epochs, milestones, lr, batch_size, train_split) come
-    from probe_settings(ds). aug "crop": `recipe` on every batch (RandomCrop or RandomResizedCrop, + flip;
-    ImageNet statistics, as the SSL models saw); "none": the fc trains on cached unaugmented features
-    (fast; tagged CACHED_VARIANT). The epoch is selected on ds.val (else the last); the test set is
-    embedded once, at the end. The global RNG is not touched."""
+    """SDCLR linear probe of a frozen, eval-mode backbone (docs/evaluation.md, SDCLR linear probe): {protocol,
+    variant, selection, at_selected, at_last, history, probe}; None arguments come from probe_settings(ds).
+    aug "none": cached features (CACHED_VARIANT). Selected on ds.val; test embedded once; global RNG kept."""
     if mode not in PROBE_MODES or aug not in ("crop", "none"):
         raise ValueError(f"unknown probe mode {mode!r} or aug {aug!r}; use full / few-shot and crop / none")
     s = probe_settings(ds)
@@ -328,11 +304,9 @@ def linear_probe(backbone, ds, device, amp_dtype=None, mode="full", aug="crop", 
 def run_probes(backbone, ds, modes, device, amp_dtype=None, aug="crop", epochs=None, seed=0,
                label_fraction=None, milestones=None, lr=None, batch_size=None, recipe="crop_flip_imagenet",
                log=print) -> dict:
-    """The SDCLR probes of the training scripts and `eval.py --ckpt`: {mode: linear_probe result} for each of
-    `modes` ("full", "few-shot") under probe_settings(ds) (docs/evaluation.md, Probe settings); arguments that
-    are not None override it. Few-shot on a dataset without a few-shot split is skipped with a printed note.
-    label_fraction: train on that stratified fraction of the LT set (FASSL Table 10), noted in the variant.
-    Each result's "probe" entry also records train_split, groups and row (the console's paper_row style)."""
+    """{mode: linear_probe result} for `modes`, None arguments from probe_settings(ds) (docs/evaluation.md,
+    Probe settings); no few-shot split: skipped with a note. label_fraction: FASSL Table 10's stratified
+    part of the LT set (in the variant). "probe" also records train_split, groups and row (paper_row)."""
     s = probe_settings(ds)
     out = {}
     for mode in modes:
@@ -356,11 +330,9 @@ def run_probes(backbone, ds, modes, device, amp_dtype=None, aug="crop", epochs=N
 # ----- DSCL class-balanced linear stage (DSCL stage 2, Implementation Details; docs/evaluation.md) ----------
 def cb_linear(backbone, ds, device, amp_dtype=None, lr=10.0, epochs=40, milestones=(20, 30), batch_size=2048,
               bn="eval", recipe="crop_flip_cifar", seed=0, log=print) -> dict:
-    """Class-balanced linear classifier on a frozen backbone (DSCL stage 2; equal_lincls.py of its code).
-    Sampler: class uniform, then image uniform, over the LT train set; CE; SGD momentum 0.9, wd 0; x0.1 from
-    the 0-based epochs `milestones` on. bn "eval" (default, INFERRED): BN uses running statistics. bn "train":
-    the released code's model.train(), batch statistics that also update the running ones, on a copy of the
-    backbone. Headline = last epoch; the val-selected epoch is stored where ds.val is; best_test, flagged."""
+    """DSCL stage 2 (docs/evaluation.md, DSCL class-balanced linear stage): CE on class-balanced batches,
+    SGD 0.9, x0.1 from the 0-based `milestones`. bn "train": the released code's batch statistics, on a copy
+    of the backbone; "eval": running ones. Headline: last epoch, at_val_selected (ds.val), best_test."""
     if bn not in ("eval", "train"):
         raise ValueError(f"unknown bn mode {bn!r}; use eval or train")
     t0, was_training, test_recipe = time.time(), backbone.training, _test_recipe(recipe)
@@ -446,9 +418,8 @@ def knn_monitor(backbone, bank, query, device, num_classes, k=200, t=0.1, recipe
 
 @torch.no_grad()
 def knn_ts(backbone, ds, device, ks=(1, 10), recipe="test_imagenet") -> dict:
-    """The TS kNN protocol (Kukleva et al., ICLR 2023; docs/evaluation.md, kNN monitor), only to reproduce the
-    published SimCLR+TS numbers: bank = the labelled LT training set, queries = the TEST set, a majority vote
-    of the k nearest, unaugmented features. {k: metrics block}; TS reports acc_class_mean."""
+    """The TS kNN protocol (Kukleva et al., ICLR 2023; docs/evaluation.md, kNN monitor), only for SimCLR+TS's
+    numbers: bank = the LT training set, queries = the TEST set, majority vote; {k: metrics block}."""
     (bf, by), (qf, qy) = (extract_features(backbone, s, device, recipe=recipe) for s in (ds.train, ds.test))
     return {k: compute_metrics(knn_predict(bf, by, qf, ds.num_classes, k, vote="majority"), qy,
                                ds.num_classes, ds.class_counts, ds.class_rank) for k in ks}
@@ -534,13 +505,18 @@ def save_figure(plt, fig, path):
     plt.close(fig)
 
 
-def plot_per_class(metrics, class_counts, path):
-    """Per-class test accuracy against the class's train count (log x-axis)."""
-    plt, fig, ax = figure((6, 4))
-    pts = [(n, a) for n, a in zip(class_counts, metrics["per_class_acc"]) if a is not None and n > 0]
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14)
+def plot_per_class(runs, path):
+    """Per-class test accuracy against the class's train count (log x-axis), one series per run of `runs`:
+    [(label, metrics block, class_counts)]; a legend when there are two or more."""
+    plt, fig, ax = figure((6, 4) if len(runs) == 1 else (7, 4 + 0.25 * len(runs)))
+    for label, metrics, counts in runs:
+        pts = sorted((n, a) for n, a in zip(counts, metrics["per_class_acc"]) if a is not None and n > 0)
+        xs, ys = zip(*pts) if pts else ((), ())
+        ax.plot(xs, ys, "o" if len(runs) == 1 else "o-", ms=4, alpha=0.8, label=label)
     ax.set(xscale="log", xlabel="train images of the class (log scale)", ylabel="test accuracy (%)",
-           title=f"per-class accuracy (top-1 {_fmt(metrics['top1_overall'])})")
+           title=f"per-class accuracy (top-1 {_fmt(runs[0][1]['top1_overall'])})" if len(runs) == 1 else
+           "per-class accuracy against class size")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15)) if len(runs) > 1 else None
     ax.grid(True, which="both", alpha=0.3)
     save_figure(plt, fig, path)
 
@@ -550,8 +526,7 @@ def plot_groups(metrics, path):
     plt, fig, ax = figure((6, 4))
     for i, rule in enumerate(("thirds", "strict")):
         g = metrics[f"groups_{rule}"]
-        vals = [g[k] if g[k] is not None else 0.0 for k in ("many", "medium", "few")]
-        ax.bar([j + (i - 0.5) * 0.38 for j in range(3)], vals, 0.38,
+        ax.bar([j + (i - 0.5) * 0.38 for j in range(3)], [g[k] or 0 for k in ("many", "medium", "few")], 0.38,
                label=f"{rule} (n = {'/'.join(str(c) for c in g['n_classes'])})")
     ax.set(xticks=range(3), xticklabels=["Many / Frequent", "Medium", "Few / Rare"], ylabel="test acc. (%)")
     ax.legend()
@@ -560,8 +535,7 @@ def plot_groups(metrics, path):
 
 def plot_tsne(feats, labels, path, max_points=2000, seed=0, class_names=None):
     """t-SNE of backbone features coloured by class (FASSL Figure 3), on a random subset of <= max_points."""
-    feats = torch.as_tensor(feats).float()          # t-SNE runs on the features' device
-    labels = torch.as_tensor(labels).long().cpu()
+    feats, labels = torch.as_tensor(feats).float(), torch.as_tensor(labels).long().cpu()   # on feats' device
     if len(feats) > max_points:
         idx = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:max_points]
         feats, labels = feats[idx.to(feats.device)], labels[idx]
@@ -583,8 +557,7 @@ def results_skeleton(method, variant, paper_setting, ds, protocol, network_evalu
     info = ds if isinstance(ds, dict) else ds.info()
     return {"method": method, "variant": variant, "paper_setting": bool(paper_setting), "dataset": dict(info),
             "protocol": protocol, "network_evaluated": network_evaluated, "backbone": arch,
-            "epochs": dict(epochs), "seed": seed,
-            "amp": amp if amp is None or isinstance(amp, str) else str(amp),
+            "epochs": dict(epochs), "seed": seed, "amp": None if amp is None else str(amp),
             "git_commit": common.git_commit(), "wall_time_s": float(wall_time),
             "selection": None, "at_selected": None, "at_last": None, "knn": [], "extra": {}}
 
@@ -596,7 +569,7 @@ def write_results(run_dir, results: dict) -> None:
     metrics = results.get("at_selected") or results.get("at_last")
     counts = (results.get("dataset") or {}).get("class_counts")
     if metrics is not None and counts is not None:
-        plot_per_class(metrics, counts, run_dir / "per_class_acc.png")
+        plot_per_class([("", metrics, counts)], run_dir / "per_class_acc.png")
         plot_groups(metrics, run_dir / "group_acc.png")
 
 
@@ -610,16 +583,19 @@ TABLE_COLUMNS = [  # (header, path into the metrics block)
 _TABLE_KEY = ("method", "variant", "dataset", "lt_convention", "imb_ratio", "protocol")
 
 
+def read_results(path) -> dict:
+    try:
+        return json.loads(pathlib.Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise common.UserError(f"cannot read results file {path} ({e}); pass the results.json of a run")
+
+
 def aggregate_results(paths):
     """Groups results.json files by method, variant, dataset, lt_convention, imb_ratio and protocol; one row
     per group: {"key": {...}, "n": runs, "files": [...], "<column>": (mean, population std) or None}."""
     groups = {}
     for path in paths:
-        try:
-            res = json.loads(pathlib.Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise common.UserError(f"cannot read results file {path} ({e}); pass results.json files written "
-                                   f"by eval.py or a method script")
+        res = read_results(path)
         ds = res.get("dataset") or {}
         key = (res.get("method"), res.get("variant"), ds.get("name"), ds.get("lt_convention"),
                ds.get("imb_ratio"), res.get("protocol"))
@@ -629,8 +605,7 @@ def aggregate_results(paths):
         row = {"key": dict(zip(_TABLE_KEY, key)), "n": len(items), "files": [p for p, _ in items]}
         for name, path in TABLE_COLUMNS:
             got = [functools.reduce(lambda d, k: (d or {}).get(k), path, m) for _, m in items]   # d[k1][k2]
-            vals = [v for v in got if v is not None]
-            row[name] = (float(np.mean(vals)), float(np.std(vals))) if vals else None   # population std
+            row[name] = None if _mean(got) is None else (_mean(got), _mean(got, np.std))   # population std
         rows.append(row)
     return rows
 
@@ -644,6 +619,22 @@ def format_table(rows) -> str:
         cells += ["-" if r[c] is None else f"{r[c][0]:.2f} ± {r[c][1]:.2f}" for c, _ in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compare_runs(paths, out) -> str:
+    """`eval.py --compare` (docs/evaluation.md): all runs' per-class accuracy in one figure, a row per run."""
+    runs, rows = [], [f"| Run | Top-1 |{PAPER_HEADER['ssl'][1:]}", "|---" * 7 + "|"]
+    for path in paths:
+        res = read_results(path)
+        m, label = res.get("at_selected") or res.get("at_last"), f"{res.get('method')} {res.get('variant')}"
+        if not (m and (res.get("dataset") or {}).get("class_counts")):
+            raise common.UserError(f"{path} has no metrics or class counts; pass a run's results.json")
+        for more in (f" (seed {res.get('seed')})", f" ({pathlib.Path(path).parent.name})"):  # repeated label
+            label += more if label in [r[0] for r in runs] else ""
+        runs.append((label, m, res["dataset"]["class_counts"]))
+        rows.append(f"| {label} | {_fmt(m['top1_overall'])} {paper_row(m)}")
+    plot_per_class(runs, out)
+    return "\n".join(rows + [f"wrote {out}"])
 
 
 # ----- Command line (docs/evaluation.md, Command line) ------------------------------------------------------
@@ -752,6 +743,8 @@ def build_parser():
     src.add_argument("--ckpt", help="checkpoint written by a method script (runs/X/checkpoint.pt)")
     src.add_argument("--table", nargs="+", metavar="RESULTS_JSON", help="results.json files; prints mean ± "
                      "population std over runs sharing method, variant, dataset, convention, rho, protocol")
+    src.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="results.json files: per-class "
+                     "accuracy against train count, one series per run, in one PNG (--out), and a table")
     p.add_argument("--probe", choices=("linear", "few-shot", "cb-linear", "knn", "classifier"),
                    help="linear / few-shot = SDCLR probe, cb-linear = DSCL stage 2, knn = kNN monitor, "
                         "classifier = the checkpoint's end-to-end classifier (Hybrid) (default: linear)")
@@ -772,7 +765,8 @@ def build_parser():
                    help="cb-linear BN mode: train = the released DSCL code and dscl.py (default: train)")
     p.add_argument("--recipe", default=None, help="train augmentation recipe of data.augment (default: "
                    "crop_flip_imagenet for SSL checkpoints, crop_flip_cifar for dscl/hybrid)")
-    p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval-<probe>)")
+    p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval-<probe>); "
+                   "with --compare the PNG (default: compare_per_class.png)")
     p.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=True,
                    help="also write tsne.png of test features (default: on)")
     p.add_argument("--tsne-points", type=int, default=None, help="default: 2000 on CUDA, 1000 on CPU")
@@ -788,8 +782,9 @@ def build_parser():
 
 def main(argv=None):
     cli = build_parser().parse_args(argv)
-    if cli.table:                       # an unreadable file: one line from aggregate_results
-        return print(format_table(aggregate_results(cli.table)))
+    if cli.table or cli.compare:        # an unreadable file: one line from read_results
+        return print(format_table(aggregate_results(cli.table)) if cli.table else
+                     compare_runs(cli.compare, cli.out or "compare_per_class.png"))
     cli.probe = cli.probe or ("knn" if cli.knn_protocol else "linear")
     if cli.knn_protocol and cli.probe != "knn":
         raise common.UserError(f"--knn-protocol applies to --probe knn, not --probe {cli.probe}")

@@ -53,7 +53,7 @@ def test_help_lists_the_shared_flags_with_the_same_text(name):
     reference = entries(common.make_parser(common.RunArgs).format_help().split("four scripts):")[1])
     got = entries(runtime)
     assert set(got) == set(SHARED)
-    for flag in SHARED:   # same text: the same default and meaning (--protocol, --seed, --sync-bn: the paper's)
+    for flag in SHARED:   # same text and default (--protocol, --seed, --sync-bn: the paper's)
         want = reference[flag].split("(default:")[0] if flag in ("--protocol", "--seed") else reference[flag]
         want = want.split(";")[0] if flag == "--sync-bn" else want
         assert got[flag].startswith(want), (flag, got[flag])
