@@ -208,7 +208,8 @@ def given_flags(cls, argv) -> set[str]:
 
 
 _CHECKS = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"),
-           ">=1": (lambda v: v >= 1, ">= 1"), "batch": (None, "> 0, at most the training set"),  # check_args
+           ">=1": (lambda v: v >= 1, ">= 1"),
+           "batch": (None, "> 0, at most the training set; under torchrun the global batch, LR unchanged"),
            "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
            "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"), "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)")}
 
@@ -296,8 +297,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
+        dist.all_reduce(grad := grad.contiguous())
         return local_part(grad)
 
 

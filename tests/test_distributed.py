@@ -4,6 +4,8 @@ runs under two processes, writes one run directory, and resumes where an uninter
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -185,3 +187,10 @@ def test_two_processes_write_one_run_and_resume_to_the_uninterrupted_end(script,
     ra, rb = (json.loads((r / "results.json").read_text()) for r in (runs[0], cut))
     head = lambda r: (r["at_selected"] or r["at_last"])["per_class_acc"]          # noqa: E731
     np.testing.assert_allclose(head(rb), head(ra), atol=1e-6)
+    if script == "hybrid":      # the two-process figures are a one-process evaluation of the same weights
+        done = subprocess.run([sys.executable, "eval.py", "--ckpt", str(runs[0] / "checkpoint.pt"), "--probe",
+                               "classifier", "--device", "cpu", "--out", str(tmp_path / "one")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        one = json.loads((tmp_path / "one" / "results.json").read_text())
+        np.testing.assert_allclose(head(one), head(ra))
