@@ -67,3 +67,16 @@ def run_function(tmp_path, target: str, nproc=2):
     done = torchrun([os.path.join(ROOT, "tests", "dist_worker.py"), target, str(tmp_path)], nproc=nproc)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+class Poison:
+    """A split with a length (for the summary) that fails the test when its images or labels are read."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getattr__(self, name):
+        raise AssertionError(f"this split must not be read ({name})")

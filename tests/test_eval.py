@@ -13,6 +13,7 @@ import torch.nn as nn
 import common
 import data
 import eval as ev
+from conftest import Poison
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -386,19 +387,6 @@ def test_knn_monitor_on_easy_blobs():
     assert (pred == yq).float().mean() > 0.9
 
 
-class Poison:
-    """A split with a length that fails the test when its images or labels are read."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getattr__(self, name):
-        raise AssertionError(f"this split must not be read ({name})")
-
-
 def _majority_reference(bank, yb, query, num_classes, k):
     """Brute force: the k most cosine-similar bank vectors vote once each; a tie goes to the tied class that
     holds the nearest of them."""
@@ -516,7 +504,7 @@ def test_table_aggregates_mean_and_population_std(tmp_path, capsys):
     out = subprocess.run([sys.executable, "eval.py", "--table", *files], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    line = next(l for l in out.stdout.splitlines() if l.startswith("| sdclr"))
+    line = next(r for r in out.stdout.splitlines() if r.startswith("| sdclr"))
     assert "| 3 |" in line and "82.00 ± 1.63" in line and "84.00 ± 2.94" in line and "72.00 ± 1.63" in line
     assert "| fassl" in out.stdout and "90.00 ± 0.00" in out.stdout
     # bad input: one line on stderr, exit code 2 (in-process, through the same wrapper as the CLI)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import common
 import data
 import tase
-from conftest import run_function
+from conftest import Poison, run_function
 
 
 def parse(*argv):
@@ -388,25 +388,11 @@ def test_benchmark_times_the_full_step(capsys):
     assert ips > 0 and "[tase-r benchmark]" in capsys.readouterr().out
 
 
-class Untouchable:
-    """A split that has a length (for the dataset's summary) but fails the test when its images or labels are
-    read."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getattr__(self, name):
-        raise AssertionError(f"the test split was read ({name})")
-
-
 def test_knn_monitor_queries_the_validation_split_and_never_reads_the_test_set(tmp_path):
     args, filled = parse(*TINY, "--epochs", "2", "--out-dir", str(tmp_path))
     ds = data.load_dataset("synthetic-lt", imb_ratio=RHO, num_classes=CLASSES, synthetic_n_max=N_MAX,
                            synthetic_n_test=6)
-    ds.test = Untouchable(len(ds.test))
+    ds.test = Poison(len(ds.test))
     run_dir = tase.train(args, filled, ds=ds)                          # --probe with no mode: no probe
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["knn"]["groups_thirds"]["n_classes"] for r in recs] == [[2, 1, 1]] * 2
