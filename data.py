@@ -1,8 +1,9 @@
 """Long-tailed datasets, batched on-device augmentation and loaders shared by the four methods.
 
-`load_dataset` builds every `--dataset`, `augment` applies a named recipe with per-image random parameters,
-`make_loader` serves device batches; CLI `python data.py --stats | --bench-augment`. User documentation:
-docs/data.md (cited by section name); INFERRED marks a choice no paper or official code fixes.
+`load_dataset` builds every `--dataset`, `augment` applies a named recipe with per-image random
+parameters, `make_loader` serves device batches; CLI `python data.py --stats | --bench-augment`.
+User documentation: docs/data.md (cited by section name); INFERRED marks a choice no paper or
+official code fixes.
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import math
 import os
+import pathlib
 import pickle
 import socket
 import time
@@ -27,10 +30,26 @@ from common import UserError, epoch_seed, get_rank_world
 DATASETS = ("cifar10-lt", "cifar100-lt", "folder", "synthetic-lt", "tiny-imagenet-lt",
             "imagenet-lt", "places-lt", "inat2018", "imagenet100-lt")
 
-MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-            "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}    # LDAM-DRW (Cao et al. 2019)
+# (image side the networks see, classes) of each dataset, for work done without its files
+# (--benchmark); a folder tree is taken to be CIFAR-like
+NOMINAL = {"cifar10-lt": (32, 10), "cifar100-lt": (32, 100), "folder": (32, 10),
+           "synthetic-lt": (32, 10), "tiny-imagenet-lt": (64, 200), "imagenet-lt": (224, 1000),
+           "places-lt": (224, 365), "inat2018": (224, 8142), "imagenet100-lt": (224, 100)}
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+def nominal_shape(name: str) -> tuple[int, int, int]:
+    """(image side the networks see, side of a stored training image, classes) of dataset `name`.
+    Images of the list datasets reach the training step as 256-px squares (see Loader)."""
+    size, classes = NOMINAL[name]
+    return size, 256 if size == 224 else size, classes
+
+
+MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            # LDAM-DRW (Cao et al. 2019)
+            "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
 
 # SDCLR (Jiang et al. 2021) official CIFAR-10 splits 1..5: class at each rank, head -> tail
 SDCLR_C10_ORDERS = {1: (6, 8, 4, 1, 7, 0, 3, 2, 5, 9), 2: (3, 9, 7, 4, 0, 1, 2, 6, 8, 5),
@@ -38,14 +57,16 @@ SDCLR_C10_ORDERS = {1: (6, 8, 4, 1, 7, 0, 3, 2, 5, 9), 2: (3, 9, 7, 4, 0, 1, 2, 
                     5: (2, 4, 8, 1, 0, 3, 9, 7, 6, 5)}
 
 
-# --- Dataset containers -----------------------------------------------------------------------------------
+# --- Dataset containers ---------------------------------------------------------------------------
 @dataclass
 class Split:
-    """One set of images: uint8 tensor (tensor-resident datasets) or absolute file paths (list datasets)."""
+    """One set of images: uint8 tensor (tensor-resident datasets) or absolute file paths (list
+    datasets)."""
     y: torch.Tensor                         # int64 (N,)
     x: torch.Tensor | None = None           # uint8 (N, 3, H, W) on CPU
     files: list[str] | None = None          # absolute image paths
-    _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (x, y) copies
+    # device -> (x, y) copies
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self):
         return int(self.y.shape[0])
@@ -70,32 +91,40 @@ class LTDataset:
     imb_ratio: float | None
     split: int | None
     tensor_resident: bool
-    notes: list[str] = field(default_factory=list)   # e.g. a list file's hash differs from the published one
+    # e.g. a list file's hash differs from the published one
+    notes: list[str] = field(default_factory=list)
 
     def info(self) -> dict:
         """JSON-able description stored in every run's config.json and results.json."""
-        n = lambda s: len(s) if s is not None else 0  # noqa: E731
+        def n(s):
+            return len(s) if s is not None else 0
+
         return {"name": self.name, "lt_convention": self.lt_convention, "imb_ratio": self.imb_ratio,
-                "split": self.split, "n_train": len(self.train), "class_counts": list(self.class_counts),
-                "class_rank": list(self.class_rank), "n_test": len(self.test), "n_val": n(self.val),
-                "n_probe": n(self.probe), "n_fewshot": n(self.fewshot), "class_names": list(self.class_names),
+                "split": self.split, "n_train": len(self.train),
+                "class_counts": list(self.class_counts), "class_rank": list(self.class_rank),
+                "n_test": len(self.test), "n_val": n(self.val), "n_probe": n(self.probe),
+                "n_fewshot": n(self.fewshot), "class_names": list(self.class_names),
                 "image_source": self.image_source, "image_size": self.image_size,
                 "num_classes": self.num_classes, "notes": list(self.notes)}
 
 
 def describe(ds: LTDataset) -> str:
-    """Multi-line summary: protocol, per-class train counts (label order) and the sizes of every split."""
+    """Multi-line summary: protocol, per-class train counts (label order) and the sizes of every
+    split."""
     label = ds.name + (" (JPEG copy)" if ds.image_source == "jpeg-copy" else "")
-    lines = [f"dataset {label}: convention {ds.lt_convention}, imb_ratio {ds.imb_ratio}, split {ds.split}, "
-             f"{ds.num_classes} classes, {ds.image_size}px, source {ds.image_source}"]
+    lines = [f"dataset {label}: convention {ds.lt_convention}, imb_ratio {ds.imb_ratio}, "
+             f"split {ds.split}, {ds.num_classes} classes, {ds.image_size}px, "
+             f"source {ds.image_source}"]
     width = max(len(n) for n in ds.class_names) if ds.class_names else 5
     if ds.num_classes <= 20:
         lines += [f"  class {c:3d} {name:<{width}} {n:6d}  (rank {ds.class_rank[c]})"
                   for c, (name, n) in enumerate(zip(ds.class_names, ds.class_counts))]
     else:
         order = sorted(range(ds.num_classes), key=lambda c: ds.class_rank[c])
-        lines.append("  counts by rank (head -> tail): " + ", ".join(str(ds.class_counts[c]) for c in order))
-    cc, info = ds.class_counts, ds.info()
+        lines.append("  counts by rank (head -> tail): "
+                     + ", ".join(str(ds.class_counts[c]) for c in order))
+    cc = ds.class_counts
+    info = ds.info()
     lines.append(f"  train total {sum(cc):,} (max {max(cc)}, min {min(cc)}, "
                  f"ratio {max(cc) / max(min(cc), 1):.1f})")
     lines += [f"  {nm:8s} {info['n_' + nm]:,}" for nm in ("test", "val", "probe", "fewshot")]
@@ -104,8 +133,8 @@ def describe(ds: LTDataset) -> str:
 
 
 def lt_counts(n_max: int, num_classes: int, imb_ratio: float) -> list[int]:
-    """Exponential profile of LDAM-DRW (Cao et al. 2019): n_r = int(n_max * (1/rho) ** (r / (C - 1))) for
-    rank r, a float64 product truncated by int() (never rounded: 5000 * 0.01 gives 50)."""
+    """Exponential profile of LDAM-DRW (Cao et al. 2019): n_r = int(n_max * (1/rho) ** (r / (C -
+    1))) for rank r, a float64 product truncated by int() (never rounded: 5000 * 0.01 gives 50)."""
     if num_classes == 1:
         return [int(n_max)]
     return [int(n_max * (1.0 / imb_ratio) ** (r / (num_classes - 1.0))) for r in range(num_classes)]
@@ -126,46 +155,59 @@ def _split_of(x, y, idx) -> Split:
     return Split(y=y[idx].clone(), x=x[idx])
 
 
-# --- Long-tailed index generators (numpy, on a label array in canonical order; docs/data.md, Splits) -----
+# --- Long-tailed index generators (numpy, labels in canonical order; docs/data.md, Splits) --------
 def ldam_indices(targets: np.ndarray, counts: list[int], seed: int = 0) -> np.ndarray:
-    """LDAM-DRW (Cao et al. 2019) `gen_imbalanced_data`: for c in label order, shuffle np.where(targets == c)
-    with one RandomState(seed) (as np.random.seed(0) there) and keep the first counts[c], class by class."""
-    rs = np.random.RandomState(seed)                        # permutation(a) is shuffle() on a copy of a
+    """LDAM-DRW (Cao et al. 2019) `gen_imbalanced_data`: for c in label order, shuffle
+    np.where(targets == c) with one RandomState(seed) (as np.random.seed(0) there) and keep the
+    first counts[c], class by class."""
+    # permutation(a) is shuffle() on a copy of a
+    rs = np.random.RandomState(seed)
     return np.concatenate([rs.permutation(np.where(targets == c)[0])[:n]
                            for c, n in enumerate(counts)]).astype(np.int64)
 
 
-def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split: int, seed: int = 0) -> dict:
-    """The SDCLR (Jiang et al. 2021) split construction, regenerated. Returns int64 index arrays `val`,
-    `probe`, `train` (D_i), `fewshot` (S_b), `balanced` (D_b), plus `order` (class at each rank) and `counts`
-    (label order). Set sizes and counts equal SDCLR's files; image membership is INFERRED."""
+def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split: int,
+                  seed: int = 0) -> dict:
+    """The SDCLR (Jiang et al. 2021) split construction, regenerated. Returns int64 index arrays
+    `val`, `probe`, `train` (D_i), `fewshot` (S_b), `balanced` (D_b), plus `order` (class at each
+    rank) and `counts` (label order). Set sizes and counts equal SDCLR's files; image membership is
+    INFERRED."""
     if split not in (1, 2, 3, 4, 5):
         raise UserError(f"--split must be 1..5 for the sdclr protocol (got {split})")
     per = int(np.bincount(targets, minlength=num_classes).min())
     v = per // 10                                                          # val: 500 / 50 per class
     rs = np.random.RandomState(seed)
     perms = [rs.permutation(np.where(targets == c)[0]) for c in range(num_classes)]
-    val, pools = [p[:v] for p in perms], [p[v:] for p in perms]
+    val = [p[:v] for p in perms]
+    pools = [p[v:] for p in perms]
     n_max = per - v                                                        # 4,500 / 450
-    k_probe = 400 if num_classes == 100 and n_max == 450 else n_max        # SDCLR's CIFAR-100 probe keeps 400
-    order = (list(SDCLR_C10_ORDERS[split]) if num_classes == 10          # class at each rank (else INFERRED)
+    # SDCLR's CIFAR-100 probe keeps 400
+    k_probe = 400 if num_classes == 100 and n_max == 450 else n_max
+    # class at each rank (else INFERRED)
+    order = (list(SDCLR_C10_ORDERS[split]) if num_classes == 10
              else [int(c) for c in np.random.RandomState(seed + split).permutation(num_classes)])
     prof = lt_counts(n_max, num_classes, imb_ratio)
     counts = [prof[r] for r in _rank_of_order(order)]                     # label order
-    m, n_bal = prof[-1], sum(prof) // num_classes                          # 45 / 4 and 1,116 / 97
+    m = prof[-1]                                                           # 45 / 4
+    n_bal = sum(prof) // num_classes                                       # 1,116 / 97
     rs2 = np.random.RandomState(seed + 10 * split)
-    sh = [rs2.permutation(p) for p in pools]                               # per-split shuffle of each pool
-    cat = lambda a: np.concatenate(a).astype(np.int64)  # noqa: E731
-    return {"val": cat(val), "probe": cat([p[:k_probe] for p in pools]), "order": order, "counts": counts,
-            "train": cat([s[:n] for s, n in zip(sh, counts)]), "fewshot": cat([s[:m] for s in sh]),
-            "balanced": cat([s[:n_bal] for s in sh])}
+    # per-split shuffle of each pool
+    sh = [rs2.permutation(p) for p in pools]
+
+    def cat(a):
+        return np.concatenate(a).astype(np.int64)
+
+    return {"val": cat(val), "probe": cat([p[:k_probe] for p in pools]), "order": order,
+            "counts": counts, "train": cat([s[:n] for s, n in zip(sh, counts)]),
+            "fewshot": cat([s[:m] for s in sh]), "balanced": cat([s[:n_bal] for s in sh])}
 
 
-# --- synthetic-lt: class = texture (oriented grating / checker / rings); colour and phase random ---------
+# --- synthetic-lt: class = texture (oriented grating / checker / rings); colour and phase random --
 def synthetic_images(labels: torch.Tensor, num_classes: int, generator: torch.Generator,
                      size: int = 32) -> torch.Tensor:
-    """uint8 (N,3,size,size) images of the given labels: a texture (kind, orientation, frequency) per class;
-    colours, phase jitter and pixel noise are random per image, so colour carries no class information."""
+    """uint8 (N,3,size,size) images of the given labels: a texture (kind, orientation, frequency)
+    per class; colours, phase jitter and pixel noise are random per image, so colour carries no
+    class information."""
     table = [(kind, (a * 3 + kind * 5) % 8 * math.pi / 8, f) for f in (2.0, 3.5, 5.0, 7.0)
              for a in range(8) for kind in range(3)]           # (kind, angle, frequency) per class
     if num_classes > len(table):
@@ -175,11 +217,15 @@ def synthetic_images(labels: torch.Tensor, num_classes: int, generator: torch.Ge
     coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
     yy, xx = torch.meshgrid(coord, coord, indexing="ij")
     for s in range(0, len(labels), 4096):
-        kind, ang, freq = table[labels[s:s + 4096]][:, :, None, None].unbind(1)      # each (n, 1, 1)
+        # each (n, 1, 1)
+        kind, ang, freq = table[labels[s:s + 4096]][:, :, None, None].unbind(1)
         n = len(kind)
-        phase = (torch.rand(n, 1, 1, generator=generator) - 0.5) * (math.pi / 2)   # small position jitter
+        # small position jitter
+        phase = (torch.rand(n, 1, 1, generator=generator) - 0.5) * (math.pi / 2)
         shift = (torch.rand(n, 2, 1, 1, generator=generator) - 0.5) * 0.15
-        ca, sa, w = ang.cos(), ang.sin(), 2 * math.pi * freq
+        ca = ang.cos()
+        sa = ang.sin()
+        w = 2 * math.pi * freq
         X, Y = xx - shift[:, 0], yy - shift[:, 1]
         u = (X * ca + Y * sa) * w + phase
         v = (-X * sa + Y * ca) * w
@@ -189,7 +235,8 @@ def synthetic_images(labels: torch.Tensor, num_classes: int, generator: torch.Ge
         pat = torch.where(kind == 0, grating, torch.where(kind == 1, checker, rings))
         bg = torch.rand(n, 3, 1, 1, generator=generator) * 0.5
         fg = 0.5 + torch.rand(n, 3, 1, 1, generator=generator) * 0.5
-        img = bg + (fg - bg) * pat[:, None] + 0.06 * torch.randn(n, 3, size, size, generator=generator)
+        img = (bg + (fg - bg) * pat[:, None]
+               + 0.06 * torch.randn(n, 3, size, size, generator=generator))
         out[s:s + n] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return out
 
@@ -198,27 +245,38 @@ def _load_synthetic(num_classes, imb_ratio, seed, n_max, n_test) -> LTDataset:
     g = torch.Generator().manual_seed(seed)
     rho = 1.0 if imb_ratio is None else imb_ratio
     counts = lt_counts(n_max, num_classes, rho)
-    balanced = lambda n: torch.arange(num_classes).repeat_interleave(n)  # noqa: E731
-    images = lambda y: Split(y=y, x=synthetic_images(y, num_classes, g))  # noqa: E731
-    pool = images(balanced(n_max))                 # balanced probe pool; the LT set is a subset of it
+    if num_classes > 1:
+        check_buildable("synthetic-lt", counts, rho, n_max)
+
+    def balanced(n):
+        return torch.arange(num_classes).repeat_interleave(n)
+
+    def images(y):
+        return Split(y=y, x=synthetic_images(y, num_classes, g))
+
+    # balanced probe pool; the LT set is a subset of it
+    pool = images(balanced(n_max))
     lt = np.concatenate([np.arange(c * n_max, c * n_max + n) for c, n in enumerate(counts)])
     few = np.concatenate([np.arange(c * n_max, c * n_max + counts[-1]) for c in range(num_classes)])
-    test, val = images(balanced(n_test)), images(balanced(n_test))
+    test = images(balanced(n_test))
+    val = images(balanced(n_test))
     return LTDataset(
-        name="synthetic-lt", num_classes=num_classes, class_names=[f"texture{c}" for c in range(num_classes)],
-        image_size=32, train=_split_of(pool.x, pool.y, lt), test=test, val=val, probe=pool,
-        fewshot=_split_of(pool.x, pool.y, few), class_counts=counts, class_rank=list(range(num_classes)),
-        lt_convention="synthetic", image_source="synthetic", imb_ratio=rho, split=None, tensor_resident=True)
+        name="synthetic-lt", num_classes=num_classes,
+        class_names=[f"texture{c}" for c in range(num_classes)], image_size=32,
+        train=_split_of(pool.x, pool.y, lt), test=test, val=val, probe=pool,
+        fewshot=_split_of(pool.x, pool.y, few), class_counts=counts,
+        class_rank=list(range(num_classes)), lt_convention="synthetic", image_source="synthetic",
+        imb_ratio=rho, split=None, tensor_resident=True)
 
 
-def load_dataset(name, data_dir="./data", imb_ratio=100.0, protocol="ldam", split=1, split_file=None,
-                 seed=0, num_classes=10, download=True, *, synthetic_n_max=500, synthetic_n_test=100,
-                 sdclr_split_dir=None) -> LTDataset:
-    """Build dataset `name` (one of DATASETS); bad input raises common.UserError with a one-line message.
-    imb_ratio: rho = n_max / n_min (None: the tree or lists as they are). protocol: "ldam" or "sdclr" for
-    CIFAR and folder trees (docs/data.md, CIFAR-LT conventions). split: SDCLR split 1..5. split_file,
-    sdclr_split_dir: docs/data.md, SDCLR index files. seed: data seed (0 reproduces LDAM-DRW).
-    num_classes, synthetic_n_max, synthetic_n_test: synthetic-lt only."""
+def load_dataset(name, data_dir="./data", imb_ratio=100.0, protocol="ldam", split=1,
+                 split_file=None, seed=0, num_classes=10, download=True, *, synthetic_n_max=500,
+                 synthetic_n_test=100, sdclr_split_dir=None) -> LTDataset:
+    """Build dataset `name` (one of DATASETS); bad input raises common.UserError with a one-line
+    message. imb_ratio: rho = n_max / n_min (None: the tree or lists as they are). protocol: "ldam"
+    or "sdclr" for CIFAR and folder trees (docs/data.md, CIFAR-LT conventions). split: SDCLR split
+    1..5. split_file, sdclr_split_dir: docs/data.md, SDCLR index files. seed: data seed (0
+    reproduces LDAM-DRW). num_classes, synthetic_n_max, synthetic_n_test: synthetic-lt only."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; valid names: {', '.join(DATASETS)}")
     if protocol not in ("ldam", "sdclr"):
@@ -226,20 +284,50 @@ def load_dataset(name, data_dir="./data", imb_ratio=100.0, protocol="ldam", spli
     if imb_ratio is not None and imb_ratio < 1:
         raise UserError(f"--imb-ratio must be >= 1 (got {imb_ratio})")
     if name == "synthetic-lt":
-        return _load_synthetic(num_classes, imb_ratio, seed, synthetic_n_max, synthetic_n_test)
-    if name in ("cifar10-lt", "cifar100-lt"):
-        return _build_lt(name, *read_cifar(name, data_dir, download), imb_ratio, protocol, split, seed,
-                         "canonical", split_file, sdclr_split_dir)
-    if name == "folder":
-        return _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed)
-    if name == "tiny-imagenet-lt":
-        return _load_tiny(data_dir, imb_ratio, seed)
-    return _load_list_dataset(name, data_dir)
+        ds = _load_synthetic(num_classes, imb_ratio, seed, synthetic_n_max, synthetic_n_test)
+    elif name in ("cifar10-lt", "cifar100-lt"):
+        ds = _build_lt(name, *read_cifar(name, data_dir, download), imb_ratio, protocol, split,
+                       seed, "canonical", split_file, sdclr_split_dir)
+    elif name == "folder":
+        ds = _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed)
+    elif name == "tiny-imagenet-lt":
+        ds = _load_tiny(data_dir, imb_ratio, seed)
+    else:
+        ds = _load_list_dataset(name, data_dir)
+    require_two_classes(name, ds.num_classes)
+    return ds
 
 
-# --- Augmentation (docs/data.md, Augmentation) ------------------------------------------------------------
-# Inputs uint8 (N,3,H,W) or float in [0,1]; outputs float32. Random parameters are drawn per image with
-# `generator` (a torch.Generator on the batch's device) when given.
+def require_two_classes(name: str, num_classes: int) -> None:
+    """A long tail needs a head and a tail: one class is refused in one line."""
+    if num_classes < 2:
+        raise UserError(f"{name}: the data has {num_classes} class; a long-tailed dataset needs at "
+                        "least two classes")
+
+
+def check_buildable(name: str, counts: list[int], imb_ratio: float, n_max: int) -> None:
+    """The long tail asked for must exist in the data: every class keeps at least one image, and
+    the ratio of the counts is within 10 % of --imb-ratio (a small class of the source truncates
+    the tail's count)."""
+    if buildable(counts, imb_ratio):
+        return
+    built = counts[0] / counts[-1] if counts[-1] > 0 else math.inf
+    fits = [r for r in range(int(imb_ratio), 0, -1)
+            if buildable(lt_counts(n_max, len(counts), r), r)]
+    raise UserError(f"{name}: --imb-ratio {imb_ratio:g} cannot be built from these images: the "
+                    f"head class can have at most {n_max} images, so the tail would have "
+                    f"{counts[-1]} (ratio {built:.1f}); use a ratio these images give, such as "
+                    f"--imb-ratio {fits[0] if fits else 1}, or a source with more images per class")
+
+
+def buildable(counts: list[int], imb_ratio: float) -> bool:
+    built = counts[0] / counts[-1] if counts[-1] > 0 else math.inf
+    return abs(built - imb_ratio) <= 0.1 * imb_ratio
+
+
+# --- Augmentation (docs/data.md, Augmentation) ----------------------------------------------------
+# Inputs uint8 (N,3,H,W) or float in [0,1]; outputs float32. Random parameters are drawn per image
+# with `generator` (a torch.Generator on the batch's device) when given.
 def _float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
@@ -250,17 +338,20 @@ def _rand(n, x, generator, *shape):
 
 @functools.lru_cache(maxsize=None)
 def _const(values: tuple, device) -> torch.Tensor:
-    """A small constant (mean / std, HSV offsets, a crop box) built once per device: no copy per call."""
+    """A small constant (mean / std, HSV offsets, a crop box) built once per device: no copy per
+    call."""
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def rrc_params(n, height, width, scale, ratio, generator=None, device=None):
-    """torchvision RandomResizedCrop.get_params, vectorised: 10 (area, log-ratio) draws per image, first
-    valid one, else the centre-crop fallback. Returns float (n,4) boxes (top, left, h, w), integer valued."""
+    """torchvision RandomResizedCrop.get_params, vectorised: 10 (area, log-ratio) draws per image,
+    first valid one, else the centre-crop fallback. Returns float (n,4) boxes (top, left, h, w),
+    integer valued."""
     s = torch.rand(n, 10, device=device, generator=generator) * (scale[1] - scale[0]) + scale[0]
-    lr = torch.rand(n, 10, device=device, generator=generator) * (math.log(ratio[1]) - math.log(ratio[0])) \
-        + math.log(ratio[0])
-    ar, target = torch.exp(lr), height * width * s
+    lr = (torch.rand(n, 10, device=device, generator=generator)
+          * (math.log(ratio[1]) - math.log(ratio[0])) + math.log(ratio[0]))
+    ar = torch.exp(lr)
+    target = height * width * s
     w, h = torch.round(torch.sqrt(target * ar)), torch.round(torch.sqrt(target / ar))
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.argmax(ok.int(), dim=1, keepdim=True)                 # first valid try
@@ -268,7 +359,10 @@ def rrc_params(n, height, width, scale, ratio, generator=None, device=None):
     u = torch.rand(n, 2, device=device, generator=generator)
     top = torch.floor(u[:, 0] * (height - h + 1))
     left = torch.floor(u[:, 1] * (width - w + 1))
-    in_ratio, lo, hi = width / height, min(ratio), max(ratio)          # centre-crop fallback
+    # centre-crop fallback
+    in_ratio = width / height
+    lo = min(ratio)
+    hi = max(ratio)
     fw = width if in_ratio <= hi else int(round(height * hi))
     fh = height if in_ratio >= lo else int(round(width / lo))
     fb = _const(((height - fh) // 2, (width - fw) // 2, fh, fw), device)
@@ -277,15 +371,19 @@ def rrc_params(n, height, width, scale, ratio, generator=None, device=None):
 
 
 def resized_crop(x, boxes, size):
-    """Crop boxes (top, left, h, w) (float, per image), resize to size x size: torchvision's resized_crop
-    (antialias=False) per crop, as grid_sample (bilinear, align_corners=False) at points inside the crop."""
+    """Crop boxes (top, left, h, w) (float, per image), resize to size x size: torchvision's
+    resized_crop (antialias=False) per crop, as grid_sample (bilinear, align_corners=False) at
+    points inside the crop."""
     x = _float(x)
     H, W = x.shape[-2:]
     top, left, h, w = [b[:, None] for b in boxes.float().unbind(1)]
-    j = torch.arange(size, device=x.device, dtype=torch.float32)[None] + 0.5     # output pixel centres
-    sx = torch.minimum((j * (w / size) - 0.5).clamp(min=0), w - 1) + left      # source pixel inside the crop
+    # output pixel centres
+    j = torch.arange(size, device=x.device, dtype=torch.float32)[None] + 0.5
+    # source pixel inside the crop
+    sx = torch.minimum((j * (w / size) - 0.5).clamp(min=0), w - 1) + left
     sy = torch.minimum((j * (h / size) - 0.5).clamp(min=0), h - 1) + top
-    gx, gy = (2 * sx + 1) / W - 1, (2 * sy + 1) / H - 1                    # align_corners=False coordinates
+    # align_corners=False coordinates
+    gx, gy = (2 * sx + 1) / W - 1, (2 * sy + 1) / H - 1
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -297,7 +395,8 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), genera
 
 
 def crop(x, top, left, size):
-    """Per-image integer crop: top/left int64 (N,) tensors, output (N,3,size,size), input dtype kept."""
+    """Per-image integer crop: top/left int64 (N,) tensors, output (N,3,size,size), input dtype
+    kept."""
     ar = torch.arange(size, device=x.device)
     rows = (top[:, None] + ar)[:, :, None]                                  # (N,S,1)
     cols = (left[:, None] + ar)[:, None, :]                                 # (N,1,S)
@@ -346,20 +445,24 @@ def adjust_saturation(x, f):
 
 
 def _rgb_to_hsv(x):
-    """RGB -> (h, s, v) in fp32, torchvision's conventions (ties: R before G before B; grey: h = s = 0)."""
-    maxc, arg = x.max(1)                                   # first maximal channel on ties, like torchvision
+    """RGB -> (h, s, v) in fp32, torchvision's conventions (ties: R before G before B; grey: h = s =
+    0)."""
+    # first maximal channel on ties, like torchvision
+    maxc, arg = x.max(1)
     minc = x.amin(1)
     cr = maxc - minc
     s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
     num = x.roll(-1, 1) - x.roll(1, 1)                     # g-b, b-r, r-g
-    h = num.gather(1, arg.unsqueeze(1)).squeeze(1).div_(torch.where(cr == 0, torch.ones_like(cr), cr))
+    denom = torch.where(cr == 0, torch.ones_like(cr), cr)
+    h = num.gather(1, arg.unsqueeze(1)).squeeze(1).div_(denom)
     h = h.add_(2.0 * arg).div_(6.0).add_(1.0).fmod_(1.0)
     return h, s, maxc
 
 
 def _hsv_to_rgb(h, s, v):
-    """Closed form of the sector table: channel_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    for n = 5, 3, 1 (R, G, B); equals torchvision's gather-based version without (3,N,H,W) index tensors."""
+    """Closed form of the sector table: channel_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h)
+    mod 6 for n = 5, 3, 1 (R, G, B); equals torchvision's gather-based version without (3,N,H,W)
+    index tensors."""
     n = _const((5.0, 3.0, 1.0), h.device).view(1, 3, 1, 1)
     k = torch.remainder(n + (h * 6).unsqueeze(1), 6.0)
     a = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
@@ -374,16 +477,18 @@ def adjust_hue(x, f):
 
 
 def color_jitter(x, brightness, contrast, saturation, hue, p=1.0, generator=None):
-    """ColorJitter(b, c, s, h) with probability p per image and per-image factors, in the fixed order
-    brightness -> contrast -> saturation -> hue (INFERRED; torchvision randomises the order)."""
+    """ColorJitter(b, c, s, h) with probability p per image and per-image factors, in the fixed
+    order brightness -> contrast -> saturation -> hue (INFERRED; torchvision randomises the
+    order)."""
     x = _float(x)
     n = x.shape[0]
     apply = _rand(n, x, generator) < p
-    ranges = [(max(0.0, 1.0 - a), 1.0 + a) for a in (brightness, contrast, saturation)] + [(-hue, hue)]
+    ranges = ([(max(0.0, 1.0 - a), 1.0 + a) for a in (brightness, contrast, saturation)]
+              + [(-hue, hue)])
     f = [_rand(n, x, generator) * (hi - lo) + lo for lo, hi in ranges]
     y = x
-    for amount, op, fac in zip((brightness, contrast, saturation, hue),
-                               (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue), f):
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for amount, op, fac in zip((brightness, contrast, saturation, hue), ops, f):
         if amount:
             y = op(y, fac)
     return torch.where(apply[:, None, None, None], y, x)
@@ -397,7 +502,8 @@ def random_grayscale(x, p=0.2, generator=None):
 
 
 def blur(x, sigma, kernel_size):
-    """Separable Gaussian blur with per-image sigma (N,), reflect padding (torchvision gaussian_blur)."""
+    """Separable Gaussian blur with per-image sigma (N,), reflect padding (torchvision
+    gaussian_blur)."""
     x = _float(x)
     n, c, H, W = x.shape
     half = (kernel_size - 1) * 0.5
@@ -412,13 +518,14 @@ def blur(x, sigma, kernel_size):
 
 
 def gaussian_blur(x, sigma=(0.1, 2.0), p=0.5, kernel_size=None, generator=None):
-    """GaussianBlur with probability p and sigma ~ U(sigma) per image. Kernel size: by default the odd
-    number near 10 % of the image side (INFERRED; 23 at 224 px, 3 at 32 px)."""
+    """GaussianBlur with probability p and sigma ~ U(sigma) per image. Kernel size: by default the
+    odd number near 10 % of the image side (INFERRED; 23 at 224 px, 3 at 32 px)."""
     x = _float(x)
     n, _, H, W = x.shape
     if kernel_size is None:
         kernel_size = max(3, int(0.1 * min(H, W)) // 2 * 2 + 1)
-    kernel_size = min(kernel_size, (min(H, W) - 1) // 2 * 2 + 1)            # reflect padding needs pad < side
+    # reflect padding needs pad < side
+    kernel_size = min(kernel_size, (min(H, W) - 1) // 2 * 2 + 1)
     apply = _rand(n, x, generator) < p
     s = _rand(n, x, generator) * (sigma[1] - sigma[0]) + sigma[0]
     return torch.where(apply[:, None, None, None], blur(x, s, kernel_size), x)
@@ -429,17 +536,19 @@ def normalize(x, mean, std):
     return (_float(x) - m) / s
 
 
-def sample_boxes(n, num_boxes, height, width, scale=(0.05, 0.6), ratio=(3 / 4, 4 / 3), generator=None,
-                 device=None):
-    """DSCL (Xuan & Zhang 2024) patch boxes drawn as rrc_params (area ~ U(scale), log-ratio uniform, 10 tries,
-    centre fallback): (n, num_boxes, 4) float (x1, y1, x2, y2) pixel coordinates in the image, x2 = x1 + w."""
-    top, left, h, w = rrc_params(n * num_boxes, height, width, scale, ratio, generator, device).unbind(1)
+def sample_boxes(n, num_boxes, height, width, scale=(0.05, 0.6), ratio=(3 / 4, 4 / 3),
+                 generator=None, device=None):
+    """DSCL (Xuan & Zhang 2024) patch boxes drawn as rrc_params (area ~ U(scale), log-ratio uniform,
+    10 tries, centre fallback): (n, num_boxes, 4) float (x1, y1, x2, y2) pixel coordinates in the
+    image, x2 = x1 + w."""
+    boxes = rrc_params(n * num_boxes, height, width, scale, ratio, generator, device)
+    top, left, h, w = boxes.unbind(1)
     return torch.stack([left, top, left + w, top + h], 1).view(n, num_boxes, 4)
 
 
 def crop_boxes(x, boxes, size):
-    """Crop every (x1, y1, x2, y2) box of every image and resize to size x size (bilinear grid_sample);
-    output (n * num_boxes, 3, size, size), image-major (image 0's boxes first)."""
+    """Crop every (x1, y1, x2, y2) box of every image and resize to size x size (bilinear
+    grid_sample); output (n * num_boxes, 3, size, size), image-major (image 0's boxes first)."""
     n, k = boxes.shape[:2]
     b = boxes.reshape(n * k, 4).float()
     xi = _float(x).repeat_interleave(k, 0)
@@ -447,29 +556,49 @@ def crop_boxes(x, boxes, size):
     return resized_crop(xi, tlhw, size)
 
 
-RECIPES = ("simclr_cifar", "mocov2_imagenet", "crop_flip_cifar", "crop_flip_imagenet", "dscl_query_color",
-           "dscl_query_color_cifar", "dscl_patch", "dscl_patch_cifar", "hybrid_base", "hybrid_jitter",
-           "test_cifar", "test_imagenet")
+RECIPES = ("simclr_cifar", "mocov2_imagenet", "crop_flip_cifar", "crop_flip_imagenet",
+           "dscl_query_color", "dscl_query_color_cifar", "dscl_patch", "dscl_patch_cifar",
+           "hybrid_base", "hybrid_jitter", "test_cifar", "test_imagenet")
 
 
-def augment(x, recipe: str, generator=None, image_size=None):
-    """Apply a named recipe (one of RECIPES) to a uint8/float batch on its device; returns normalised float32
-    (N,3,S,S), S = image_size (default: the input side; 224 for mocov2_imagenet). Steps and sources of each
-    recipe: docs/data.md, Augmentation recipes; "CIFAR stats" are LDAM-DRW's CIFAR mean/std."""
+def augment(x, recipe: str, generator=None, image_size=None, channels_last: bool = False):
+    """Apply a named recipe (one of RECIPES) to a uint8/float batch on its device; returns
+    normalised float32 (N,3,S,S), S = image_size (default: the input side; 224 for mocov2_imagenet),
+    in the channels_last memory format if asked. Steps and sources of each recipe: docs/data.md,
+    Augmentation recipes; "CIFAR stats" are LDAM-DRW's CIFAR mean/std."""
+    return memory_format(apply_recipe(x, recipe, generator, image_size), channels_last)
+
+
+def memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x in the channels_last memory format (the layout convolutions on a GPU prefer) if asked."""
+    if channels_last:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def apply_recipe(x, recipe: str, generator=None, image_size=None):
+    """The recipes of `augment`, in the default memory format."""
     g = generator
     S = image_size or x.shape[-1]
     jit = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
-    inet, cif = MEAN_STD["imagenet"], MEAN_STD["cifar"]
+    inet = MEAN_STD["imagenet"]
+    cif = MEAN_STD["cifar"]
     if recipe in ("simclr_cifar", "mocov2_imagenet"):
         moco = recipe == "mocov2_imagenet"
         size, scale = (image_size or 224, (0.08, 1.0)) if moco else (S, (0.1, 1.0))
         y = random_resized_crop(x, size, scale, generator=g)
-        y = random_grayscale(color_jitter(random_hflip(y, generator=g), **jit, p=0.8, generator=g), 0.2, g)
+        y = color_jitter(random_hflip(y, generator=g), **jit, p=0.8, generator=g)
+        y = random_grayscale(y, 0.2, g)
         return normalize(gaussian_blur(y, (0.1, 2.0), 0.5, generator=g) if moco else y, *inet)
     if recipe in ("crop_flip_cifar", "crop_flip_imagenet"):
-        big = x.shape[-1] > S                       # larger input: RandomResizedCrop(S) instead of the crop
-        y = random_resized_crop(x, S, (0.08, 1.0), generator=g) if big else random_crop(x, S, S // 8, g)
-        return normalize(random_hflip(y, generator=g), *(cif if recipe == "crop_flip_cifar" else inet))
+        # larger input: RandomResizedCrop(S) instead of the crop
+        big = x.shape[-1] > S
+        if big:
+            y = random_resized_crop(x, S, (0.08, 1.0), generator=g)
+        else:
+            y = random_crop(x, S, S // 8, g)
+        stats = cif if recipe == "crop_flip_cifar" else inet
+        return normalize(random_hflip(y, generator=g), *stats)
     if recipe in ("dscl_query_color", "dscl_query_color_cifar", "dscl_patch", "dscl_patch_cifar"):
         is_c = recipe.endswith("_cifar")
         y = random_hflip(x, generator=g) if recipe.startswith("dscl_patch") else _float(x)
@@ -482,20 +611,23 @@ def augment(x, recipe: str, generator=None, image_size=None):
             y = color_jitter(y, **jit, p=0.8, generator=g)
         return normalize(random_grayscale(y, 0.2, g), *cif)
     if recipe in ("test_cifar", "test_imagenet"):
-        top, left = int(round((x.shape[-2] - S) / 2.0)), int(round((x.shape[-1] - S) / 2.0))   # centre crop
+        # centre crop
+        top, left = int(round((x.shape[-2] - S) / 2.0)), int(round((x.shape[-1] - S) / 2.0))
         y = x[..., top:top + S, left:left + S] if x.shape[-1] > S else x
         return normalize(y, *(cif if recipe == "test_cifar" else inet))
     raise UserError(f"unknown augmentation recipe '{recipe}'; valid recipes: {', '.join(RECIPES)}")
 
 
-# --- Loaders and the class-balanced sampler (docs/data.md, Loaders and samplers) -------------------------
+# --- Loaders and the class-balanced sampler (docs/data.md, Loaders and samplers) ------------------
 def _epoch_generator(device, seed, epoch, stream=0):
-    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, stream + 1, False) % (2 ** 63))
+    s = epoch_seed(seed, epoch, stream + 1, False) % (2 ** 63)
+    return torch.Generator(device=device).manual_seed(s)
 
 
 def balanced_indices(y: torch.Tensor, n: int, generator=None) -> torch.Tensor:
-    """Class-balanced sampling with replacement (Kang et al. 2020): a class uniformly among the classes
-    present, then an image of that class uniformly; returns n indices into y (on y's device)."""
+    """Class-balanced sampling with replacement (Kang et al. 2020): a class uniformly among the
+    classes present, then an image of that class uniformly; returns n indices into y (on y's
+    device)."""
     counts = torch.bincount(y)
     classes = torch.nonzero(counts).squeeze(1)
     order = torch.argsort(y, stable=True)
@@ -507,26 +639,35 @@ def balanced_indices(y: torch.Tensor, n: int, generator=None) -> torch.Tensor:
 
 
 class Loader:
-    """Batches of (x uint8 (B,3,H,W), y int64 (B,), idx int64 (B,)), all on `device`; idx indexes the split.
+    """Batches of (x uint8 (B,3,H,W), y int64 (B,), idx int64 (B,)), all on `device`; idx indexes
+    the split.
 
-    Tensor-resident splits are copied to the device once; batches are cut with index_select. List datasets
-    use DataLoader workers that decode to uint8 Resize(256) + CenterCrop(256) for training (the recipe then
-    takes its RandomResizedCrop(224) from that square; INFERRED) or CenterCrop(224) for evaluation."""
+    Tensor-resident splits are copied to the device once; batches are cut with index_select. List
+    datasets use DataLoader workers that decode to uint8 Resize(256) + CenterCrop(256) for training
+    (the recipe then takes its RandomResizedCrop(224) from that square; INFERRED) or CenterCrop(224)
+    for evaluation."""
 
-    def __init__(self, split: Split, batch_size, device, shuffle=True, drop_last=True, sampler="random",
-                 seed=0, workers=8, image_size=224, shard=False):
+    def __init__(self, split: Split, batch_size, device, shuffle=True, drop_last=True,
+                 sampler="random", seed=0, workers=8, image_size=224, shard=False):
         if sampler not in ("random", "balanced", "sequential"):
             raise UserError(f"unknown sampler '{sampler}'; use random, balanced or sequential")
         if split.x is None and split.files is None:
             raise UserError("the split has neither images nor files")
-        self.split, self.batch_size, self.device = split, int(batch_size), torch.device(device)
+        self.split = split
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
         self.sampler = sampler if (shuffle or sampler == "balanced") else "sequential"
-        self.drop_last, self.seed, self.epoch, self.stream = drop_last, seed, 0, 0
-        self.workers, self.image_size, self.shuffle = min(workers, os.cpu_count() or 1), image_size, shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+        self.stream = 0
+        self.workers = min(workers, os.cpu_count() or 1)
+        self.image_size = image_size
+        self.shuffle = shuffle
         self.rank, self.world = get_rank_world() if shard else (0, 1)
         if self.world > 1 and (self.batch_size % self.world or not drop_last):
-            raise UserError(f"--batch-size {self.batch_size} is the global batch: under torchrun it must be "
-                            f"a multiple of the {self.world} processes")
+            raise UserError(f"--batch-size {self.batch_size} is the global batch: under torchrun "
+                            f"it must be a multiple of the {self.world} processes")
         if split.x is not None:
             key = str(self.device)
             if key not in split._on_device:
@@ -539,9 +680,10 @@ class Loader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int, stream: int = 0):
-        """The order of the next pass: a function of (seed, epoch, stream); stream > 0 gives more batches
-        within one epoch when a second loader runs out first."""
-        self.epoch, self.stream = int(epoch), int(stream)
+        """The order of the next pass: a function of (seed, epoch, stream); stream > 0 gives more
+        batches within one epoch when a second loader runs out first."""
+        self.epoch = int(epoch)
+        self.stream = int(stream)
 
     def _order(self, epoch):
         n = len(self.split)
@@ -564,13 +706,14 @@ class Loader:
             yield self.x.index_select(0, idx), self.y.index_select(0, idx), idx
 
     def _mine(self, order):
-        """This process's part of every global batch: the r-th of `world` equal slices, so that gathering
-        the processes' batches in rank order gives back the single-process batch (disjoint; together the
-        epoch)."""
+        """This process's part of every global batch: the r-th of `world` equal slices, so that
+        gathering the processes' batches in rank order gives back the single-process batch
+        (disjoint; together the epoch)."""
         if self.world == 1:
             return order[:len(self) * self.batch_size]
         part = self.batch_size // self.world
-        return order[:len(self) * self.batch_size].view(len(self), self.world, part)[:, self.rank].reshape(-1)
+        batches = order[:len(self) * self.batch_size].view(len(self), self.world, part)
+        return batches[:, self.rank].reshape(-1)
 
     def _iter_files(self, order):
         ds = _FileDataset(self.split.files, self.split.y, self.image_size, train=self.shuffle)
@@ -588,7 +731,8 @@ class _FileDataset(torch.utils.data.Dataset):
 
     def __init__(self, files, y, image_size=224, train=True):
         from torchvision.transforms import v2
-        self.files, self.y = files, y
+        self.files = files
+        self.y = y
         short = int(round(image_size * 256 / 224))
         self.tf = v2.Compose([v2.PILToTensor(), v2.Resize(short, antialias=True),
                               v2.CenterCrop(short if train else image_size)])
@@ -603,63 +747,75 @@ class _FileDataset(torch.utils.data.Dataset):
         return img, self.y[i], i
 
 
-def make_loader(split: Split, batch_size: int, device, *, shuffle=True, drop_last=True, sampler="random",
-                seed: int = 0, workers: int = 8, image_size: int = 224, shard: bool = False) -> Loader:
-    """See Loader. sampler: "random" (device randperm), "balanced" (len(split) draws with replacement, see
-    balanced_indices) or "sequential"; shuffle=False with "random" means sequential (evaluation).
-    shard=True (training loops): under torchrun each process takes its part of every global batch of
-    `batch_size`; evaluation loaders are not sharded (every process evaluates the same, process 0 writes)."""
-    return Loader(split, batch_size, device, shuffle, drop_last, sampler, seed, workers, image_size, shard)
+def make_loader(split: Split, batch_size: int, device, *, shuffle=True, drop_last=True,
+                sampler="random", seed: int = 0, workers: int = 8, image_size: int = 224,
+                shard: bool = False) -> Loader:
+    """See Loader. sampler: "random" (device randperm), "balanced" (len(split) draws with
+    replacement, see balanced_indices) or "sequential"; shuffle=False with "random" means sequential
+    (evaluation). shard=True (training loops): under torchrun each process takes its part of every
+    global batch of `batch_size`; evaluation loaders are not sharded (every process evaluates the
+    same, process 0 writes)."""
+    return Loader(split, batch_size, device, shuffle, drop_last, sampler, seed, workers, image_size,
+                  shard)
 
 
-# --- Building an LTDataset from canonical uint8 arrays (CIFAR pickles, small folder trees, Tiny-ImageNet) ---
+# --- LTDataset from canonical uint8 arrays (CIFAR pickles, small folder trees, Tiny-ImageNet) -----
 def _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir):
-    """SDCLR's index files by their standard names, under split_dir or split_file's grandparent (split_file is
-    D_i; docs/data.md, SDCLR index files); D_i must follow the rho profile, miss val and contain S_b."""
+    """SDCLR's index files by their standard names, under split_dir or split_file's grandparent
+    (split_file is D_i; docs/data.md, SDCLR index files); D_i must follow the rho profile, miss val
+    and contain S_b."""
     pre = "cifar100_" if C == 100 else ""
     if split_dir is not None and not os.path.isdir(split_dir):
-        raise UserError(f"--sdclr-split-dir {split_dir} does not exist; point it at SDCLR's split/ folder "
-                        f"(github.com/VITA-Group/SDCLR)")
+        raise UserError(f"--sdclr-split-dir {split_dir} does not exist; point it at SDCLR's split/ "
+                        f"folder (github.com/VITA-Group/SDCLR)")
     root = split_dir or os.path.dirname(os.path.dirname(os.path.abspath(split_file)))
     walk = sorted(os.walk(root))
-    find = lambda nm: next((os.path.join(d, nm) for d, _, fs in walk if nm in fs), None)  # noqa: E731
+
+    def find(nm):
+        return next((os.path.join(d, nm) for d, _, fs in walk if nm in fs), None)
+
     files = {"train": split_file or find(f"{pre}split{split}_D_i.npy"),
              "fewshot": find(f"{pre}split{split}_S_b.npy"), "val": find(f"{pre}valIdxList.npy"),
              "probe": find(f"{pre}trainIdxList.npy")}
     if files["train"] is None:
-        raise UserError(f"no {pre}split{split}_D_i.npy under {root}; pass --split-file PATH or an SDCLR "
-                        f"split/ folder with --sdclr-split-dir")
-    sets, n = dict.fromkeys(files), len(t_tr)
+        raise UserError(f"no {pre}split{split}_D_i.npy under {root}; pass --split-file PATH or an "
+                        f"SDCLR split/ folder with --sdclr-split-dir")
+    sets = dict.fromkeys(files)
+    n = len(t_tr)
     for k, path in [(k, p) for k, p in files.items() if p is not None]:
         if not os.path.isfile(path):
-            raise UserError(f"split file {path} not found; give an SDCLR index file such as split1_D_i.npy")
+            raise UserError(f"split file {path} not found; give an SDCLR index file such as "
+                            f"split1_D_i.npy")
         try:
             idx = np.load(path, allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-            raise UserError(f"split file {path} is not a readable .npy index array ({type(e).__name__}: {e})")
+            raise UserError(f"split file {path} is not a readable .npy index array "
+                            f"({type(e).__name__}: {e})")
         if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-            raise UserError(f"{path}: {k} must be a 1-D integer index array (got shape {idx.shape}, "
-                            f"dtype {idx.dtype}); pass an SDCLR split file such as split1_D_i.npy")
+            raise UserError(f"{path}: {k} must be a 1-D integer index array (got shape "
+                            f"{idx.shape}, dtype {idx.dtype}); pass an SDCLR split file such as "
+                            f"split1_D_i.npy")
         if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise UserError(f"{path}: {k} index {int(idx.min() if idx.min() < 0 else idx.max())} is out of "
-                            f"range [0, {n}); the file must index the canonical {n}-image train array")
+            bad = int(idx.min() if idx.min() < 0 else idx.max())
+            raise UserError(f"{path}: {k} index {bad} is out of range [0, {n}); the file must "
+                            f"index the canonical {n}-image train array")
         if np.unique(idx).size != idx.size:
-            raise UserError(f"{path}: {k} contains {idx.size - np.unique(idx).size} duplicate indices; "
-                            f"use an unmodified SDCLR split file")
+            raise UserError(f"{path}: {k} contains {idx.size - np.unique(idx).size} duplicate "
+                            f"indices; use an unmodified SDCLR split file")
         sets[k] = idx.astype(np.int64)
     tr = sets["train"]
     counts = np.bincount(t_tr[tr], minlength=C).tolist()
     per = int(np.bincount(t_tr, minlength=C).min())
     prof = lt_counts(per - per // 10, C, imb_ratio)
     if sorted(counts, reverse=True) != prof:
-        raise UserError(f"{files['train']}: per-class counts {sorted(counts, reverse=True)} differ from the "
-                        f"rho={imb_ratio:g} profile {prof}; check --imb-ratio or the file")
+        raise UserError(f"{files['train']}: per-class counts {sorted(counts, reverse=True)} differ "
+                        f"from the rho={imb_ratio:g} profile {prof}; check --imb-ratio or the file")
     if sets["val"] is not None and np.intersect1d(tr, sets["val"]).size:
-        raise UserError(f"{files['train']} overlaps the validation list {files['val']}; use matching "
-                        f"SDCLR files")
+        raise UserError(f"{files['train']} overlaps the validation list {files['val']}; use "
+                        f"matching SDCLR files")
     if sets["fewshot"] is not None and np.setdiff1d(sets["fewshot"], tr).size:
-        raise UserError(f"{files['fewshot']} is not a subset of {files['train']}; use the S_b file of the "
-                        f"same split")
+        raise UserError(f"{files['fewshot']} is not a subset of {files['train']}; use the S_b file "
+                        f"of the same split")
     return {**sets, "counts": counts}
 
 
@@ -668,47 +824,123 @@ def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split,
     """Apply the ldam / sdclr generators or SDCLR's index files to canonical arrays and attach the
     validation, probe and few-shot sets (docs/data.md, CIFAR-LT conventions and Splits)."""
     C = len(classes)
+    require_two_classes(name, C)
     t_tr = np.asarray(t_tr, dtype=np.int64)
     y_tr = torch.from_numpy(t_tr)
-    sub = lambda idx: _split_of(x_tr, y_tr, idx) if idx is not None else None  # noqa: E731
+
+    def sub(idx):
+        return _split_of(x_tr, y_tr, idx) if idx is not None else None
+
     base = dict(name=name, num_classes=C, class_names=list(classes), image_size=int(x_tr.shape[-1]),
                 test=Split(y=torch.as_tensor(np.asarray(y_te, dtype=np.int64)), x=x_te),
                 image_source=image_source, tensor_resident=True, imb_ratio=imb_ratio)
     if imb_ratio is None:                                   # the tree exactly as it is
         counts = np.bincount(t_tr, minlength=C).tolist()
-        return LTDataset(train=Split(y=y_tr, x=x_tr), val=None, probe=None, fewshot=None, class_counts=counts,
-                         class_rank=_rank_from_counts(counts), lt_convention="list", split=None, **base)
+        return LTDataset(train=Split(y=y_tr, x=x_tr), val=None, probe=None, fewshot=None,
+                         class_counts=counts, class_rank=_rank_from_counts(counts),
+                         lt_convention="list", split=None, **base)
     if split_file is not None or split_dir is not None:     # SDCLR's exact membership
         s = _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir)
-        rank, conv = _rank_from_counts(s["counts"]), "sdclr-npy"
+        rank = _rank_from_counts(s["counts"])
+        conv = "sdclr-npy"
     elif protocol == "sdclr":
         s = sdclr_indices(t_tr, C, imb_ratio, split, seed)
-        rank, conv = _rank_of_order(s["order"]), "sdclr"
+        rank = _rank_of_order(s["order"])
+        conv = "sdclr"
     else:
         per = int(np.bincount(t_tr, minlength=C).min())
         counts = lt_counts(per, C, imb_ratio)               # n_max = 5,000 / 500
         tr = ldam_indices(t_tr, counts, seed)
-        perm = np.random.RandomState(seed + 1).permutation(len(t_tr))     # INFERRED val / probe / few-shot
+        # INFERRED val / probe / few-shot
+        perm = np.random.RandomState(seed + 1).permutation(len(t_tr))
         val = np.sort(np.concatenate([perm[t_tr[perm] == c][:per // 10] for c in range(C)]))
         s = dict(train=tr, val=val, probe=np.setdiff1d(np.arange(len(t_tr)), val), counts=counts,
                  fewshot=np.concatenate([tr[t_tr[tr] == c][:counts[-1]] for c in range(C)]))
-        rank, conv, split = list(range(C)), "ldam", None
-    return LTDataset(**{k: sub(s[k]) for k in ("train", "val", "probe", "fewshot")}, class_counts=s["counts"],
-                     class_rank=rank, lt_convention=conv, split=split, **base)
+        rank = list(range(C))
+        conv = "ldam"
+        split = None
+    if split_file is None and split_dir is None:  # the generators: the tail must exist
+        check_buildable(name, sorted(s["counts"], reverse=True), imb_ratio, max(s["counts"]))
+    return LTDataset(**{k: sub(s[k]) for k in ("train", "val", "probe", "fewshot")},
+                     class_counts=s["counts"], class_rank=rank, lt_convention=conv, split=split,
+                     **base)
 
 
-# --- CIFAR (the official python pickles, read in the order torchvision uses) ------------------------------
+# --- Files: atomic writes, JSON, weights-only checkpoint loads ------------------------------------
+
+def atomic_write(path, write) -> None:
+    """write(file) into <path>.tmp beside `path`, flush + fsync, then os.replace onto `path` and
+    fsync the directory. A crash or exception before the replace leaves the previous `path`
+    untouched."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # make the rename durable (best effort: not every OS opens dirs)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def to_json(obj):
+    """json.dump `default`: numpy / torch scalars and arrays, paths, dtypes, devices, sets and
+    tuples."""
+    if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
+        return obj.tolist()  # a 0-d tensor or array gives a Python number
+    if isinstance(obj, (pathlib.Path, torch.dtype, torch.device)):
+        return str(obj)
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def save_json(path, obj) -> None:
+    """Atomic JSON write (indent=2); numpy / torch scalars and arrays are converted."""
+    text = json.dumps(obj, indent=2, default=to_json)
+    atomic_write(path, lambda f: f.write(text.encode() + b"\n"))
+
+
+def load_checkpoint(path, flag: str = "--resume", map_location="cpu") -> dict:
+    """torch.load(weights_only=True). A missing or unreadable file raises a one-line UserError
+    naming `flag`, the option the path came from."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such checkpoint file; pass an existing checkpoint.pt "
+                        "(or run directory)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # truncated zip, random bytes, a pickle of code: torch raises several kinds
+        raise UserError(f"{flag} {path} is not a checkpoint (unreadable): truncated or damaged "
+                        "outside this program (checkpoint writes are atomic, so the others are "
+                        f"intact); pass another {flag} path") from None
+
+
+# --- CIFAR (the official python pickles, read in the order torchvision uses) ----------------------
 CIFAR_LAYOUT = {
     "cifar10-lt": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
-                       test=["test_batch"], meta="batches.meta", names="label_names", labels="labels",
+                       test=["test_batch"], meta="batches.meta",
+                       names="label_names", labels="labels",
                        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", tv="CIFAR10"),
     "cifar100-lt": dict(folder="cifar-100-python", train=["train"], test=["test"], meta="meta",
                         names="fine_label_names", labels="fine_labels",
-                        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", tv="CIFAR100")}
+                        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                        tv="CIFAR100")}
 
 
 def _unpickle(path, *keys):
-    """The fields `keys` of a CIFAR python pickle; an unreadable file or a missing field is a UserError."""
+    """The fields `keys` of a CIFAR python pickle; an unreadable file or a missing field is a
+    UserError."""
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="latin1")
@@ -719,17 +951,25 @@ def _unpickle(path, *keys):
 
 
 def read_cifar(name, data_dir, download=True):
-    """Canonical CIFAR arrays: (x_train uint8 (N,3,32,32), t_train int64 np, x_test, t_test, class names).
-    Missing files: one torchvision download attempt (if the data dir exists or is ./data), else UserError."""
-    lay, why = CIFAR_LAYOUT[name], None
-    base, names = os.path.join(data_dir, lay["folder"]), lay["train"] + lay["test"] + [lay["meta"]]
-    missing = lambda: [f for f in names if not os.path.isfile(os.path.join(base, f))]  # noqa: E731
+    """Canonical CIFAR arrays: (x_train uint8 (N,3,32,32), t_train int64 np, x_test, t_test, class
+    names). Missing files: one torchvision download attempt (if the data dir exists or is ./data),
+    else UserError."""
+    lay = CIFAR_LAYOUT[name]
+    why = None
+    base = os.path.join(data_dir, lay["folder"])
+    names = lay["train"] + lay["test"] + [lay["meta"]]
+
+    def missing():
+        return [f for f in names if not os.path.isfile(os.path.join(base, f))]
+
     if missing() and download and (os.path.isdir(data_dir) or os.path.normpath(data_dir) == "data"):
         import torchvision
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            quiet_out = contextlib.redirect_stdout(io.StringIO())
+            quiet_err = contextlib.redirect_stderr(io.StringIO())
+            with quiet_out, quiet_err:
                 getattr(torchvision.datasets, lay["tv"])(data_dir, train=True, download=True)
         except Exception as e:  # noqa: BLE001 - no network, disk full, ...: one line
             why = f"files missing and the download failed ({type(e).__name__})"
@@ -738,10 +978,12 @@ def read_cifar(name, data_dir, download=True):
     if why or missing():
         why = why or (f"missing {', '.join(missing())}" if os.path.isdir(data_dir)
                       else "data dir does not exist")
-        alt = ("; or use a copy of CIFAR-10 as JPEGs in ImageFolder layout (ROOT/train/<class>/*.jpg, ROOT/"
-               "test/<class>/*.jpg) with --dataset folder --data-dir ROOT") if name == "cifar10-lt" else ""
-        raise UserError(f"{name}: {why}; expected {base}/{{{','.join(names)}}} (the python version of "
-                        f"CIFAR); download {lay['url']} and unpack it into {data_dir}{alt}")
+        alt = ""
+        if name == "cifar10-lt":
+            alt = ("; or use a copy of CIFAR-10 as JPEGs in ImageFolder layout (ROOT/train/<class>/"
+                   "*.jpg, ROOT/test/<class>/*.jpg) with --dataset folder --data-dir ROOT")
+        raise UserError(f"{name}: {why}; expected {base}/{{{','.join(names)}}} (the python version "
+                        f"of CIFAR); download {lay['url']} and unpack it into {data_dir}{alt}")
 
     def part(files):
         xs, ys = zip(*(_unpickle(os.path.join(base, f), "data", lay["labels"]) for f in files))
@@ -749,12 +991,14 @@ def read_cifar(name, data_dir, download=True):
             x = np.concatenate([np.asarray(a, dtype=np.uint8).reshape(-1, 3, 32, 32) for a in xs])
             return torch.from_numpy(x), np.concatenate([np.asarray(t, dtype=np.int64) for t in ys])
         except ValueError as e:
-            raise UserError(f"{base}: malformed CIFAR arrays in {', '.join(files)} ({e}); re-download them")
-    (x_tr, t_tr), (x_te, t_te) = part(lay["train"]), part(lay["test"])
+            raise UserError(f"{base}: malformed CIFAR arrays in {', '.join(files)} ({e}); "
+                            f"re-download them")
+    x_tr, t_tr = part(lay["train"])
+    x_te, t_te = part(lay["test"])
     return x_tr, t_tr, x_te, t_te, list(_unpickle(os.path.join(base, lay["meta"]), lay["names"])[0])
 
 
-# --- Image folders (ImageFolder trees) and Tiny-ImageNet: small images decoded once into a uint8 cache ----
+# --- ImageFolder trees and Tiny-ImageNet: small images decoded once into a uint8 cache ------------
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -763,8 +1007,8 @@ def _list_images(d):
 
 
 def _decode_all(files, size=None):
-    """Decode files with PIL (threads) into one uint8 (N,3,S,S) RGB tensor; images of another size are
-    resized to S x S (antialias). S = size or the first image's side."""
+    """Decode files with PIL (threads) into one uint8 (N,3,S,S) RGB tensor; images of another size
+    are resized to S x S (antialias). S = size or the first image's side."""
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
@@ -774,7 +1018,8 @@ def _decode_all(files, size=None):
             with Image.open(path) as im:
                 return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"{path}: cannot decode image ({type(e).__name__}); remove or replace the file")
+            raise UserError(f"{path}: cannot decode image ({type(e).__name__}); remove or replace "
+                            f"the file")
 
     S = size or one(files[0]).shape[-1]
     out = torch.empty(len(files), 3, S, S, dtype=torch.uint8)
@@ -785,8 +1030,9 @@ def _decode_all(files, size=None):
 
 
 def _cached_arrays(root, parts: dict, tag: str):
-    """parts = {name: (files, labels)} -> {name: (x uint8, y int64)}, cached in <root>/.cache-<hash>.pt
-    (docs/data.md, uint8 cache: atomic write, rebuilt when unreadable, no cache in a read-only dir)."""
+    """parts = {name: (files, labels)} -> {name: (x uint8, y int64)}, cached in
+    <root>/.cache-<hash>.pt (docs/data.md, uint8 cache: atomic write, rebuilt when unreadable, no
+    cache in a read-only dir)."""
     h = hashlib.sha1(tag.encode())
     for k in sorted(parts):
         for f in parts[k][0]:
@@ -794,10 +1040,12 @@ def _cached_arrays(root, parts: dict, tag: str):
             h.update(f"{k}|{os.path.relpath(f, root)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
     path = os.path.join(root, f".cache-{h.hexdigest()[:16]}.pt")
     if os.path.isfile(path):
-        with contextlib.suppress(Exception):                # a truncated or foreign cache is rebuilt below
+        # a truncated or foreign cache is rebuilt below
+        with contextlib.suppress(Exception):
             d = torch.load(path, weights_only=True)
             return {k: (d[k + "_x"], d[k + "_y"]) for k in parts}
-    out, size = {}, None
+    out = {}
+    size = None
     for k, (files, labels) in parts.items():
         x = _decode_all(files, size)
         size = x.shape[-1]
@@ -806,14 +1054,19 @@ def _cached_arrays(root, parts: dict, tag: str):
     try:
         torch.save({f"{k}_{v}": t for k in out for v, t in zip("xy", out[k])}, tmp)
         os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
+    except (OSError, RuntimeError) as e:
+        # a read-only or full data directory: no cache (torch.save wraps OS errors in RuntimeError)
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:80]
+        print(f"note: no uint8 cache written in {root} ({reason}); the images are decoded again "
+              "on the next run", flush=True)
     return out
 
 
 def _scan_split(d, classes, sub=""):
-    """Images of d/<class>/<sub>/ for every class folder that exists; labels = index in `classes`."""
+    """Images of d/<class>/<sub>/ for every class folder that exists; labels = index in
+    `classes`."""
     files, labels = [], []
     for c, name in enumerate(classes):
         cd = os.path.join(d, name, sub)
@@ -829,46 +1082,59 @@ def _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed):
     tr_dir = os.path.join(root, "train")
     te_dir = next((p for p in (f"{root}/test", f"{root}/val") if os.path.isdir(p)), None)
     if not os.path.isdir(tr_dir) or te_dir is None:
-        raise UserError(f"folder dataset: expected {root}/train/<class>/*.jpg and {root}/test/<class>/* (or "
-                        f"val/), e.g. a copy of CIFAR-10 as JPEGs (see docs/data.md, CIFAR-10 JPEG copy)")
+        raise UserError(f"folder dataset: expected {root}/train/<class>/*.jpg and "
+                        f"{root}/test/<class>/* (or val/), e.g. a copy of CIFAR-10 as JPEGs (see "
+                        f"docs/data.md, CIFAR-10 JPEG copy)")
     if split_file is not None:
-        raise UserError("--split-file indexes the canonical CIFAR arrays and the file order of a folder tree "
-                        "is unknown; use --protocol sdclr without it, or --dataset cifar10-lt")
+        raise UserError("--split-file indexes the canonical CIFAR arrays and the file order of a "
+                        "folder tree is unknown; use --protocol sdclr without it, or --dataset "
+                        "cifar10-lt")
     classes = sorted(d for d in os.listdir(tr_dir) if os.path.isdir(os.path.join(tr_dir, d)))
     if not classes:
-        raise UserError(f"folder dataset: no class folders in {tr_dir}; expected train/<class>/*.jpg")
+        raise UserError(f"folder dataset: no class folders in {tr_dir}; expected "
+                        f"train/<class>/*.jpg")
     tr_files, tr_y = _scan_split(tr_dir, classes)
     te_files, te_y = _scan_split(te_dir, classes)
     empty = [c for c, n in zip(classes, np.bincount(tr_y, minlength=len(classes))) if n == 0]
     if empty or not te_files:
-        what = f"class folders without images: {', '.join(empty[:5])}" if empty else f"no images in {te_dir}"
-        raise UserError(f"folder dataset: {what}; every class needs images in {tr_dir}/<class>/ and the test "
-                        f"split in {te_dir}/<class>/")
+        if empty:
+            what = f"class folders without images: {', '.join(empty[:5])}"
+        else:
+            what = f"no images in {te_dir}"
+        raise UserError(f"folder dataset: {what}; every class needs images in {tr_dir}/<class>/ "
+                        f"and the test split in {te_dir}/<class>/")
     from PIL import Image
     with Image.open(tr_files[0]) as im:
         side = max(im.size)
-    jpeg_copy = tuple(classes) == CIFAR10_CLASSES and side == 32 and len(tr_files) == 50000   # CIFAR-10 copy
+    # CIFAR-10 copy
+    jpeg_copy = tuple(classes) == CIFAR10_CLASSES and side == 32 and len(tr_files) == 50000
     source = "jpeg-copy" if jpeg_copy else "folder"
     parts = {"train": (tr_files, tr_y), "test": (te_files, te_y)}
-    if side > 64:                                           # large images: decoded per step, as list datasets
+    # large images: decoded per step, as list datasets
+    if side > 64:
         return _files_dataset("folder", parts, classes, source)
     (x_tr, y_tr), (x_te, y_te) = _cached_arrays(root, parts, "folder").values()
-    return _build_lt("folder", x_tr, y_tr.numpy(), x_te, y_te, classes, imb_ratio, protocol, split, seed,
-                     source)
+    return _build_lt("folder", x_tr, y_tr.numpy(), x_te, y_te, classes, imb_ratio, protocol, split,
+                     seed, source)
 
 
 def _load_tiny(data_dir, imb_ratio, seed):
-    """Tiny-ImageNet-LT (FASSL paper Sec. 4.1): ldam construction with n_max 500; test = the official val."""
+    """Tiny-ImageNet-LT (FASSL paper Sec. 4.1): ldam construction with n_max 500; test = the
+    official val."""
     root = next((r for r in (data_dir, os.path.join(data_dir, "tiny-imagenet-200"))
                  if os.path.isfile(os.path.join(r, "wnids.txt"))), None)
     if root is None:
-        raise UserError(f"tiny-imagenet-lt: {data_dir}/tiny-imagenet-200/wnids.txt not found; expected "
-                        f"wnids.txt, train/<wnid>/images/*.JPEG and val/val_annotations.txt; download "
-                        f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into {data_dir}")
+        raise UserError(f"tiny-imagenet-lt: {data_dir}/tiny-imagenet-200/wnids.txt not found; "
+                        f"expected wnids.txt, train/<wnid>/images/*.JPEG and "
+                        f"val/val_annotations.txt; download "
+                        f"http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into "
+                        f"{data_dir}")
     root = os.path.abspath(root)
     with open(os.path.join(root, "wnids.txt")) as f:
-        wnids = sorted(w.strip() for w in f if w.strip())      # label = sorted wnid index (INFERRED)
-    lab, ann = {w: i for i, w in enumerate(wnids)}, os.path.join(root, "val", "val_annotations.txt")
+        # label = sorted wnid index (INFERRED)
+        wnids = sorted(w.strip() for w in f if w.strip())
+    lab = {w: i for i, w in enumerate(wnids)}
+    ann = os.path.join(root, "val", "val_annotations.txt")
     for p in [os.path.join(root, "train", w, "images") for w in wnids] + [ann]:
         if not (os.path.isfile(p) if p == ann else os.path.isdir(p)):
             raise UserError(f"tiny-imagenet-lt: {p} missing; re-extract tiny-imagenet-200.zip")
@@ -878,25 +1144,30 @@ def _load_tiny(data_dir, imb_ratio, seed):
         for ln, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 2 or parts[1] not in lab:
-                raise UserError(f"{ann}:{ln}: expected '<file>\\t<wnid>\\t...' with a wnid from wnids.txt")
+                raise UserError(f"{ann}:{ln}: expected '<file>\\t<wnid>\\t...' with a wnid from "
+                                f"wnids.txt")
             test.append((os.path.join(root, "val", "images", parts[0]), lab[parts[1]]))
-    te_files, te_y = (list(t) for t in zip(*sorted(test, key=lambda p: p[0])))     # sorted by file name
+    # sorted by file name
+    te_files, te_y = (list(t) for t in zip(*sorted(test, key=lambda p: p[0])))
     parts = {"train": (tr_files, tr_y), "test": (te_files, te_y)}
     (x_tr, y_tr), (x_te, y_te) = _cached_arrays(root, parts, "tiny").values()
     return _build_lt("tiny-imagenet-lt", x_tr, y_tr.numpy(), x_te, y_te, wnids,
                      100.0 if imb_ratio is None else imb_ratio, "ldam", None, seed, "canonical")
 
 
-# --- List datasets: `relative/path label` per line, decoded per step by DataLoader workers ----------------
+# --- List datasets: `relative/path label` per line, decoded per step by DataLoader workers --------
 LIST_FILES = {   # role -> file name (docs/data.md, List datasets); only train and test are required
-    "imagenet-lt": dict(train="ImageNet_LT_train.txt", val="ImageNet_LT_val.txt", test="ImageNet_LT_test.txt",
+    "imagenet-lt": dict(train="ImageNet_LT_train.txt", val="ImageNet_LT_val.txt",
+                        test="ImageNet_LT_test.txt",
                         src="github.com/facebookresearch/classifier-balancing data/ImageNet_LT/"),
-    "places-lt": dict(train="Places_LT_train.txt", val="Places_LT_val.txt", test="Places_LT_test.txt",
+    "places-lt": dict(train="Places_LT_train.txt", val="Places_LT_val.txt",
+                      test="Places_LT_test.txt",
                       src="github.com/facebookresearch/classifier-balancing data/Places_LT/"),
     "inat2018": dict(train="iNaturalist18_train.txt", test="iNaturalist18_val.txt",
                      src="github.com/facebookresearch/classifier-balancing data/iNaturalist18/"),
     "imagenet100-lt": dict(train="imageNet_100_LT_train.txt", val="ImageNet_100_val.txt",
-                           test="ImageNet_100_test.txt", fewshot="imageNet_100_sub_balance_train_0.01.txt",
+                           test="ImageNet_100_test.txt",
+                           fewshot="imageNet_100_sub_balance_train_0.01.txt",
                            probe="ImageNet_100_train.txt",
                            src="github.com/VITA-Group/SDCLR split/imagenet-100/")}
 
@@ -918,13 +1189,14 @@ def list_hash_ok(path: str) -> bool | None:
         return None
     with open(path, "rb") as f:
         raw = f.read()
-    got = hashlib.md5(raw) if kind == "md5" else hashlib.sha1(b"blob %d\0" % len(raw) + raw)    # git blob id
+    # git blob id
+    got = hashlib.md5(raw) if kind == "md5" else hashlib.sha1(b"blob %d\0" % len(raw) + raw)
     return got.hexdigest() == want
 
 
 def parse_list(path: str, root: str):
-    """Parse a `<relative/path> <int label>` list (rsplit on the last space). Returns (abs paths, labels).
-    A malformed line raises UserError('<file>:<line>: ...')."""
+    """Parse a `<relative/path> <int label>` list (rsplit on the last space). Returns (abs paths,
+    labels). A malformed line raises UserError('<file>:<line>: ...')."""
     files, labels = [], []
     with open(path, encoding="utf-8") as f:
         for ln, line in enumerate(f, 1):
@@ -932,8 +1204,10 @@ def parse_list(path: str, root: str):
             if not line.strip():
                 continue
             parts = line.rsplit(" ", 1)
-            if len(parts) != 2 or not parts[0] or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
-                raise UserError(f"{path}:{ln}: expected '<relative/path> <int label>', got {line[:80]!r}")
+            if (len(parts) != 2 or not parts[0] or not parts[1].lstrip("-").isdigit()
+                    or int(parts[1]) < 0):
+                raise UserError(f"{path}:{ln}: expected '<relative/path> <int label>', got "
+                                f"{line[:80]!r}")
             files.append(os.path.join(root, parts[0]))
             labels.append(int(parts[1]))
     if not files:
@@ -942,49 +1216,63 @@ def parse_list(path: str, root: str):
 
 
 def _files_dataset(name, sets, classes, source, notes=()) -> LTDataset:
-    """sets: role -> (absolute paths, labels), train and test required; decoded per step by the loader."""
-    mk = lambda fs, ys: Split(y=torch.as_tensor(ys, dtype=torch.int64), files=fs)  # noqa: E731
-    splits = {r: mk(*sets[r]) if r in sets else None for r in ("train", "test", "val", "probe", "fewshot")}
+    """sets: role -> (absolute paths, labels), train and test required; decoded per step by the
+    loader."""
+
+    def mk(fs, ys):
+        return Split(y=torch.as_tensor(ys, dtype=torch.int64), files=fs)
+
+    splits = {r: mk(*sets[r]) if r in sets else None
+              for r in ("train", "test", "val", "probe", "fewshot")}
     counts = torch.bincount(splits["train"].y, minlength=len(classes)).tolist()
-    return LTDataset(name=name, num_classes=len(classes), class_names=list(classes), image_size=224, **splits,
-                     class_counts=counts, class_rank=_rank_from_counts(counts), lt_convention="list",
-                     image_source=source, imb_ratio=None, split=None, tensor_resident=False, notes=[*notes])
+    return LTDataset(name=name, num_classes=len(classes), class_names=list(classes), image_size=224,
+                     **splits, class_counts=counts, class_rank=_rank_from_counts(counts),
+                     lt_convention="list", image_source=source, imb_ratio=None, split=None,
+                     tensor_resident=False, notes=[*notes])
 
 
 def _load_list_dataset(name, data_dir):
     lists = LIST_FILES[name]
     root = os.path.abspath(data_dir)
-    have = lambda role: role in lists and os.path.isfile(os.path.join(root, lists[role]))  # noqa: E731
+
+    def have(role):
+        return role in lists and os.path.isfile(os.path.join(root, lists[role]))
+
     missing = [os.path.join(root, lists[r]) for r in ("train", "test") if not have(r)]
     if missing:
-        raise UserError(f"{name}: list files missing: {', '.join(missing)}; get them from {lists['src']} and "
-                        f"put them in {root} next to the image folders they index")
+        raise UserError(f"{name}: list files missing: {', '.join(missing)}; get them from "
+                        f"{lists['src']} and put them in {root} next to the image folders they "
+                        f"index")
     sets = {r: parse_list(os.path.join(root, lists[r]), root)
             for r in ("train", "test", "val", "fewshot", "probe") if have(r)}
     tr_files, tr_y = sets["train"]
     if not os.path.isfile(tr_files[0]):
-        raise UserError(f"{name}: image {tr_files[0]} (line 1 of {lists['train']}) not found; the list paths "
-                        f"are relative to --data-dir ({root})")
+        raise UserError(f"{name}: image {tr_files[0]} (line 1 of {lists['train']}) not found; the "
+                        f"list paths are relative to --data-dir ({root})")
     C = max(tr_y) + 1
-    first = {c: f for f, c in reversed(list(zip(tr_files, tr_y)))}           # first file of each class
+    # first file of each class
+    first = {c: f for f, c in reversed(list(zip(tr_files, tr_y)))}
     names = [os.path.basename(os.path.dirname(first[c])) if c in first else "" for c in range(C)]
     notes = [f"{lists[r]}: hash differs from the published list; results may not be comparable"
              for r in ("train", "val", "test", "fewshot")
              if have(r) and list_hash_ok(os.path.join(root, lists[r])) is False]
-    if name == "imagenet100-lt" and "probe" not in sets and os.path.isdir(os.path.join(root, "train")):
-        # INFERRED full-shot probe pool (SDCLR's ImageNet_100_train.txt is unpublished): train/<wnid>/ - val
+    if (name == "imagenet100-lt" and "probe" not in sets
+            and os.path.isdir(os.path.join(root, "train"))):
+        # INFERRED full-shot probe pool (SDCLR's ImageNet_100_train.txt is unpublished):
+        # train/<wnid>/ - val
         skip = set(sets.get("val", ([], []))[0])
-        pool = [(f, c) for f, c in zip(*_scan_split(os.path.join(root, "train"), names)) if f not in skip]
+        scanned = zip(*_scan_split(os.path.join(root, "train"), names))
+        pool = [(f, c) for f, c in scanned if f not in skip]
         sets["probe"] = [f for f, _ in pool], [c for _, c in pool]
         notes.append("full-shot probe pool built from train/<wnid>/ minus the val list (INFERRED)")
     bad = [c for c in sets["test"][1] if c >= C]
     if bad:
-        raise UserError(f"{name}: {lists['test']} has label {bad[0]} but {lists['train']} has only {C} "
-                        f"classes")
+        raise UserError(f"{name}: {lists['test']} has label {bad[0]} but {lists['train']} has "
+                        f"only {C} classes")
     return _files_dataset(name, sets, names, "canonical", notes)
 
 
-# --- CLI: --stats and --bench-augment (docs/data.md, Command line) ----------------------------------------
+# --- CLI: --stats and --bench-augment (docs/data.md, Command line) --------------------------------
 def save_histogram(ds: LTDataset, path: str) -> None:
     """Bar chart of the per-class train counts, head -> tail (generator rank)."""
     import matplotlib
@@ -995,7 +1283,8 @@ def save_histogram(ds: LTDataset, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(5.0, min(14.0, 0.4 * ds.num_classes + 2)), 3.5))
     ax.bar(range(len(counts)), counts, color="tab:blue")
     if ds.num_classes <= 20:
-        ax.set_xticks(range(len(counts)), [ds.class_names[c] for c in order], rotation=45, ha="right")
+        ax.set_xticks(range(len(counts)), [ds.class_names[c] for c in order], rotation=45,
+                      ha="right")
     else:
         ax.set_xlabel("class rank (head -> tail)")
     ax.set_ylabel("train images")
@@ -1008,12 +1297,14 @@ def save_histogram(ds: LTDataset, path: str) -> None:
 
 
 def _pil_two_views(images):
-    """DataLoader collate_fn, run in the workers: two views of each (H,W,3) uint8 image through the official
-    per-image SDCLR/SimCLR CIFAR pipeline (torchvision on PIL images, bicubic)."""
+    """DataLoader collate_fn, run in the workers: two views of each (H,W,3) uint8 image through the
+    official per-image SDCLR/SimCLR CIFAR pipeline (torchvision on PIL images, bicubic)."""
     import torchvision.transforms as T
     from PIL import Image
-    tf = T.Compose([T.RandomResizedCrop(32, scale=(0.1, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                    T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+    tf = T.Compose([T.RandomResizedCrop(32, scale=(0.1, 1.0),
+                                        interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(),
+                    T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
                     T.RandomGrayscale(p=0.2), T.ToTensor(), T.Normalize(*MEAN_STD["imagenet"])])
     ims = [Image.fromarray(a) for a in images]
     return torch.stack([tf(im) for im in ims]), torch.stack([tf(im) for im in ims])
@@ -1021,20 +1312,33 @@ def _pil_two_views(images):
 
 def bench_augment(n=2048, batch_size=512, workers=2, device="auto") -> dict:
     """Images/s (two simclr_cifar views per image) of the batched augmentation on `device` and of
-    torchvision's per-image PIL pipeline in a DataLoader with `workers` processes, measured in one run."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    torchvision's per-image PIL pipeline in a DataLoader with `workers` processes, measured in one
+    run."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     x = synthetic_images(torch.arange(n) % 10, 10, torch.Generator().manual_seed(0))
-    xd, gen = x.to(dev), torch.Generator(device=dev).manual_seed(0)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    augment(xd[:batch_size], "simclr_cifar", gen), augment(xd[:batch_size], "simclr_cifar", gen)   # warm-up
+    xd = x.to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    # warm-up
+    augment(xd[:batch_size], "simclr_cifar", gen)
+    augment(xd[:batch_size], "simclr_cifar", gen)
     sync()
     t = time.perf_counter()
     for xb in xd.split(batch_size):
-        augment(xb, "simclr_cifar", gen), augment(xb, "simclr_cifar", gen)
+        augment(xb, "simclr_cifar", gen)
+        augment(xb, "simclr_cifar", gen)
     sync()
     batched = n / (time.perf_counter() - t)
-    it = iter(torch.utils.data.DataLoader(x.permute(0, 2, 3, 1).numpy(), batch_size=batch_size, shuffle=True,
-                                          num_workers=workers, drop_last=False, collate_fn=_pil_two_views))
+    images = x.permute(0, 2, 3, 1).numpy()
+    it = iter(torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=True,
+                                          num_workers=workers, drop_last=False,
+                                          collate_fn=_pil_two_views))
     next(it)                                                # worker start-up excluded
     t = time.perf_counter()
     pil = sum(v1.shape[0] for v1, _ in it) / max(time.perf_counter() - t, 1e-9)
@@ -1043,32 +1347,41 @@ def bench_augment(n=2048, batch_size=512, workers=2, device="auto") -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Long-tailed datasets: print class counts (--stats) or benchmark "
-                                "the batched augmentation (--bench-augment). See docs/data.md.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Long-tailed datasets: print class counts (--stats) or benchmark the batched "
+                    "augmentation (--bench-augment). See docs/data.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="cifar10-lt", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--data-dir", default="./data", help="dataset root")
-    p.add_argument("--imb-ratio", type=float, default=None, help="rho; None: 100, or a folder tree as it is")
-    p.add_argument("--protocol", default="ldam", choices=["ldam", "sdclr"], help="CIFAR-LT convention")
+    p.add_argument("--imb-ratio", type=float, default=None,
+                   help="rho; None: 100, or a folder tree as it is")
+    p.add_argument("--protocol", default="ldam", choices=["ldam", "sdclr"],
+                   help="CIFAR-LT convention")
     p.add_argument("--split", type=int, default=1, help="SDCLR split 1..5")
-    p.add_argument("--split-file", default=None, help="exact D_i index file, e.g. SDCLR's split1_D_i.npy")
-    p.add_argument("--sdclr-split-dir", default=None, help="SDCLR split/ folder; its files are found by name")
+    p.add_argument("--split-file", default=None,
+                   help="exact D_i index file, e.g. SDCLR's split1_D_i.npy")
+    p.add_argument("--sdclr-split-dir", default=None,
+                   help="SDCLR split/ folder; its files are found by name")
     p.add_argument("--seed", type=int, default=0, help="data seed (0 reproduces LDAM-DRW)")
     p.add_argument("--num-classes", type=int, default=10, help="synthetic-lt classes")
     p.add_argument("--no-download", action="store_true", help="never try to download CIFAR")
-    p.add_argument("--stats", action="store_true", help="print per-class counts and totals, save a histogram")
-    p.add_argument("--plot", default=None, help="histogram; None: runs/data-stats/<dataset>-<convention>.png")
-    p.add_argument("--bench-augment", action="store_true", help="batched augmentation vs per-image PIL")
+    p.add_argument("--stats", action="store_true",
+                   help="print per-class counts and totals, save a histogram")
+    p.add_argument("--plot", default=None,
+                   help="histogram; None: runs/data-stats/<dataset>-<convention>.png")
+    p.add_argument("--bench-augment", action="store_true",
+                   help="batched augmentation vs per-image PIL")
     p.add_argument("--bench-n", type=int, default=2048, help="images in the benchmark")
-    p.add_argument("--bench-workers", type=int, default=2, help="DataLoader workers of the PIL side")
+    p.add_argument("--bench-workers", type=int, default=2,
+                   help="DataLoader workers of the PIL side")
     p.add_argument("--device", default="auto", help="benchmark device: auto | cpu | cuda")
     a = p.parse_args(argv)
     a.stats = a.stats or not a.bench_augment                # --stats is the default action
     if a.stats:
         rho = a.imb_ratio if a.imb_ratio is not None or a.dataset == "folder" else 100.0
         t = time.perf_counter()
-        ds = load_dataset(a.dataset, a.data_dir, rho, a.protocol, a.split, a.split_file, seed=a.seed,
-                          num_classes=a.num_classes, download=not a.no_download,
+        ds = load_dataset(a.dataset, a.data_dir, rho, a.protocol, a.split, a.split_file,
+                          seed=a.seed, num_classes=a.num_classes, download=not a.no_download,
                           sdclr_split_dir=a.sdclr_split_dir)
         print(f"{describe(ds)}\nloaded in {time.perf_counter() - t:.1f}s")
         tag = ds.lt_convention + (f"-split{ds.split}" if ds.split else "")
@@ -1077,10 +1390,12 @@ def main(argv=None):
         print(f"histogram saved to {path}")
     if a.bench_augment:
         r = bench_augment(a.bench_n, workers=a.bench_workers, device=a.device)
-        print(f"batched augment('simclr_cifar'), 2 views, on {r['device']}: {r['batched_img_s']:,.0f} "
-              f"images/s\ntorchvision per-image PIL pipeline, DataLoader with {r['workers']} workers: "
-              f"{r['pil_img_s']:,.0f} images/s\nratio batched / PIL: {r['ratio']:.1f}x  ({r['n']} images "
-              f"of 32x32, {os.cpu_count()} CPU cores)")
+        print(f"batched augment('simclr_cifar'), 2 views, on {r['device']}: "
+              f"{r['batched_img_s']:,.0f} images/s\n"
+              f"torchvision per-image PIL pipeline, DataLoader with {r['workers']} workers: "
+              f"{r['pil_img_s']:,.0f} images/s\n"
+              f"ratio batched / PIL: {r['ratio']:.1f}x  ({r['n']} images of 32x32, "
+              f"{os.cpu_count()} CPU cores)")
 
 
 if __name__ == "__main__":

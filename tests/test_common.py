@@ -1,6 +1,7 @@
-"""Tests of common.py: backbones, nt_xent (SimCLR's NT-Xent), EMA, LR schedules, checkpoints and resume,
-run directories, the dataclass -> argparse helper and the progress line. CPU only, tiny models."""
-import dataclasses
+"""Tests of common.py: backbones, nt_xent (SimCLR's NT-Xent), EMA, LR schedules, one optimiser step,
+device and autocast set-up, safe file writes and checkpoint loads, the user-facing error. CPU only, tiny
+models. The run harness (command line, run directories, a run's checkpoints, progress line) is tested in
+test_harness.py."""
 import json
 import math
 import os
@@ -11,15 +12,17 @@ import textwrap
 
 import numpy as np
 import pytest
-from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import data
+import harness
 from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Backbones
@@ -114,39 +117,64 @@ def nt_xent_loop(z1, z2, tau, weight):
     return torch.stack(losses)
 
 
+def per_anchor_terms(z1, z2, tau, weight=None):
+    """The (2B,) terms w_j l_j of nt_xent, read through one-hot weights: nt_xent(weight=e_j w) * 2B."""
+    n = 2 * z1.shape[0]
+    weight = torch.ones(n) if weight is None else weight
+    return torch.stack([common.nt_xent(z1, z2, tau, weight=torch.eye(n)[j] * weight) * n for j in range(n)])
+
+
 def test_nt_xent_identical_vectors_give_log_2b_minus_1():
     b = 5
     z = torch.randn(1, 8).repeat(b, 1)
-    loss = common.nt_xent(z, z.clone(), 0.1, reduction="none")
-    assert loss.shape == (2 * b,) and loss.dtype == torch.float32
-    assert torch.allclose(loss, torch.full((2 * b,), math.log(2 * b - 1)), atol=1e-5)
+    terms = per_anchor_terms(z, z.clone(), 0.1)
+    assert terms.shape == (2 * b,) and terms.dtype == torch.float32
+    assert torch.allclose(terms, torch.full((2 * b,), math.log(2 * b - 1)), atol=1e-5)
+    assert common.nt_xent(z, z.clone(), 0.1) == pytest.approx(math.log(2 * b - 1), abs=1e-5)
 
 
 def test_nt_xent_temperature_forms_and_weights_agree():
     torch.manual_seed(0)
     z1, z2 = torch.randn(6, 16), torch.randn(6, 16)
-    scalar = common.nt_xent(z1, z2, 0.2, reduction="none")
-    assert torch.allclose(common.nt_xent(z1, z2, torch.full((6,), 0.2), reduction="none"), scalar)
-    assert torch.allclose(common.nt_xent(z1, z2, torch.full((12,), 0.2), reduction="none"), scalar)
-    assert torch.allclose(common.nt_xent(z1, z2, torch.tensor(0.2), reduction="none"), scalar)
+    scalar = per_anchor_terms(z1, z2, 0.2)
+    assert torch.allclose(per_anchor_terms(z1, z2, torch.full((6,), 0.2)), scalar)
+    assert torch.allclose(per_anchor_terms(z1, z2, torch.full((12,), 0.2)), scalar)
+    assert torch.allclose(per_anchor_terms(z1, z2, torch.tensor(0.2)), scalar)
     ones = common.nt_xent(z1, z2, 0.2, weight=torch.ones(12))
     assert torch.allclose(ones, scalar.mean()) and torch.allclose(common.nt_xent(z1, z2, 0.2), scalar.mean())
+    assert torch.allclose(common.nt_xent(z1, z2, 0.2, weight=2.0), 2 * scalar.mean())   # a float weight
     # per image (B,) temperature = the same values repeated for both views (2B,)
     tau_b = torch.rand(6) * 0.5 + 0.1
-    assert torch.allclose(common.nt_xent(z1, z2, tau_b, reduction="none"),
-                          common.nt_xent(z1, z2, torch.cat([tau_b, tau_b]), reduction="none"))
+    per_image = per_anchor_terms(z1, z2, tau_b)
+    assert torch.allclose(per_image, per_anchor_terms(z1, z2, torch.cat([tau_b, tau_b])))
+    assert not torch.allclose(per_image, scalar)
+    with pytest.raises(TypeError):
+        common.nt_xent(z1, z2, 0.2, reduction="none")         # always the weighted mean now
 
 
 def test_nt_xent_per_anchor_matches_loop():
     torch.manual_seed(1)
     z1, z2 = torch.randn(4, 6), torch.randn(4, 6)
     tau, weight = torch.rand(8) * 0.5 + 0.05, torch.rand(8) * 2
-    got = common.nt_xent(z1, z2, tau, weight=weight, reduction="none")
     want = nt_xent_loop(z1, z2, tau.double(), weight.double())
-    assert torch.allclose(got.double(), want, atol=1e-5)
+    assert torch.allclose(per_anchor_terms(z1, z2, tau, weight).double(), want, atol=1e-5)
     assert torch.allclose(common.nt_xent(z1, z2, tau, weight=weight), want.mean().float(), atol=1e-5)
-    with pytest.raises(ValueError):
+    w_b = torch.rand(4)                                       # a (B,) weight: both views of image i get w_i
+    assert torch.allclose(common.nt_xent(z1, z2, tau, weight=w_b),
+                          common.nt_xent(z1, z2, tau, weight=torch.cat([w_b, w_b])))
+    with pytest.raises(ValueError, match="temperature"):
         common.nt_xent(z1, z2, torch.rand(5))
+    with pytest.raises(ValueError, match="weight"):
+        common.nt_xent(z1, z2, 0.1, weight=torch.rand(3))
+
+
+def test_per_anchor_shapes():
+    v = torch.tensor([1.0, 2.0, 3.0])
+    assert common.per_anchor(v, 3, "x").tolist() == [1, 2, 3, 1, 2, 3]
+    assert common.per_anchor(torch.arange(6), 3, "x").tolist() == list(range(6))
+    assert common.per_anchor(torch.tensor(0.5), 3, "x").tolist() == [0.5]
+    with pytest.raises(ValueError, match="x has 4 entries"):
+        common.per_anchor(torch.ones(4), 3, "x")
 
 
 def test_nt_xent_fp32_under_autocast_and_finite_gradients():
@@ -162,7 +190,7 @@ def test_nt_xent_fp32_under_autocast_and_finite_gradients():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# EMA and schedules
+# EMA, schedules, one optimiser step
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -175,25 +203,26 @@ def _bn_net(seed):
     return net
 
 
-def test_ema_update_formula_and_buffers():
+def test_ema_update_formula_on_parameters_only():
     src = _bn_net(1)
-    for tau in (0.0, 1.0, 0.9):
+    for decay in (0.0, 1.0, 0.9):
         tgt = _bn_net(2)
         before = {k: v.clone() for k, v in tgt.state_dict().items()}
-        common.ema_update(tgt, src, tau, buffers="none")
+        common.ema_update(tgt, src, decay)
         for (name, p), q in zip(tgt.named_parameters(), src.parameters()):
-            want = tau * before[name] + (1 - tau) * q
-            if tau in (0.0, 1.0):
-                assert torch.equal(p, q if tau == 0.0 else before[name])
+            want = decay * before[name] + (1 - decay) * q
+            if decay in (0.0, 1.0):
+                assert torch.equal(p, q if decay == 0.0 else before[name])
             assert torch.allclose(p, want, atol=1e-7)
-        assert torch.equal(tgt[1].running_mean, before["1.running_mean"])  # "none": buffers untouched
-    tgt, old = _bn_net(2), _bn_net(2)
-    common.ema_update(tgt, src, 0.9, buffers="ema")
-    want = 0.9 * old[1].running_mean + 0.1 * src[1].running_mean
-    assert torch.allclose(tgt[1].running_mean, want, atol=1e-7)
-    assert tgt[1].num_batches_tracked == src[1].num_batches_tracked  # integer buffers are copied
-    with pytest.raises(ValueError):
-        common.ema_update(tgt, src, 0.9, buffers="mean")
+        for name, buf in tgt.named_buffers():                    # buffers are left to the caller
+            assert torch.equal(buf, before[name]), name
+    wrapped = _bn_net(2)
+    common.ema_update(nn.DataParallel(wrapped), src, 0.0)            # wrappers are looked through
+    assert all(torch.equal(p, q) for p, q in zip(wrapped.parameters(), src.parameters()))
+    with pytest.raises(TypeError):
+        common.ema_update(_bn_net(2), src, 0.9, buffers="ema")       # no buffers argument any more
+    with pytest.raises(ValueError, match="parameters"):
+        common.ema_update(nn.Linear(4, 3), src, 0.9)
 
 
 def test_cosine_lr_warmup_and_end():
@@ -211,6 +240,10 @@ def test_multistep_lr_sdclr_probe_epochs():
     assert all(lrs[e] == pytest.approx(30.0) for e in range(1, 10))
     assert all(lrs[e] == pytest.approx(3.0) for e in range(10, 20))
     assert all(lrs[e] == pytest.approx(0.3) for e in range(20, 31))
+    # the 0-based loops (LDAM / DSCL): milestones 120, 160 give x0.1 from the 121st epoch (index 120)
+    assert common.multistep_lr(119, 0.1, [120, 160]) == pytest.approx(0.1)
+    assert common.multistep_lr(120, 0.1, [120, 160]) == pytest.approx(0.01)
+    assert common.multistep_lr(160, 0.1, [120, 160], gamma=0.5) == pytest.approx(0.025)
 
 
 def test_set_lr_sets_every_group():
@@ -220,260 +253,132 @@ def test_set_lr_sets_every_group():
     assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
 
 
+def _two_layers(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    return net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_optimizer_step_clears_steps_and_keeps():
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    ref, ref_opt = _two_layers()
+    ref_opt.zero_grad()
+    ref(x).square().mean().backward()
+    ref_opt.step()
+    for scaler in (None, common.make_scaler(None)):          # a disabled scaler is the plain step
+        net, opt = _two_layers()
+        for p in net.parameters():
+            p.grad = torch.full_like(p, 100.0)                    # stale gradients are cleared first
+        common.optimizer_step(net(x).square().mean(), opt, scaler)
+        for p, q in zip(net.parameters(), ref.parameters()):
+            assert torch.allclose(p, q, atol=1e-7)
+    net, opt = _two_layers()
+    kept = [p.detach().clone() for p in net[0].parameters()]
+    common.optimizer_step(net(x).square().mean(), opt, keep=list(net[0].parameters()))
+    assert all(torch.equal(p, k) for p, k in zip(net[0].parameters(), kept))     # kept: unchanged
+    assert all(p.grad is None for p in net[0].parameters())
+    assert all(torch.allclose(p, q) for p, q in zip(net[1].parameters(), ref[1].parameters()))
+
+
+def test_broadcast_buffers_is_a_no_op_in_one_process():
+    net = _bn_net(3)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    common.broadcast_buffers(net)
+    assert not common.several_processes()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
 # ------------------------------------------------------------------------------------------------------------
-# Checkpoints, resume, run directories
+# Safe files: atomic writes, JSON, weights-only checkpoint loads
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _train(model, opt, steps, start):
-    """Deterministic toy training: fixed data plus noise from the global torch / numpy / python RNGs."""
-    g = torch.Generator().manual_seed(123)
-    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
-    head_w = torch.randn(4, 64, generator=g)
-    for step in range(start, start + steps):
-        common.set_lr(opt, common.cosine_lr(step, 6, 2, 0.1))
-        noise = torch.randn_like(x) * 0.1 + float(np.random.rand()) * 0.01 + random.random() * 0.01
-        loss = F.cross_entropy(model(x + noise) @ head_w.T, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-
-def _fresh():
-    model = common.build_backbone("resnet8")
-    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-
-def test_resume_reproduces_straight_run(tmp_path):
-    common.seed_everything(0)
-    model, opt = _fresh()
-    _train(model, opt, 5, 0)
-    straight = {k: v.clone() for k, v in model.state_dict().items()}
-
-    common.seed_everything(0)
-    model, opt = _fresh()
-    _train(model, opt, 3, 0)
-    path = tmp_path / "checkpoint.pt"
-    common.save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3,
-                                  "rng": common.rng_state(), "args": {"lr": 0.1, "milestones": [1, 2]}})
-    _train(model, opt, 4, 3)  # the interrupted run goes on and draws random numbers: resume must not care
-
-    common.seed_everything(99)
-    model, opt = _fresh()
-    state = common.load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    common.set_rng_state(state["rng"])
-    assert state["epoch"] == 3 and state["args"] == {"lr": 0.1, "milestones": [1, 2]}
-    _train(model, opt, 2, state["epoch"])
-    resumed = model.state_dict()
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-
-
-def test_rng_state_round_trip(tmp_path):
-    common.seed_everything(3)
-    state = common.rng_state()
-    want = (torch.rand(3), np.random.rand(3), random.random())
-    common.save_checkpoint(tmp_path / "rng.pt", {"rng": state})
-    common.seed_everything(4)
-    common.set_rng_state(common.load_checkpoint(tmp_path / "rng.pt")["rng"])
-    got = (torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
-
-
-def test_killed_checkpoint_write_keeps_previous_and_truncated_file_is_a_user_error(tmp_path):
-    # a child process saves a good checkpoint, then is SIGKILLed half-way through writing the next one
+def test_killed_write_keeps_previous_and_truncated_file_is_a_user_error(tmp_path):
+    # a child process writes a good checkpoint, then is SIGKILLed half-way through writing the next one
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {ROOT!r})
-        import common
+        import data
         path = {str(tmp_path / "checkpoint.pt")!r}
-        common.save_checkpoint(path, {{"epoch": 1, "w": torch.arange(50000.0)}})
+        data.atomic_write(path, lambda f: torch.save({{"epoch": 1, "w": torch.arange(50000.0)}}, f))
         def dying_save(obj, f):
             f.write(b"PK\\x03\\x04 partial checkpoint")
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        torch.save = dying_save
-        common.save_checkpoint(path, {{"epoch": 2, "w": torch.zeros(50000)}})
+        data.atomic_write(path, lambda f: dying_save({{"epoch": 2}}, f))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert proc.returncode != 0  # killed
-    good = common.load_checkpoint(tmp_path / "checkpoint.pt")
+    good = data.load_checkpoint(tmp_path / "checkpoint.pt")
     assert good["epoch"] == 1 and torch.equal(good["w"], torch.arange(50000.0))
-    leftover = tmp_path / "checkpoint.tmp"  # only the tmp file is lost
-    assert leftover.is_file()
+    leftover = tmp_path / "checkpoint.pt.tmp"  # only the tmp file (<name>.tmp) is lost
+    assert leftover.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt",
+                                                                                 "checkpoint.pt.tmp"]
     with pytest.raises(UserError) as err:
-        common.load_checkpoint(leftover)
+        data.load_checkpoint(leftover)
     msg = str(err.value)
-    assert "\n" not in msg and str(leftover) in msg and "--resume" in msg
+    assert "\n" not in msg and str(leftover) in msg and "--resume" in msg and "unreadable" in msg
 
-    # a checkpoint truncated outside the program (e.g. a partial copy)
-    data = (tmp_path / "checkpoint.pt").read_bytes()
+    # a checkpoint truncated outside the program (e.g. a partial copy); the message names the flag given
+    raw = (tmp_path / "checkpoint.pt").read_bytes()
     cut = tmp_path / "cut.pt"
-    cut.write_bytes(data[: len(data) // 2])
+    cut.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(UserError) as err:
-        common.load_checkpoint(cut)
-    assert "\n" not in str(err.value) and str(cut) in str(err.value)
-    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
-    with pytest.raises(UserError, match="does not exist"):
-        common.load_checkpoint(tmp_path / "nope.pt")
+        data.load_checkpoint(cut, flag="--ckpt")
+    msg = str(err.value)
+    assert "\n" not in msg and str(cut) in msg and "--ckpt" in msg and "--resume" not in msg
+    assert data.load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    with pytest.raises(UserError, match="--ckpt .*no such checkpoint file"):
+        data.load_checkpoint(tmp_path / "nope.pt", flag="--ckpt")
 
 
-def test_failed_write_in_process_keeps_previous(tmp_path, monkeypatch):
-    path = tmp_path / "checkpoint.pt"
-    common.save_checkpoint(path, {"epoch": 1})
+def test_failed_write_in_process_keeps_previous(tmp_path):
+    path = tmp_path / "out.json"
+    data.save_json(path, {"epoch": 1})
 
-    def failing_save(obj, f):
+    def failing_write(f):
         f.write(b"partial")
         raise RuntimeError("disk went away")
 
-    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(RuntimeError):
-        common.save_checkpoint(path, {"epoch": 2})
-    monkeypatch.undo()
-    assert common.load_checkpoint(path) == {"epoch": 1}
-    assert not (tmp_path / "checkpoint.tmp").exists()
+        data.atomic_write(path, failing_write)
+    assert json.loads(path.read_text()) == {"epoch": 1}
+    assert not (tmp_path / "out.json.tmp").exists()
+    data.atomic_write(tmp_path / "new" / "deeper" / "f.bin", lambda f: f.write(b"x"))   # parents made
+    assert (tmp_path / "new" / "deeper" / "f.bin").read_bytes() == b"x"
+
+
+class Opaque:
+    """An arbitrary class: a weights-only load must refuse its pickle."""
 
 
 def test_non_weights_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"obj": common.Progress(1, 1)}, path)  # arbitrary pickled class: weights_only must refuse it
+    torch.save({"obj": Opaque()}, path)
     with pytest.raises(UserError, match="unreadable"):
-        common.load_checkpoint(path)
+        data.load_checkpoint(path)
+    torch.save({"w": torch.ones(2), "n": 3, "s": "x", "l": [1, (2, 3)]}, path)      # weights, plain data
+    got = data.load_checkpoint(path)
+    assert torch.equal(got["w"], torch.ones(2)) and got["n"] == 3 and got["l"] == [1, (2, 3)]
 
 
-def test_make_run_dir_new_auto_and_paths(tmp_path):
-    out = tmp_path / "runs"
-    first = common.make_run_dir("simclr", "cifar10-lt", out_dir=out)
-    assert first.is_dir() and first.parent == out and first.name.startswith("simclr-cifar10-lt-")
-    second = common.make_run_dir("simclr", "cifar10-lt", out_dir=out)
-    assert second != first
-    # auto without any checkpoint -> a new dir
-    third = common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume="auto")
-    assert third not in (first, second) and third.is_dir()
-    common.save_checkpoint(first / "checkpoint.pt", {"epoch": 1})
-    other = common.make_run_dir("simclr", "cifar100-lt", out_dir=out)
-    common.save_checkpoint(other / "checkpoint.pt", {"epoch": 1})
-    assert common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume="auto") == first
-    common.save_checkpoint(second / "checkpoint.pt", {"epoch": 1})
-    os.utime(second / "checkpoint.pt", (1e10, 1e10))  # written last
-    assert common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume="auto") == second
-    assert common.make_run_dir("simclr", "cifar10-lt", out_dir=out,
-                               resume=str(first / "checkpoint.pt")) == first
-    assert common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume=str(first)) == first
-    with pytest.raises(UserError, match="does not exist") as err:
-        common.make_run_dir("simclr", "cifar10-lt", out_dir=out,
-                            resume=str(out / "missing" / "checkpoint.pt"))
-    assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match="without checkpoint.pt"):
-        common.make_run_dir("simclr", "cifar10-lt", out_dir=out, resume=str(third))
-
-
-def test_json_metrics_and_config(tmp_path):
-    common.save_json(tmp_path / "r.json", {"a": np.float32(1.5), "b": torch.tensor(2), "c": np.arange(3),
-                                           "d": torch.tensor([1.0, 2.0]), "p": tmp_path})
+def test_save_json_converts_numbers_arrays_and_paths(tmp_path):
+    data.save_json(tmp_path / "r.json", {"a": np.float32(1.5), "b": torch.tensor(2), "c": np.arange(3),
+                                           "d": torch.tensor([1.0, 2.0]), "p": tmp_path,
+                                           "t": (1, 2), "dt": torch.float32, "dev": torch.device("cpu")})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1.5, "b": 2, "c": [0, 1, 2],
-                                                             "d": [1.0, 2.0],
-                                                             "p": str(tmp_path)}
-    common.append_metrics(tmp_path, {"epoch": 1, "loss": torch.tensor(0.5)})
-    common.append_metrics(tmp_path, {"epoch": 2, "loss": 0.25})
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(s) for s in lines] == [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
-
+                                                             "d": [1.0, 2.0], "p": str(tmp_path),
+                                                             "t": [1, 2], "dt": "torch.float32",
+                                                             "dev": "cpu"}
+    assert (tmp_path / "r.json").read_text().endswith("}\n")
+    assert data.to_json({3, 1}) in ([1, 3], [3, 1])
+    with pytest.raises(TypeError, match="Opaque"):
+        data.to_json(Opaque())
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Command line, errors, device, progress
+# Errors, device, seeds
 # ------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class DemoArgs(common.RunArgs):
-    """Demo method: the description shown by --help."""
-    lr: Optional[float] = common.arg(None, "base LR (SDCLR code)", check=">0")
-    amp_on: bool = common.arg(True, "use autocast")
-    milestones: list[int] = common.arg([], "LR milestones", check=">=1")
-    limit: Optional[int] = common.arg(None, "INFERRED: optional step limit", check=">=0")
-    arch: str = common.arg("resnet18", "backbone", choices=["resnet18", "resnet32"])
-    tau: float = common.arg(0.2, "temperature", check=">0")
-    ratio: float = common.arg(0.5, "a ratio", check="[0,1)")
-    batch_size: int = common.arg(64, "batch", check="batch")
-    every: int = common.arg(5, "a diagnostic interval", runtime=True)
-
-
-DEMO_DEFAULTS = {"*": {"lr": 0.5, "milestones": [10, 20]},
-                 ("cifar10-lt", "cifar100-lt"): {"arch": "resnet32"},
-                 "synthetic-lt": {"lr": 0.1, "milestones": lambda a: [a.limit or 3]}}
-
-
-def test_parse_args_defaults_and_overrides():
-    a, filled = common.parse_args(DemoArgs, [], DEMO_DEFAULTS)
-    assert (a.lr, a.milestones, a.arch) == (0.5, [10, 20], "resnet32")
-    assert filled == {"imb_ratio": 100.0, "lr": 0.5, "milestones": [10, 20], "arch": "resnet32"}
-    b, filled = common.parse_args(DemoArgs, ["--lr", "0.1", "--no-amp-on", "--milestones", "3", "4", "5",
-                                             "--resume", "auto", "--limit", "7", "--arch", "resnet18",
-                                             "--imb-ratio", "10"], DEMO_DEFAULTS)
-    assert (b.lr, b.amp_on, b.milestones, b.resume, b.limit, b.arch) == (0.1, False, [3, 4, 5], "auto", 7,
-                                                                         "resnet18")
-    assert filled == {}                                        # every flag given: the command line wins
-    c, filled = common.parse_args(DemoArgs, ["--dataset", "synthetic-lt", "--limit", "9"], DEMO_DEFAULTS)
-    assert (c.lr, c.milestones, c.arch) == (0.1, [9], "resnet18")
-    assert filled == {"imb_ratio": 100.0, "lr": 0.1, "milestones": [9]}
-    folder, filled = common.parse_args(DemoArgs, ["--dataset", "folder"], DEMO_DEFAULTS)
-    assert folder.imb_ratio is None and filled["imb_ratio"] is None            # the tree as it is
-    assert common.parse_args(DemoArgs, ["--amp-on", "--limit", "none"])[0].limit is None
-
-
-def test_variant_label_and_paper_setting():
-    paper = {"cifar100-lt": {"lr": 0.5, "arch": "resnet32", "protocol": None}}
-    a = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt"], DEMO_DEFAULTS)[0]
-    assert common.variant_label(a, DEMO_DEFAULTS) == "default"
-    assert common.paper_setting(a, paper, "cifar100-lt")
-    assert not common.paper_setting(a, paper, "synthetic-lt")  # a dataset the paper does not name
-    for flags in (["--lr", "0.4"], ["--arch", "resnet18"], ["--protocol", "ldam"]):
-        b = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt", *flags], DEMO_DEFAULTS)[0]
-        assert not common.paper_setting(b, paper, "cifar100-lt")
-        assert common.variant_label(b, DEMO_DEFAULTS) == " ".join(flags)
-    b = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt", "--no-amp-on", "--milestones", "5", "7"],
-                          DEMO_DEFAULTS)[0]
-    assert common.variant_label(b, DEMO_DEFAULTS) == "--no-amp-on --milestones 5 7"
-    c = common.parse_args(DemoArgs, ["--dataset", "cifar100-lt", "--every", "2", "--seed", "3", "--device",
-                                     "cpu"], DEMO_DEFAULTS)[0]
-    assert common.variant_label(c, DEMO_DEFAULTS) == "default"
-    assert common.paper_setting(c, paper, "cifar100-lt")
-
-
-@pytest.mark.parametrize("bad", [["--arch", "vgg"], ["--lr", "fast"], ["--bogus"], ["--lr", "0"],
-                                 ["--lr", "nan"], ["--tau", "-1"], ["--ratio", "1"], ["--limit", "-1"],
-                                 ["--batch-size", "0"],
-                                 ["--milestones", "0"], ["--imb-ratio", "0.5"], ["--dataset", "mnist"]])
-def test_parse_args_errors_are_one_line(capsys, bad):
-    flag = bad[0]
-    with pytest.raises(SystemExit) as e:
-        common.parse_args(DemoArgs, bad, DEMO_DEFAULTS)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error:") and flag in err
-
-
-def test_batch_size_is_checked_against_the_training_set():
-    a = common.parse_args(DemoArgs, ["--batch-size", "64"])[0]
-    common.check_args(a, train_size=64)
-    with pytest.raises(UserError, match="--batch-size 64 is impossible.*at most the 63 training images"):
-        common.check_args(a, train_size=63)
-
-
-def test_parse_args_help_shows_docs_and_defaults(capsys):
-    with pytest.raises(SystemExit):
-        common.parse_args(DemoArgs, ["--help"], DEMO_DEFAULTS)
-    text = " ".join(capsys.readouterr().out.split())
-    assert "Demo method: the description shown by --help." in text
-    assert "base LR (SDCLR code) (default: synthetic-lt: 0.1; others: 0.5; > 0)" in text
-    assert "--amp-on, --no-amp-on use autocast (default: True)" in text
-    assert "(default: cifar10-lt/cifar100-lt: resnet32; > 0)" not in text and "{resnet18,resnet32}" in text
-    assert "INFERRED: optional step limit (default: None; >= 0)" in text
-    assert text.index("method flags:") < text.index("runtime (shared by the four scripts):")
 
 
 def test_user_errors_and_fatal(capsys):
@@ -486,6 +391,9 @@ def test_user_errors_and_fatal(capsys):
         with common.user_errors():
             raise KeyboardInterrupt
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        common.fatal("two\n   lines", code=1)
+    assert e.value.code == 1 and capsys.readouterr().err == "error: two lines\n"     # always one line
 
 
 def test_device_amp_and_wrappers():
@@ -493,8 +401,11 @@ def test_device_amp_and_wrappers():
     assert dev == torch.device("cpu") and amp is None
     assert common.setup_device("cpu", "bf16")[1] == torch.bfloat16
     assert common.setup_device("cpu", "off")[1] is None
+    assert [common.amp_name(d) for d in (torch.bfloat16, torch.float16, None)] == ["bf16", "fp16", "off"]
     with pytest.raises(UserError, match="--amp"):
         common.setup_device("cpu", "fp8")
+    with pytest.raises(UserError, match="--device"):
+        common.setup_device("gpu7", "auto")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA"):
             common.setup_device("cuda", "auto")
@@ -504,32 +415,40 @@ def test_device_amp_and_wrappers():
     with common.autocast(dev, torch.bfloat16):
         assert (nn.Linear(4, 4)(torch.randn(2, 4))).dtype == torch.bfloat16
     net = nn.Linear(2, 2)
-    assert common.prepare_model(net, dev, compile=True) is net  # no compile on CPU unless forced
+    assert common.prepare_model(net, dev, compile=True) is net  # no compile on CPU
     assert common.unwrap(nn.DataParallel(net)) is net
     assert common.get_rank_world() == (0, 1) and common.is_main()
 
 
+def test_prepare_model_channels_last_only_when_asked_and_on_cuda():
+    conv = nn.Conv2d(3, 8, 3)
+    assert common.prepare_model(conv, "cpu") is conv
+    assert conv.weight.is_contiguous()                           # default: channels_last off
+    common.prepare_model(conv, "cpu", channels_last=True)        # CPU: left as it is
+    assert conv.weight.is_contiguous()
+    if torch.cuda.is_available():
+        assert not common.prepare_model(nn.Conv2d(3, 8, 3), "cuda").weight.is_contiguous(
+            memory_format=torch.channels_last)
+        cl = common.prepare_model(nn.Conv2d(3, 8, 3), "cuda", channels_last=True)
+        assert cl.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_seed_everything_reproduces():
-    common.seed_everything(7)
+    harness.seed_everything(7)
     a = (torch.rand(2), np.random.rand(2), random.random())
-    common.seed_everything(7)
+    harness.seed_everything(7)
     b = (torch.rand(2), np.random.rand(2), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
-def test_progress_line(capsys):
-    prog = common.Progress(total_steps=10, batch_size=4, every=3, prefix="simclr")
-    lines = []
-    for epoch in (1, 2):
-        prog.set_epoch(epoch, 2)
-        for it in range(5):
-            step = (epoch - 1) * 5 + it
-            lines.append(prog.step(step, loss=torch.tensor(1.23456), lr=0.4812))
-    printed = [s for s in lines if s]
-    # every 3 steps (steps 2, 5, 8), at the end of each epoch (4, 9) and at the last step
-    assert [i for i, s in enumerate(lines) if s] == [2, 4, 5, 8, 9]
-    assert capsys.readouterr().out.splitlines() == printed
-    assert printed[0].startswith("[simclr] ep 1/2 it 3/5 | loss 1.2346 | lr 0.4812 | ")
-    assert printed[-1].startswith("[simclr] ep 2/2 it 5/5 |") and printed[-1].endswith("ETA 0s")
-    assert all(" img/s | ETA " in s for s in printed)
-    assert common._fmt_duration(3725) == "1h02m" and common._fmt_duration(65) == "1m05s"
+def test_epoch_seed_is_a_function_of_seed_epoch_stream_and_rank(monkeypatch):
+    seeds = {common.epoch_seed(s, e, k) for s in (0, 1) for e in (0, 1, 2) for k in (0, 1)}
+    assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
+    assert common.epoch_seed(3, 5, 1) == common.epoch_seed(3, 5, 1)
+    single = common.epoch_seed(3, 5)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert common.epoch_seed(3, 5) != single                               # each process its own stream
+    assert common.epoch_seed(3, 5, per_process=False) == single            # the shared data order
+    monkeypatch.setenv("RANK", "0")
+    assert common.epoch_seed(3, 5) == single                               # process 0: the 1-process one

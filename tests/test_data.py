@@ -147,9 +147,9 @@ def test_cifar_pickles_ldam_and_sdclr(tmp_path):
     assert torch.bincount(ds.val.y).tolist() == [3] * 10
     json.dumps(ds.info())
     assert f"train total {sum(counts)}" in data.describe(ds) and "airplane" in data.describe(ds)
-    s = data.load_dataset("cifar10-lt", str(tmp_path), imb_ratio=10, protocol="sdclr", split=2,
+    s = data.load_dataset("cifar10-lt", str(tmp_path), imb_ratio=5, protocol="sdclr", split=2,
                           download=False)
-    prof = data.lt_counts(27, 10, 10)
+    prof = data.lt_counts(27, 10, 5)                    # 27 .. 5: a tail of 27 / 10 = 2 would be rho 13.5
     assert s.lt_convention == "sdclr" and sorted(s.class_counts, reverse=True) == prof
     assert [s.class_counts[c] for c in data.SDCLR_C10_ORDERS[2]] == prof
     assert s.class_rank[3] == 0 and s.class_rank[5] == 9
@@ -234,13 +234,15 @@ def test_folder_tree_cache_and_lt(tmp_path, monkeypatch):
     def no_decode(*a, **k):
         raise AssertionError("cache not used")
     monkeypatch.setattr(data, "_decode_all", no_decode)
-    lt = data.load_dataset("folder", str(tmp_path), imb_ratio=4, protocol="ldam")
-    assert lt.class_counts == data.lt_counts(10, 3, 4) and lt.lt_convention == "ldam"
+    lt = data.load_dataset("folder", str(tmp_path), imb_ratio=5, protocol="ldam")
+    assert lt.class_counts == data.lt_counts(10, 3, 5) and lt.lt_convention == "ldam"
     idx = data.ldam_indices(ds.train.y.numpy(), lt.class_counts, 0)           # generator on the sorted files
     assert torch.equal(lt.train.x, ds.train.x[idx])
     sd = data.load_dataset("folder", str(tmp_path), imb_ratio=3, protocol="sdclr", split=1)
     assert sorted(sd.class_counts, reverse=True) == data.lt_counts(9, 3, 3) and len(sd.val) == 3
     assert sd.lt_convention == "sdclr" and len(sd.probe) == 27
+    with pytest.raises(UserError, match="--imb-ratio 4 cannot be built from these images.*ratio 5.0"):
+        data.load_dataset("folder", str(tmp_path), imb_ratio=4, protocol="ldam")   # 10, 5, 2: rho 5, not 4
     with pytest.raises(UserError, match="folder"):
         data.load_dataset("folder", str(tmp_path), split_file="x.npy")
     with pytest.raises(UserError, match="train/<class>"):
@@ -452,6 +454,26 @@ def test_per_image_parameters_shapes_and_reproducibility(imgs):
     assert torch.allclose(data.augment(imgs, "test_imagenet"), data.normalize(imgs, m, s))
     with pytest.raises(UserError, match="simclr_cifar"):
         data.augment(imgs, "nope")
+
+
+def test_augment_channels_last_keeps_the_values(imgs):
+    for r in ("simclr_cifar", "test_cifar"):
+        plain = data.augment(imgs, r, torch.Generator().manual_seed(3), image_size=32)
+        cl = data.augment(imgs, r, torch.Generator().manual_seed(3), image_size=32, channels_last=True)
+        assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+        assert plain.is_contiguous() and torch.equal(cl, plain)
+    x = torch.randn(2, 3, 4, 4)
+    assert data.memory_format(x, False) is x
+    assert data.memory_format(x, True).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nominal_shape_of_every_dataset():
+    assert set(data.NOMINAL) == set(data.DATASETS)
+    assert data.nominal_shape("cifar100-lt") == (32, 32, 100)
+    assert data.nominal_shape("tiny-imagenet-lt") == (64, 64, 200)
+    assert data.nominal_shape("imagenet-lt") == (224, 256, 1000)     # list images arrive as 256-px squares
+    assert data.nominal_shape("inat2018") == (224, 256, 8142)
+    assert data.nominal_shape("synthetic-lt")[0] == 32 and data.nominal_shape("folder")[0] == 32
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """dscl.py: the DSCL / PBSD losses against direct formulas, the queue, the boxes, the dataset defaults and
 paper settings, and tiny two-stage runs on synthetic-lt (CPU)."""
+import dataclasses
 import json
 import math
 
@@ -10,9 +11,16 @@ import torch.nn.functional as F
 import common
 import data
 import dscl
+import eval as evaluation
+import harness
 from conftest import run_function
 
 TAU = 0.07
+
+
+def load_checkpoint(path):
+    """A checkpoint as eval.py --ckpt and --resume read it: weights_only, on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _case(B=6, K=20, D=8, C=3, seed=0):
@@ -210,28 +218,50 @@ def test_losses_keep_fp32_logits_inside_autocast():
 # Dataset defaults, the demo profile and the paper settings
 # ---------------------------------------------------------------------------------------------------------
 def parse(*argv):
-    return common.parse_args(dscl.Args, list(argv), dscl.DEFAULTS)
+    return harness.parse_args(dscl.Args, list(argv), dscl.DEFAULTS)
+
+
+def paper_of(args, rho=None):
+    """The rule: a run is a paper setting exactly when PAPER_TOP1 has a number for its (dataset, variant,
+    rho); rho None is what a list dataset (ImageNet-LT, iNaturalist, Places-LT) has."""
+    variant = harness.variant_label(args, dscl.DEFAULTS)
+    return harness.paper_value(dscl.PAPER_TOP1, args.dataset, variant, rho)
 
 
 def test_paper_datasets_start_with_the_paper_settings():
     a, filled = parse("--dataset", "imagenet-lt")
-    paper = dict(arch="resnet50", finetune="all", queue_size=65536, ema_decay=0.999, temperature=0.07,
+    paper = dict(arch="resnet50", finetune="all", queue_size=65536, ema_decay=0.999, tau=0.07,
                  alpha=0.1, pbsd_weight=1.5, num_patches=5, patch_scale=[0.05, 0.6], patch_size=64,
                  crop_scale=[0.08, 1.0],
                  batch_size=256, lr=0.1, lr_warmup_epochs=10, weight_decay=5e-4, momentum=0.9, epochs=200,
                  linear_lr=10.0, linear_epochs=40, linear_milestones=[20, 30], linear_batch_size=2048,
-                 feat_dim=128)
+                 proj_dim=128)
     assert {k: getattr(a, k) for k in paper} == paper
     assert filled["arch"] == "resnet50" and "alpha" not in filled
-    assert common.paper_setting(a, dscl.PAPER, "imagenet-lt")
+    assert harness.variant_label(a, dscl.DEFAULTS) == "default" and paper_of(a) == 57.7
+    assert paper_of(a, rho=100.0) is None                             # a list dataset has no rho
+    base = parse("--dataset", "imagenet-lt", "--scl", "--pbsd-weight", "0")[0]           # Table 1 baseline
+    assert harness.variant_label(base, dscl.DEFAULTS) == "--scl --pbsd-weight 0.0" and paper_of(base) == 51.2
+    assert paper_of(parse("--dataset", "imagenet-lt", "--linear-lr", "2.5")[0]) == 57.4   # Table 3, Ours*
+    assert paper_of(parse("--dataset", "imagenet-lt", "--alpha", "0.3")[0]) is None     # not in the paper
     inat = parse("--dataset", "inat2018")[0]
-    assert inat.linear_lr == 30.0 and common.paper_setting(inat, dscl.PAPER, "inat2018")
+    assert inat.linear_lr == 30.0 and paper_of(inat) == 72.0
+    assert paper_of(parse("--dataset", "inat2018", "--linear-lr", "10")[0]) is None
     places = parse("--dataset", "places-lt")[0]
     assert (places.arch, places.finetune, places.epochs, places.linear_lr) == ("resnet152", "layer4", 30, 2.5)
-    assert not common.paper_setting(places, dscl.PAPER, "places-lt")        # no ImageNet-1K weights given
+    assert harness.variant_label(places, dscl.DEFAULTS) == "default" and paper_of(places) is None
     places = parse("--dataset", "places-lt", "--pretrained", "resnet152-imagenet1k.pth")[0]
-    assert common.paper_setting(places, dscl.PAPER, "places-lt")
-    assert not common.paper_setting(parse("--dataset", "imagenet100-lt")[0], dscl.PAPER, "imagenet100-lt")
+    assert harness.variant_label(places, dscl.DEFAULTS) == "--pretrained resnet152-imagenet1k.pth"
+    assert paper_of(places) is None                                     # no cell: compared by hand
+    assert paper_of(parse("--dataset", "imagenet100-lt")[0]) is None
+
+
+def test_old_flag_names_are_gone():
+    assert parse("--tau", "0.2", "--proj-dim", "64")[0].tau == 0.2
+    for old in (["--temperature", "0.2"], ["--feat-dim", "64"]):
+        with pytest.raises(SystemExit) as e:
+            parse(*old)
+        assert e.value.code == 2
 
 
 def test_cifar_adaptation_is_filled_and_is_never_a_paper_setting():
@@ -240,30 +270,45 @@ def test_cifar_adaptation_is_filled_and_is_never_a_paper_setting():
     assert a.crop_scale == [0.2, 1.0]
     assert (a.linear_batch_size, a.linear_lr, a.alpha, a.pbsd_weight) == (512, 2.5, 0.1, 1.5)
     assert (a.batch_size, a.epochs, a.num_patches, a.protocol) == (256, 200, 5, "ldam")
-    assert filled["queue_size"] == 8192 and not common.paper_setting(a, dscl.PAPER, "cifar10-lt")
+    assert filled["queue_size"] == 8192 and harness.variant_label(a, dscl.DEFAULTS) == "default"
+    for name in dscl.SMALL:                                 # the adaptation: no rho, no variant has a cell
+        assert not [key for key in dscl.PAPER_TOP1 if key[0] == name]
+        args = parse("--dataset", name)[0]
+        for rho in (None, 10.0, 50.0, 100.0):
+            assert paper_of(args, rho) is None
     b, filled = parse("--dataset", "cifar10-lt", "--queue-size", "4096", "--arch=resnet8")
     assert (b.queue_size, b.arch, b.ema_decay) == (4096, "resnet8", 0.99)
     assert "queue_size" not in filled and "arch" not in filled
 
 
-# a value different from the paper's for every argument PAPER fixes
-CHANGED = {"arch": "resnet18", "finetune": "layer4", "pretrained": "weights.pth", "feat_dim": 64,
-           "queue_size": 32768, "ema_decay": 0.99, "temperature": 0.1, "alpha": 0.2, "scl": True,
-           "multicrop": True, "pbsd_weight": 1.0, "num_patches": 4, "patch_scale": [0.1, 0.6],
-           "patch_size": 32,
-           "epochs": 100, "batch_size": 128, "lr": 0.05, "linear_epochs": 30, "linear_batch_size": 1024,
-           "linear_milestones": [10, 20], "linear_lr": 2.5}
+# a value different from the ImageNet-LT default for every method flag (a variant of its own; only --scl alone
+# is a paper row, Table 1's SCL + PBSD)
+CHANGED = {"data_seed": 3, "num_classes": 7, "synthetic_n_max": 50, "synthetic_n_test": 5,
+           "arch": "resnet18", "finetune": "layer4", "pretrained": "weights.pth", "proj_dim": 64,
+           "queue_size": 32768, "ema_decay": 0.99, "tau": 0.1, "alpha": 0.2, "scl": True,
+           "contrast_batch": False, "queue_label_init": "none", "multicrop": True, "pbsd_weight": 1.0,
+           "num_patches": 4, "patch_scale": [0.1, 0.6], "patch_size": 32, "fuse_patch_passes": True,
+           "crop_scale": [0.2, 1.0], "shuffle_bn_chunks": 4, "epochs": 100, "batch_size": 128, "lr": 0.05,
+           "lr_warmup_epochs": 5, "momentum": 0.8, "weight_decay": 1e-4, "linear_epochs": 30,
+           "linear_lr": 5.0, "linear_milestones": [10, 20], "linear_batch_size": 1024, "linear_bn": "eval"}
+IN_PAPER = {"scl": 56.3}
 
 
-@pytest.mark.parametrize("name", sorted(dscl.PAPER["imagenet-lt"]))
-def test_paper_setting_turns_false_when_a_paper_fixed_argument_changes(name):
-    value, flag = CHANGED[name], "--" + name.replace("_", "-")
-    argv = [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
-    args = parse("--dataset", "imagenet-lt", *argv)[0]
-    assert getattr(args, name) == value
-    assert not common.paper_setting(args, dscl.PAPER, "imagenet-lt")
-    assert common.variant_label(args, dscl.DEFAULTS).startswith(flag)
-    assert common.variant_label(parse("--dataset", "imagenet-lt")[0], dscl.DEFAULTS) == "default"
+def test_changed_covers_every_method_flag():
+    method = {f.name for f in dataclasses.fields(dscl.Args)
+              if f.name not in harness.SHARED_FLAGS and not f.metadata.get("runtime")}
+    assert set(CHANGED) == method
+
+
+@pytest.mark.parametrize("name", sorted(CHANGED))
+def test_a_changed_method_flag_is_the_variant_and_leaves_the_paper_setting(name):
+    value = CHANGED[name]
+    flag = harness.as_flag(name, value)
+    args = parse("--dataset", "imagenet-lt", *flag.split())[0]
+    assert harness.same(getattr(args, name), value)
+    assert harness.variant_label(args, dscl.DEFAULTS) == flag
+    assert paper_of(args) == IN_PAPER.get(name)
+    assert paper_of(parse("--dataset", "imagenet-lt")[0]) == 57.7
 
 
 def test_synthetic_demo_profile_fills_only_unset_fields(monkeypatch):
@@ -280,7 +325,7 @@ def test_synthetic_demo_profile_fills_only_unset_fields(monkeypatch):
     c = parse("--dataset", "cifar10-lt")[0]                          # the CIFAR defaults are untouched
     assert (c.arch, c.batch_size, c.queue_size, c.epochs, c.num_patches) == ("resnet32", 256, 8192, 200, 5)
     monkeypatch.setenv("COLUMNS", "1000")                               # --help without line wrapping
-    helps = common.make_parser(dscl.Args, dscl.DEFAULTS).format_help()
+    helps = harness.make_parser(dscl.Args, dscl.DEFAULTS).format_help()
     assert "synthetic-lt: resnet8" in helps and "--ema-decay" in helps and "--lr-warmup-epochs" in helps
 
 
@@ -299,9 +344,10 @@ def test_lt_subset_uses_data_seed_not_training_seed():
 # Tiny runs on synthetic-lt (CPU, resnet8)
 # ---------------------------------------------------------------------------------------------------------
 def _tiny(out_dir, *extra):
-    # every option of the demo profile is given except --num-patches, which the profile fills in (2)
+    # every option of the demo profile is given except --num-patches, which the profile fills in (2);
+    # 12, 5, 2 and 1 training images: rho 12 exactly
     return ["--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "12",
-            "--synthetic-n-test", "6", "--imb-ratio", "10", "--arch", "resnet8", "--queue-size", "32",
+            "--synthetic-n-test", "6", "--imb-ratio", "12", "--arch", "resnet8", "--queue-size", "32",
             "--batch-size", "8", "--epochs", "2",
             "--lr-warmup-epochs", "1", "--linear-epochs", "1", "--linear-milestones", "1",
             "--linear-batch-size", "16", "--device", "cpu", "--amp", "off", "--workers", "0",
@@ -329,13 +375,21 @@ def test_tiny_two_stage_run_writes_results_and_records_the_filled_defaults(tiny_
     assert filled["num_patches"] == 2 and cfg["filled_defaults"] == filled and cfg["args"]["num_patches"] == 2
     assert "arch" not in filled and "queue_size" not in filled and cfg["args"]["arch"] == "resnet8"
     assert "--queue-size 32" in saved["variant"] and "--num-patches" not in saved["variant"]
-    ck = common.load_checkpoint(run_dir / "checkpoint.pt")
+    assert saved["paper_value"] is None and saved["variant"].startswith("--num-classes 4")
+    ck = load_checkpoint(run_dir / "checkpoint.pt")
     iters = saved["dataset"]["n_train"] // 8
-    assert ck["epoch"] == 2 and ck["queue"].shape == (32, 128) and ck["queue_ptr"] == (2 * iters * 8) % 32
-    assert (ck["queue_labels"] >= 0).all() and (ck["queue_labels"] < 4).all()
-    assert torch.allclose(ck["queue"].norm(dim=1), torch.ones(32), atol=1e-4)
+    assert {"model", "key_model", "optimizer", "scaler", "state"} <= set(ck)
+    state = ck["state"]
+    assert ck["epoch"] == 2 and state["queue"].shape == (32, 128)
+    assert state["queue_ptr"] == (2 * iters * 8) % 32
+    assert (state["queue_labels"] >= 0).all() and (state["queue_labels"] < 4).all()
+    assert torch.allclose(state["queue"].norm(dim=1), torch.ones(32), atol=1e-4)
     assert ck["method"] == "dscl" and ck["filled"] == filled and ck["stage"] == "pretrain"
-    common.build_backbone(ck["arch"], ck["image_size"]).load_state_dict(ck["backbone"])   # eval.py --ckpt
+    backbone = common.build_backbone(ck["arch"], ck["image_size"])                     # eval.py --ckpt
+    backbone.load_state_dict(evaluation.submodule_state(ck["model"], "backbone"))
+    key_head = evaluation.submodule_state(ck["key_model"], "head")
+    assert key_head and all(not torch.equal(v, ck["model"]["head." + k]) for k, v in key_head.items()
+                            if v.dtype.is_floating_point)                              # EMA, not a copy
     lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss_pbsd"] for r in lines if r.get("stage") == "pretrain"]
     assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
@@ -358,28 +412,44 @@ def test_demo_profile_is_announced(tmp_path, capsys):
     assert "--arch" not in line[0] and "--queue-size" not in line[0]
 
 
+def tensors(tree, prefix=""):
+    """Every tensor of a checkpoint by its path of keys (the RNG state included)."""
+    if torch.is_tensor(tree):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        items = ()
+    return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}
+
+
 def test_resume_is_exact(tiny_run, tmp_path, monkeypatch):
-    ref = common.load_checkpoint(tiny_run[1] / "checkpoint.pt")
+    ref = load_checkpoint(tiny_run[1] / "checkpoint.pt")
     saves = []
-    real_save = common.save_checkpoint
+    real_save = harness.save_checkpoint
 
     def save_then_stop(path, state):                   # interrupt right after the first epoch's checkpoint
         real_save(path, state)
         saves.append(path)
         if len(saves) == 1:
             raise KeyboardInterrupt
-    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(harness, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         dscl.main(_tiny(tmp_path, "--stage", "pretrain"))
+    monkeypatch.setattr(harness, "save_checkpoint", real_save)
     ck_path = next(tmp_path.glob("dscl-*")) / "checkpoint.pt"
-    assert common.load_checkpoint(ck_path)["epoch"] == 1
+    cut = load_checkpoint(ck_path)
+    assert cut["epoch"] == 1 and cut["state"]["queue_ptr"] != ref["state"]["queue_ptr"]
     dscl.main(_tiny(tmp_path, "--stage", "pretrain", "--resume", str(ck_path)))
-    got = common.load_checkpoint(ck_path)
-    assert got["epoch"] == 2 and got["queue_ptr"] == ref["queue_ptr"]
-    for name in ("model", "key_model"):
-        for key, val in ref[name].items():
-            assert torch.equal(val, got[name][key]), f"{name}.{key} differs after resume"
-    assert torch.equal(ref["queue"], got["queue"]) and torch.equal(ref["queue_labels"], got["queue_labels"])
+    got = load_checkpoint(ck_path)
+    assert got["epoch"] == 2 and got["state"]["queue_ptr"] == ref["state"]["queue_ptr"]
+    a, b = tensors(ref), tensors(got)
+    assert a.keys() == b.keys() and any(k.startswith("/optimizer/") for k in a) and "/rng/torch" in a
+    for key, val in a.items():                         # bit for bit: weights, optimiser, queue, RNG state
+        assert torch.equal(val, b[key]), f"{key} differs after resume"
+    assert not torch.equal(tensors(cut)["/state/queue"], a["/state/queue"])
 
 
 def _fake_imagenet_lt(root):
@@ -392,12 +462,18 @@ def _fake_imagenet_lt(root):
 
 def test_dry_run_prints_the_paper_setting_and_makes_no_run_dir(tmp_path, capsys):
     _fake_imagenet_lt(tmp_path)
-    dscl.main(["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--dry-run", "--out-dir",
-               str(tmp_path / "runs")])
+    base = ["--dataset", "imagenet-lt", "--data-dir", str(tmp_path), "--dry-run", "--out-dir",
+            str(tmp_path / "runs")]
+    dscl.main(base)
     out = capsys.readouterr().out
-    assert "paper setting: True" in out
+    assert "paper setting: True (variant default; paper top-1 57.7)" in out
     cfg = json.loads(out.split("resolved settings:\n", 1)[1].splitlines()[0])
     assert (cfg["arch"], cfg["ema_decay"], cfg["queue_size"]) == ("resnet50", 0.999, 65536)
+    dscl.main(base + ["--scl", "--pbsd-weight", "0"])
+    out = capsys.readouterr().out
+    assert "paper setting: True (variant --scl --pbsd-weight 0.0; paper top-1 51.2)" in out
+    dscl.main(base + ["--alpha", "0.3"])
+    assert "paper setting: False (variant --alpha 0.3; paper top-1 None)" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
 
 
@@ -406,7 +482,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
                  ["--dataset", "synthetic-lt", "--queue-size", "64", "--dry-run"],            # K < B = 128
                  ["--dataset", "synthetic-lt", "--ema-decay", "1.5"]):
         with pytest.raises(SystemExit) as e:
-            common.main_guard(dscl.main, argv)
+            harness.main_guard(dscl.main, argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and len(err.splitlines()) == 1
@@ -436,7 +512,7 @@ def test_ablation_switches_run_one_step(switches, tmp_path):
 def test_benchmark_runs_a_step_on_random_data(capsys):
     ips = dscl.main(["--benchmark", "--dataset", "synthetic-lt", "--benchmark-steps", "1", "--batch-size",
                      "8", "--queue-size", "32", "--device", "cpu"])
-    assert ips > 0 and "[dscl benchmark]" in capsys.readouterr().out
+    assert list(ips) == ["dscl"] and ips["dscl"] > 0 and "[dscl benchmark]" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch.nn as nn
 import common
 import data
 import eval as ev
+import harness
 from conftest import Poison
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -518,19 +519,55 @@ def test_table_aggregates_mean_and_population_std(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 # --ckpt: evaluate a method checkpoint on synthetic-lt
 # ---------------------------------------------------------------------------------------------------------
-def _synthetic_ckpt(tmp_path):
+class _Net(nn.Module):
+    """The layout of a method's main network: the backbone and (Hybrid) the end-to-end classifier."""
+
+    def __init__(self, classifier=True):
+        super().__init__()
+        self.backbone = common.build_backbone("resnet8", 32)
+        self.head = nn.Linear(self.backbone.out_dim, 8)
+        self.classifier = nn.Linear(self.backbone.out_dim, 3) if classifier else None
+
+
+def _synthetic_ckpt(tmp_path, method="sdclr", classifier=True):
+    """A checkpoint in the harness layout: the main network under "model" (harness.Run.checkpoint)."""
     torch.manual_seed(0)
-    bb = common.build_backbone("resnet8", 32)
+    net = _Net(classifier)
     args = {"dataset": "synthetic-lt", "data_dir": str(tmp_path / "data"), "imb_ratio": 4.0,
             "protocol": "sdclr", "split": 1, "split_file": None, "seed": 0, "data_seed": 0, "num_classes": 3,
             "synthetic_n_max": 12, "synthetic_n_test": 6}
     run = tmp_path / "runs" / "sdclr-synthetic-lt-1"
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     path = run / "checkpoint.pt"
-    common.save_checkpoint(path, {"method": "sdclr", "arch": "resnet8", "image_size": 32, "args": args,
-                                  "epoch": 1, "stage": "", "backbone": bb.state_dict(),
-                                  "classifier": nn.Linear(bb.out_dim, 3).state_dict()})
+    harness.save_checkpoint(path, {"model": net.state_dict(), "method": method, "arch": "resnet8",
+                                   "image_size": 32, "args": args, "epoch": 1, "stage": "", "state": None})
     return path
+
+
+def test_submodule_state_strips_the_prefix():
+    net = _Net()
+    state = ev.submodule_state(net.state_dict(), "backbone")
+    assert state.keys() == net.backbone.state_dict().keys()
+    assert all(torch.equal(v, net.backbone.state_dict()[k]) for k, v in state.items())
+    assert ev.submodule_state(net.state_dict(), "classifier").keys() == {"weight", "bias"}
+    assert ev.submodule_state(net.state_dict(), "back") == {}              # a whole name, not a prefix of one
+    assert ev.submodule_state(_Net(classifier=False).state_dict(), "classifier") == {}
+
+
+def test_metric_value_reads_a_dotted_path():
+    m = {"top1_overall": 81.5, "groups_thirds": {"group_mean": 80.7, "few": None}}
+    assert ev.metric_value(m, "top1_overall") == 81.5
+    assert ev.metric_value(m, "groups_thirds.group_mean") == 80.7
+    assert ev.metric_value(m, "groups_thirds.few") is None
+    assert ev.metric_value(m, "groups_strict.many") is None and ev.metric_value(None, "top1_overall") is None
+    assert ev.metric_value(m, "top1_overall.x") is None
+
+
+def test_git_commit_is_the_short_sha_of_this_repository():
+    sha = ev.git_commit()
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert sha == (out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown")
+    assert not hasattr(common, "git_commit")
 
 
 @pytest.mark.parametrize("probe", ["linear", "knn", "classifier"])
@@ -570,14 +607,28 @@ def test_cli_ckpt_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.strip().count("\n") == 0
-
-
-def test_cli_ckpt_uses_the_results_method_label(tmp_path):
-    """A checkpoint's results_method (tase.py: "TASE-R (reconstruction)") names the method in results.json."""
+    assert "--ckpt" in err and "unreadable" in err and "--resume" not in err       # names the flag given
+    # the layout before the harness (a "backbone" entry, no "model"): one line, not a KeyError
+    old = {"method": "sdclr", "arch": "resnet8", "backbone": common.build_backbone("resnet8").state_dict()}
+    torch.save(old, bad)
+    with pytest.raises(common.UserError, match="lacks its arch or model"):
+        ev.main(["--ckpt", str(bad), "--device", "cpu"])
+    # another architecture's weights, and a classifier probe of a network without one
     path = _synthetic_ckpt(tmp_path)
-    ckpt = common.load_checkpoint(path)
-    ckpt["results_method"] = "TASE-R (reconstruction)"
-    common.save_checkpoint(path, ckpt)
+    ckpt = data.load_checkpoint(path)
+    ckpt["arch"] = "resnet20"
+    harness.save_checkpoint(path, ckpt)
+    with pytest.raises(common.UserError, match="do not fit arch resnet20"):
+        ev.main(["--ckpt", str(path), "--device", "cpu", "--probe", "knn", "--no-tsne"])
+    path = _synthetic_ckpt(tmp_path, classifier=False)
+    with pytest.raises(common.UserError, match="no end-to-end classifier"):
+        ev.main(["--ckpt", str(path), "--device", "cpu", "--probe", "classifier", "--no-tsne"])
+
+
+def test_cli_ckpt_uses_the_checkpoints_method_label(tmp_path):
+    """A checkpoint's "method" is the run's label (tase.py: "TASE-R (reconstruction)"): it names the method in
+    results.json."""
+    path = _synthetic_ckpt(tmp_path, method="TASE-R (reconstruction)")
     ev.main(["--ckpt", str(path), "--probe", "knn", "--device", "cpu", "--amp", "off", "--no-tsne",
              "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "results.json").read_text())["method"] == "TASE-R (reconstruction)"

@@ -1,7 +1,8 @@
 """Tests for fassl.py: the losses of Eq. (1)-(4) and SDCLR's NT-Xent, pruning and dual BN; the Eq. (3)
-weights on a CIFAR-10-LT-like toy; the frozen teacher of --ema-decay 1; the DEFAULTS (seeds) and PAPER
-tables; the probe settings at 224 px and on Places-LT; end-to-end runs on synthetic-lt with exact resume,
-also alternating (Table 7); the training steps without host synchronisation."""
+weights on a CIFAR-10-LT-like toy; the frozen teacher of --ema-decay 1; the DEFAULTS (seeds, derived
+defaults) and the paper rule (a paper setting = a cell of PAPER_ALL); the probe settings at 224 px and on
+Places-LT; end-to-end runs on synthetic-lt with exact resume, also alternating (Table 7); the training steps
+without host synchronisation."""
 import contextlib
 import copy
 import dataclasses
@@ -18,16 +19,18 @@ import common
 import data
 import eval as evaluation
 import fassl
+import harness
 
+# rho 8: a tail of exactly 3 (of 24) or 2 (of 16) images, a tail the data can build (data.check_buildable)
 TINY = ["--dataset", "synthetic-lt", "--synthetic-n-max", "24", "--synthetic-n-test", "4", "--imb-ratio",
-        "10", "--arch", "resnet8", "--batch-size", "32", "--num-prototypes", "16", "--probe-epochs", "1",
+        "8", "--arch", "resnet8", "--batch-size", "32", "--num-prototypes", "16", "--probe-epochs", "1",
         "--probe-aug", "none", "--device", "cpu", "--lr-warmup-epochs", "1", "--workers", "0",
         "--print-every", "1000"]
 
 
 def parse(*argv):             # as fassl.main parses: --no-init is --init scratch
     argv = [w for a in argv for w in (["--init", "scratch"] if a == "--no-init" else [a])]
-    return common.parse_args(fassl.Args, argv, fassl.DEFAULTS)
+    return harness.parse_args(fassl.Args, argv, fassl.DEFAULTS, fassl.derived_defaults)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,8 +213,11 @@ def test_default_weights_are_bounded_ordered_and_keep_the_sample_size_on_the_lt_
     literal = fassl.frequency_weights(z, P, norm="literal")              # what the issue measured
     assert ess(literal) < ess(inverse) and float(literal[group == 0].mean()) < 0.1       # collapsed
     stats = fassl.weight_stats(w, group)                                 # what metrics.jsonl logs
-    assert stats[6].item() == pytest.approx(ess(w), rel=1e-5)
-    assert (stats[:3] / stats[3:6]).tolist() == pytest.approx(means, rel=1e-5)
+    assert set(stats) == {"w_sum", "count", "ess", "max", "min"}
+    assert stats["ess"].item() == pytest.approx(ess(w), rel=1e-5)
+    assert stats["count"].tolist() == [float((group == g).sum()) for g in range(3)]
+    assert (stats["w_sum"] / stats["count"]).tolist() == pytest.approx(means, rel=1e-5)
+    assert (stats["max"].item(), stats["min"].item()) == (w.max().item(), w.min().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -288,19 +294,20 @@ def test_ema_decay_one_leaves_every_teacher_tensor_bit_identical(tmp_path):
     whole Stage-2 epochs (train_fassl) and after a few steps of rebalance_step."""
     args = parse(*TINY)[0]
     teacher, protos, _ = fassl.networks(args, 32, None)
-    init = {"backbone": teacher.backbone.state_dict(), "head": teacher.head.state_dict(),
-            "prototypes": protos.state_dict(), "proj_layers": args.proj_layers}
+    init = {"model": teacher.state_dict(), "prototypes": protos.state_dict(),      # a stage output's layout
+            "state": {"proj_layers": args.proj_layers, "epochs": {"prototypes": 1}}}
     torch.save(init, tmp_path / "init.pt")
     run = fassl.main(TINY + ["--stage", "rebalance", "--init", str(tmp_path / "init.pt"), "--ema-decay", "1",
                              "--stage2-epochs", "2", "--knn-every", "0", "--probe", "--no-analyze",
-                             "--out-dir", str(tmp_path)])
+                             "--out-dir", str(tmp_path / "runs")])
     out = torch.load(run / "stage_rebalance.pt", weights_only=True)
-    want = {**{f"backbone.{k}": v for k, v in init["backbone"].items()},
-            **{f"head.{k}": v for k, v in init["head"].items()}}
-    assert set(out["teacher"]) == set(want)
+    want = init["model"]
+    assert set(out["teacher"]) == set(want) == set(out["model"])    # "model": the student F^S
     assert all(torch.equal(out["teacher"][k], v) for k, v in want.items()), \
         [k for k, v in want.items() if not torch.equal(out["teacher"][k], v)]
-    assert any(not torch.equal(out["student"][k], v) for k, v in want.items())     # the student did learn
+    assert any(not torch.equal(out["model"][k], v) for k, v in want.items())       # the student did learn
+    assert torch.equal(out["prototypes"]["weight"], init["prototypes"]["weight"])  # P frozen in Stage 2
+    assert out["state"] == {"proj_layers": args.proj_layers, "epochs": {"rebalance": 2}}
     before, teacher, _, _ = stage2_step(parse(*TINY, "--ema-decay", "1")[0], steps=3)
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
 
@@ -328,7 +335,8 @@ def test_prototype_loss_stays_fp32_under_bf16_autocast():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# DEFAULTS (per dataset, synthetic-lt demo profile) and PAPER (paper_setting)
+# DEFAULTS (per dataset, synthetic-lt demo profile, derived defaults) and the paper rule: a run is a paper
+# setting exactly when PAPER_ALL has a number for its (dataset, variant, rho)
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dataset,expected", [
     ("cifar10-lt", ("resnet18", 512, 2000, 100, 200, None, "crop", 0.9, 0.2, 3, "sdclr")),
@@ -343,6 +351,20 @@ def test_dataset_defaults(dataset, expected):
     assert (simclr.tau, simclr.proj_layers) == (0.2, 2)               # SimCLR: tau 0.2, 2-layer head
 
 
+def test_derived_defaults_follow_the_other_flags_and_yield_to_given_ones():
+    args, filled = parse("--dataset", "imagenet100-lt", "--prune-ratio", "0")
+    assert filled["proj_layers"] == 2 and filled["tau"] == 0.2 and "prune_ratio" not in filled
+    args, filled = parse("--dataset", "imagenet100-lt", "--tau", "0.5", "--proj-layers", "4")
+    assert (args.tau, args.proj_layers) == (0.5, 4) and not {"tau", "proj_layers"} & set(filled)
+    assert parse("--tau", "0.3")[0].tau == 0.3 and parse()[0].tau == 0.2       # 0.3: the 224-px SDCLR only
+    # a flag set by derived_defaults is compared with what the run's other flags give it
+    assert variant(parse("--prune-ratio", "0")[0]) == "--prune-ratio 0.0"
+    assert variant(parse("--prune-ratio", "0", "--proj-layers", "2")[0]) == "--prune-ratio 0.0"
+    assert variant(parse("--proj-layers", "2")[0]) == "--proj-layers 2"
+    assert variant(parse("--dataset", "places-lt", "--prune-ratio", "0", "--tau", "0.3")[0]) == \
+        "--prune-ratio 0.0 --tau 0.3"
+
+
 @pytest.mark.parametrize("dataset,seed", [("cifar10-lt", 10), ("cifar100-lt", 10), ("imagenet100-lt", 1),
                                           ("places-lt", 0), ("tiny-imagenet-lt", 0), ("synthetic-lt", 0)])
 def test_default_seed_is_the_sdclr_scripts_one(dataset, seed):
@@ -350,15 +372,20 @@ def test_default_seed_is_the_sdclr_scripts_one(dataset, seed):
     assert args.seed == seed and filled["seed"] == seed
     args, filled = parse("--dataset", dataset, "--seed", "3")
     assert args.seed == 3 and "seed" not in filled                       # an explicit flag wins
-    assert common.variant_label(args, fassl.DEFAULTS) == "default"       # the seed is not a variant
-    helptext = " ".join(common.make_parser(fassl.Args, fassl.DEFAULTS).format_help().split())
+    assert variant(args) == "default"                                    # the seed is not a variant
+    parser = harness.make_parser(fassl.Args, fassl.DEFAULTS, fassl.derived_defaults)
+    helptext = " ".join(parser.format_help().split())
     assert "cifar10-lt/cifar100-lt: 10; imagenet100-lt: 1" in helptext
 
 
 def test_synthetic_lt_demo_profile_fills_only_unset_fields():
+    profile = fassl.DEFAULTS["synthetic-lt"]                            # the CPU demo
+    assert profile == {"arch": "resnet8", "batch_size": 128, "sdclr_epochs": 30, "stage1_epochs": 10,
+                       "stage2_epochs": 15, "knn_every": 0, "probe_aug": "none"}
     demo, filled = parse("--dataset", "synthetic-lt")
-    assert {k: getattr(demo, k) for k in fassl.SYNTHETIC_DEMO} == fassl.SYNTHETIC_DEMO
-    assert {k: filled[k] for k in fassl.SYNTHETIC_DEMO} == fassl.SYNTHETIC_DEMO
+    assert {k: getattr(demo, k) for k in profile} == profile
+    assert {k: filled[k] for k in profile} == profile
+    assert (filled["proj_layers"], filled["protocol"], filled["tau"]) == (3, "sdclr", 0.2)
     assert (demo.prune_ratio, demo.tau, demo.num_prototypes, demo.ema_decay) == (0.9, 0.2, 128, 0.99)
     args, filled = parse("--dataset", "synthetic-lt", "--arch", "resnet20", "--batch-size", "64",
                          "--stage1-epochs", "7", "--probe-aug", "crop", "--knn-every", "2")
@@ -366,26 +393,50 @@ def test_synthetic_lt_demo_profile_fills_only_unset_fields():
         ("resnet20", 64, 7, "crop", 2)                                    # explicit flags win
     assert not {"arch", "batch_size", "stage1_epochs", "probe_aug", "knn_every"} & set(filled)
     assert (args.sdclr_epochs, args.stage2_epochs) == (30, 15)
-    assert common.variant_label(demo, fassl.DEFAULTS) == "default"
-    assert common.variant_label(args, fassl.DEFAULTS).startswith("--arch resnet20")
-    helptext = common.make_parser(fassl.Args, fassl.DEFAULTS).format_help()
-    for k, v in fassl.SYNTHETIC_DEMO.items():
-        assert f"synthetic-lt: {v}" in " ".join(helptext.split()), k
+    assert variant(demo) == "default"
+    assert variant(args).startswith("--arch resnet20")
+    assert "--knn-every" not in variant(args)                             # a runtime flag: not a variant
+    helptext = " ".join(harness.make_parser(fassl.Args, fassl.DEFAULTS, fassl.derived_defaults)
+                        .format_help().split())
+    for k, v in profile.items():
+        assert f"synthetic-lt: {v}" in helptext, k
+
+
+def variant(args):
+    return harness.variant_label(args, fassl.DEFAULTS, fassl.derived_defaults)
+
+
+def paper(*flags, ds="cifar10-lt", rho="args"):
+    """The paper's number for the run of these flags (None: not a paper setting); rho: the dataset's,
+    by default the run's --imb-ratio (the list datasets have none: pass None)."""
+    args = parse("--dataset", ds, *flags)[0]
+    return harness.paper_value(fassl.PAPER_ALL, ds, variant(args), args.imb_ratio if rho == "args" else rho)
 
 
 def test_paper_rows_are_paper_settings():
-    def paper(*flags, ds="cifar10-lt"):
-        return common.paper_setting(parse("--dataset", ds, *flags)[0], fassl.PAPER, ds)
-    assert paper() and paper("--stage", "sdclr") and paper("--stage", "sdclr", "--prune-ratio", "0")  # Tab. 1
-    assert paper("--num-prototypes", "64") and paper("--ema-decay", "0.9")                            # Tab. 3
-    assert paper("--stage", "rebalance", "--no-init", "--no-reweight", "--stage2-epochs", "2000")      # BYOL
-    assert paper("--arch", "resnet34", ds="cifar100-lt") and not paper("--arch", "resnet34")          # Tab. 8
-    assert paper("--alternate-every", "5", ds="cifar100-lt") and not paper("--alternate-every", "5")  # Tab. 7
-    assert paper("--imb-ratio", "20", ds="tiny-imagenet-lt") and not paper("--imb-ratio", "20")       # Tab. 5
-    assert paper(ds="imagenet100-lt") and paper(ds="places-lt")
-    assert paper("--prune-ratio", "0", ds="places-lt") and not paper("--prune-ratio", "0.5", ds="places-lt")
-    assert not paper(ds="synthetic-lt") and not paper(ds="imagenet-lt")
-    assert not paper("--epochs-scale", "0.5") and not paper("--probe-aug", "none")
+    assert paper() == 80.69 and paper("--stage", "sdclr") == 80.49                                  # Tab. 1
+    assert paper("--stage", "sdclr", "--prune-ratio", "0") == 75.37                                # SimCLR
+    assert paper("--stage", "rebalance", "--no-init", "--no-reweight", "--stage2-epochs", "2000") == 75.66
+    assert paper("--num-prototypes", "64") == 80.69 and paper("--ema-decay", "0.9") == 79.74        # Tab. 3
+    assert paper("--ema-decay", "1") == 79.63 and paper("--ema-decay", "0") == 49.74
+    assert paper("--no-init") == 76.11 and paper("--prune-ratio", "0") == 76.42                   # Tab. 9
+    assert paper("--arch", "resnet34", ds="cifar100-lt") == 54.19 and paper("--arch", "resnet34") is None
+    assert paper("--alternate-every", "10", ds="cifar100-lt") == 55.07                             # Tab. 7
+    assert paper("--alternate-every", "5", ds="cifar100-lt") is None
+    assert paper("--alternate-every", "10") is None                                           # cifar10-lt
+    assert paper(ds="cifar100-lt") == 55.27 and paper(ds="tiny-imagenet-lt") == 45.85
+    assert paper(ds="imagenet100-lt", rho=None) == 68.92 and paper(ds="places-lt", rho=None) == 22.89
+    assert paper("--stage", "sdclr", "--prune-ratio", "0", ds="imagenet100-lt", rho=None) == 65.46
+    assert paper("--stage", "sdclr", "--prune-ratio", "0", ds="places-lt", rho=None) is None   # not reported
+    assert paper(ds="synthetic-lt") is None and paper(ds="imagenet-lt", rho=None) is None
+    assert paper("--imb-ratio", "50") is None and paper(ds="tiny-imagenet-lt", rho=20.0) is None  # rho
+    # the seed, runtime flags and a flag given at its default value leave it a paper setting
+    assert paper("--seed", "3", "--device", "cpu", "--workers", "2", "--no-analyze", "--lr", "0.5") == 80.69
+    assert paper("--proj-layers", "3", "--tau", "0.2") == 80.69                  # derived and plain defaults
+    assert paper("--tau", "0.3", ds="imagenet100-lt", rho=None) == 68.92         # the 224-px SDCLR tau
+    # an un-reported change makes it none, also on top of a reported row
+    assert paper("--lr", "0.3") is None and paper("--epochs-scale", "0.5") is None
+    assert paper("--probe-aug", "none") is None and paper("--stage", "sdclr", "--lr", "0.3") is None
 
 
 NOT_PAPER = {"protocol": "ldam", "split": "2", "data_seed": "1", "imb_ratio": "50", "arch": "resnet34",
@@ -394,18 +445,22 @@ NOT_PAPER = {"protocol": "ldam", "split": "2", "data_seed": "1", "imb_ratio": "5
              "predictor_hidden": "256", "ema_decay": "0.95", "clip_sigma": "0", "lr": "0.3", "final_lr": "0",
              "momentum": "0.8", "weight_decay": "5e-4", "lr_warmup_epochs": "5", "stage1_epochs": "50",
              "stage2_epochs": "100", "epochs_scale": "0.5", "probe_aug": "none", "probe_epochs": "5",
-             "weight_norm": "literal", "weight_view": "mean", "alternate_every": "5"}
+             "weight_norm": "literal", "weight_view": "mean", "alternate_every": "5", "stage": "prototypes",
+             "init": "stage_sdclr.pt", "reweight": None, "split_file": "d1.npy", "sdclr_split_dir": "splits",
+             "num_classes": "5", "synthetic_n_max": "100", "synthetic_n_test": "10", "probe": "full"}
 
 
-@pytest.mark.parametrize("field", sorted(fassl.PAPER["cifar10-lt"]))
-def test_paper_setting_turns_false_when_a_paper_fixed_argument_changes(field):
-    assert set(NOT_PAPER) == set(fassl.PAPER["cifar10-lt"])           # every fixed argument is tried
+@pytest.mark.parametrize("field", sorted(NOT_PAPER))
+def test_paper_setting_turns_false_when_a_method_flag_changes(field):
+    method_flags = {f.name for f in dataclasses.fields(fassl.Args)
+                    if not f.metadata.get("runtime") and f.name not in ("dataset", "seed")}
+    assert set(NOT_PAPER) == method_flags                              # every method flag is tried
     flag = "--" + field.replace("_", "-")
     flags = ["--no-" + flag[2:]] if NOT_PAPER[field] is None else [flag, NOT_PAPER[field]]
-    args = parse("--dataset", "cifar10-lt", *flags)[0]
-    assert not common.paper_setting(args, fassl.PAPER, "cifar10-lt")
+    assert paper() == 80.69
+    assert paper(*flags) is None
     if field != "imb_ratio":                                          # rho is a column, not a variant
-        assert flag[2:] in common.variant_label(args, fassl.DEFAULTS)  # e.g. "--no-dual-bn"
+        assert flag[2:] in variant(parse("--dataset", "cifar10-lt", *flags)[0])  # e.g. "--no-dual-bn"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -470,9 +525,9 @@ def test_places_lt_probes_on_its_train_list(tmp_path):
 # End to end: --stage all, interrupted in Stage 2 and resumed; exact resume of SDCLR; --init / --no-init
 # ----------------------------------------------------------------------------------------------------------
 def stopped(argv, out):
-    """fassl.main ended by --stop-after-epochs (common.StopRun; main_guard exits 0): the one run directory
+    """fassl.main ended by --stop-after-epochs (harness.StopRun; main_guard exits 0): the one run directory
     under `out`, its checkpoint written."""
-    with pytest.raises(common.StopRun, match="--resume"):
+    with pytest.raises(harness.StopRun, match="--resume"):
         fassl.main(argv)
     (run_dir,) = pathlib.Path(out).iterdir()
     assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "results.json").exists()
@@ -485,10 +540,17 @@ def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     run_dir = stopped(argv + ["--stop-after-epochs", "3"], tmp_path)
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert (ck["stage"], ck["epoch"], ck["method"]) == ("rebalance", 1, "fassl")
+    assert {"model", "teacher", "predictor", "prototypes", "optimizer_rebalance", "scaler"} <= set(ck)
+    assert ck["state"] == {"proj_layers": 3, "epochs": {"rebalance": 1}}
+    stage1 = torch.load(run_dir / "stage_prototypes.pt", weights_only=True)      # Stage 1's output
+    assert (stage1["stage"], stage1["epoch"], stage1["state"]) == \
+        ("prototypes", 1, {"proj_layers": 3, "epochs": {"prototypes": 1}})
+    assert {"model", "prototypes", "optimizer_prototypes", "scaler"} <= set(stage1)
     assert not (run_dir / "results.json").exists() and (run_dir / "stage_prototypes.pt").exists()
     assert fassl.main(["--resume", str(run_dir / "checkpoint.pt")]) == run_dir    # the budget was per call
     res = json.loads((run_dir / "results.json").read_text())
     assert (res["method"], res["network_evaluated"], res["paper_setting"]) == ("fassl", "student", False)
+    assert "paper_value" in res and res["paper_value"] is None
     assert "--num-prototypes 16" in res["variant"] and "--stage2-epochs 2" in res["variant"]
     assert res["epochs"] == {"stage0": 1, "stage1": 1, "stage2": 2, "probe": 1}
     for key in ("many", "medium", "few", "group_mean", "std"):
@@ -510,22 +572,35 @@ def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     assert len(res["extra"]["tsne"]["classes"]) == 5                  # Fig. 3: five classes, head to tail
     assert all((run_dir / f).stat().st_size > 0 for f in ("tsne_student.png", "tsne_sdclr.png"))
     final = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    common.build_backbone("resnet8", 32).load_state_dict(final["backbone"])    # eval.py --ckpt contract
+    backbone = evaluation.submodule_state(final["model"], "backbone")        # eval.py --ckpt contract
+    common.build_backbone("resnet8", 32).load_state_dict(backbone)
+    assert all(torch.equal(v, fassl.backbone_of(final)[k]) for k, v in backbone.items())
 
 
-def test_interrupted_sdclr_resumes_to_the_same_weights_and_records_the_demo_profile(tmp_path, capsys):
+def test_interrupted_sdclr_resumes_to_the_same_weights_and_records_the_demo_profile(tmp_path, capsys,
+                                                                                    monkeypatch):
     argv = TINY + ["--stage", "sdclr", "--sdclr-epochs", "2", "--knn-every", "0", "--probe", "full",
                    "--no-analyze", "--synthetic-n-max", "16"]
+    # a paper table with a number for this run's (dataset, variant, rho): results.json and the final table
+    # must carry it (the real PAPER_ALL has none on synthetic-lt)
+    cell = ("synthetic-lt", variant(parse(*argv)[0]))
+    assert cell[1].startswith("--synthetic-n-max 16")
+    assert harness.paper_value(fassl.PAPER_ALL, *cell, 8.0) is None
+    monkeypatch.setattr(fassl, "PAPER_ALL", {cell: {8.0: 12.5}})
     straight = fassl.main(argv + ["--out-dir", str(tmp_path / "a")])
     out = capsys.readouterr().out               # stage 1 / 2 epochs are the only demo values left unset
     assert "defaults for synthetic-lt (a CPU demo profile, not a paper setting)" in out
     assert "--stage1-epochs 10" in out and "--arch resnet8" not in out.split("defaults for synthetic-lt")[1]
     cut = stopped(argv + ["--out-dir", str(tmp_path / "b"), "--stop-after-epochs", "1"], tmp_path / "b")
     assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    capsys.readouterr()
     fassl.main(["--resume", str(cut)])
+    out = capsys.readouterr().out
+    assert "paper (groups_thirds.group_mean): 12.50 | ours" in out
     a = torch.load(straight / "stage_sdclr.pt", weights_only=True)
     b = torch.load(cut / "stage_sdclr.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["epoch"] == b["epoch"] == 2 and a["stage"] == b["stage"] == "sdclr"
+    assert a["state"] == b["state"] == {"proj_layers": 3, "epochs": {"sdclr": 2}}
     for k in a["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
     res = json.loads((cut / "results.json").read_text())
@@ -534,13 +609,15 @@ def test_interrupted_sdclr_resumes_to_the_same_weights_and_records_the_demo_prof
     config = json.loads((cut / "config.json").read_text())
     assert config["filled_defaults"] == res["defaults_filled"] and "arch" not in config["filled_defaults"]
     assert res["variant"].startswith("--synthetic-n-max 16") and "--stage sdclr" in res["variant"]
-    assert res["paper_setting"] is False and list(res["extra"]) == ["probe_variant", "probe_full"]
+    assert res["paper_setting"] is True and list(res["extra"]) == ["probe_variant", "probe_full"]
+    assert res["paper_value"] == {"metric": "groups_thirds.group_mean", "value": 12.5}
     # Stage 1 alone from that Stage-0 output, without a probe
     run = fassl.main(TINY + ["--stage", "prototypes", "--init", str(straight / "stage_sdclr.pt"), "--probe",
                              "--stage1-epochs", "1", "--no-analyze", "--synthetic-n-max", "16",
                              "--out-dir", str(tmp_path / "c")])
     res = json.loads((run / "results.json").read_text())
     assert res["network_evaluated"] == "teacher" and res["at_selected"] is None
+    assert (res["paper_setting"], res["paper_value"]) == (False, None)              # another variant
     assert res["epochs"] == {"stage0": 0, "stage1": 1, "stage2": 0, "probe": 0}
 
 
@@ -584,7 +661,7 @@ def test_alternate_every_takes_turns_and_resumes_exactly(tmp_path):
     assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 2        # after 0, P, R
     fassl.main(["--resume", str(cut)])
     a, b = (torch.load(d / "stage_rebalance.pt", weights_only=True) for d in (straight, cut))
-    for part in ("student", "teacher", "prototypes", "predictor"):
+    for part in ("model", "teacher", "prototypes", "predictor"):
         for k, v in a[part].items():
             assert torch.allclose(v.float(), b[part][k].float(), atol=1e-6), (part, k)
 
@@ -604,15 +681,19 @@ def test_training_steps_make_no_host_synchronisation(no_host_sync, norm, view):
     g, group = torch.Generator().manual_seed(0), torch.arange(8) % 3
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     for check in (False, True):                                            # warm up, then under the check
-        views, stats = fassl.two_views(x, g, 32, False), torch.zeros(max(K, 9))
+        views, usage, stats = fassl.two_views(x, g, 32, False), torch.zeros(K), {}
         with no_host_sync() if check else contextlib.nullcontext():
             l0 = fassl.sdclr_step(net, o0, sc, *views, args, None)
             l1, z1 = fassl.prototype_step(teacher, protos, o1, sc, *views, args, None)
             h = fassl.prototype_similarities(z1, protos.weight)
-            stats[:K] += torch.nn.functional.one_hot(h.argmax(1), K).sum(0)
+            usage += torch.nn.functional.one_hot(h.argmax(1), K).sum(0)
             l2, w = fassl.rebalance_step(student, q, teacher, protos, o2, sc, *views, args, None)
-            stats[:9] += fassl.weight_stats(w, group)
-    assert all(torch.isfinite(v) for v in (l0, l1, l2)) and stats[:3].sum() == pytest.approx(8.0, rel=1e-5)
+            for key, value in fassl.weight_stats(w, group).items():      # as train_fassl sums them
+                stats[key] = stats.get(key, 0) + value
+    assert all(torch.isfinite(v) for v in (l0, l1, l2)) and usage.sum() == 8
+    assert stats["w_sum"].sum() == pytest.approx(8.0, rel=1e-5) and stats["count"].tolist() == [3, 3, 2]
+    record = fassl.weight_record(stats, 1)                                 # the metrics.jsonl entries
+    assert record["w_ess"] == pytest.approx(ess(w), rel=1e-5) and record["w_min"] <= 1 <= record["w_max"]
 
 
 # ----------------------------------------------------------------------------------------------------------

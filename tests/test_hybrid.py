@@ -14,8 +14,14 @@ import torch.nn.functional as F
 import common
 import data
 import eval as evaluation
+import harness
 import hybrid
 from conftest import run_function
+
+
+def load_checkpoint(path):
+    """A checkpoint as eval.py --ckpt and --resume read it: weights_only, on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,7 +113,7 @@ def test_psc_gradient_wrt_positive_affinity_is_minus_one_over_tau():
     b, c, tau = 12, 7, 0.1
     a = (torch.rand(b, c, generator=g) * 2 - 1).requires_grad_(True)
     labels = torch.randint(0, c, (b,), generator=g)
-    hybrid.psc_from_affinity(a, labels, tau, reduction="none").sum().backward()
+    (hybrid.psc_from_affinity(a, labels, tau) * b).backward()             # the mean: b x it = the sum
     rows = torch.arange(b)
     assert torch.allclose(a.grad[rows, labels], torch.full((b,), -1 / tau), atol=1e-5)
     # negatives: (1/tau) softmax over j != y; they sum to 1/tau
@@ -118,7 +124,7 @@ def test_psc_gradient_wrt_positive_affinity_is_minus_one_over_tau():
     assert torch.allclose(grad_neg, neg, atol=1e-5)
     # with the positive in the denominator the positive gradient is no longer constant
     a2 = a.detach().clone().requires_grad_(True)
-    hybrid.psc_from_affinity(a2, labels, tau, include_pos=True, reduction="none").sum().backward()
+    (hybrid.psc_from_affinity(a2, labels, tau, include_pos=True) * b).backward()
     assert not torch.allclose(a2.grad[rows, labels], torch.full((b,), -1 / tau), atol=1e-3)
 
 
@@ -173,7 +179,17 @@ def test_balanced_sampler_histogram_is_flat():
 # Paper defaults
 # ---------------------------------------------------------------------------------------------------------
 def parse(*argv):
-    return common.parse_args(hybrid.Args, list(argv), hybrid.DEFAULTS)
+    return harness.parse_args(hybrid.Args, list(argv), hybrid.DEFAULTS, hybrid.derived_defaults)
+
+
+def variant(args):
+    return harness.variant_label(args, hybrid.DEFAULTS, hybrid.derived_defaults)
+
+
+def paper_of(args):
+    """The rule: a run is a paper setting exactly when PAPER_TOP1 has a number for its (dataset, variant,
+    rho)."""
+    return harness.paper_value(hybrid.PAPER_TOP1, args.dataset, variant(args), args.imb_ratio)
 
 
 def test_cifar10_lt_starts_with_the_paper_settings():
@@ -182,29 +198,51 @@ def test_cifar10_lt_starts_with_the_paper_settings():
     assert (a.lr, a.momentum, a.weight_decay, a.milestones, a.lr_gamma) == (0.5, 0.9, 1e-4, [120, 160], 0.1)
     assert (a.loss, a.tau, a.alpha_schedule, a.protocol) == ("sc", 0.1, "parabolic", "ldam")
     assert a.no_curriculum is None and not a.two_stage and not a.fused_forward and a.con_sampler == "random"
-    assert filled["arch"] == "resnet32" and "momentum" not in filled
+    assert filled["arch"] == "resnet32" and "momentum" not in filled and a.imb_ratio == 100.0
     psc10, psc100 = parse("--loss", "psc")[0], parse("--dataset", "cifar100-lt", "--loss", "psc")[0]
     assert psc10.tau == 1.0 and psc100.tau == 0.1
     assert parse("--loss", "psc", "--tau", "0.3")[0].tau == 0.3
     inat = parse("--dataset", "inat2018", "--loss", "psc")[0]
     assert (inat.arch, inat.batch_size, inat.epochs, inat.milestones, inat.alpha_schedule, inat.tau) == \
         ("resnet50", 100, 100, [60, 80], "linear", 0.1)
-    for args, ds in ((a, "cifar10-lt"), (psc10, "cifar10-lt"), (psc100, "cifar100-lt")):
-        assert common.paper_setting(args, hybrid.PAPER, ds)
-    assert not common.paper_setting(inat, hybrid.PAPER, "inat2018")
-    assert hybrid.paper_target(a, "cifar10-lt", True) == 81.40
-    assert hybrid.paper_target(psc100, "cifar100-lt", True) == 44.97
-    assert hybrid.paper_target(a, "cifar10-lt", False) is None
+    # a flag that derived_defaults sets is compared with what the run's other flags give it
+    assert (variant(a), variant(psc10), variant(psc100)) == ("default", "--loss psc", "--loss psc")
+    assert variant(parse("--loss", "psc", "--tau", "0.1")[0]) == "--loss psc --tau 0.1"
+    psc100_tau1 = parse("--dataset", "cifar100-lt", "--loss", "psc", "--tau", "1.0")[0]
+    assert variant(psc100_tau1) == "--loss psc --tau 1.0"
+    assert paper_of(a) == 81.40 and paper_of(psc10) == 78.82 and paper_of(psc100) == 44.97
+    assert paper_of(parse("--imb-ratio", "50")[0]) == 85.36
+    assert paper_of(parse("--dataset", "cifar100-lt", "--imb-ratio", "10", "--loss", "psc")[0]) == 62.37
+    assert paper_of(parse("--imb-ratio", "20")[0]) is None                # a rho the paper does not report
+    assert paper_of(parse("--loss", "psc", "--tau", "0.1")[0]) is None
+    assert paper_of(parse("--lr", "0.1")[0]) is None and paper_of(inat) is None
+    runtime = parse("--seed", "3", "--workers", "2", "--eval-every", "5")[0]      # not method flags
+    assert paper_of(runtime) == 81.40
+    two = parse("--dataset", "cifar100-lt", "--two-stage", "--imb-ratio", "50")[0]            # Table 5
+    assert variant(two) == "--two-stage" and paper_of(two) == 46.76
+    assert paper_of(parse("--two-stage", "--imb-ratio", "50")[0]) is None                     # CIFAR-100 only
+
+
+def test_a_folder_tree_is_paper_data_only_as_a_cifar_copy_with_a_rho():
+    tree = parse("--dataset", "folder")[0]
+    assert tree.imb_ratio is None and variant(tree) == "default"
+    copy = types.SimpleNamespace(name="folder", image_source="jpeg-copy", num_classes=10)
+    assert harness.paper_dataset(copy) == "cifar10-lt"
+    tree_ds = types.SimpleNamespace(name="folder", image_source="folder", num_classes=10)
+    assert harness.paper_dataset(tree_ds) == "folder"
+    assert harness.paper_value(hybrid.PAPER_TOP1, "cifar10-lt", "default", tree.imb_ratio) is None
+    ratio = parse("--dataset", "folder", "--imb-ratio", "100")[0].imb_ratio
+    assert harness.paper_value(hybrid.PAPER_TOP1, "cifar10-lt", "default", ratio) == 81.40
 
 
 @pytest.mark.parametrize("flags", [("--epochs", "100"), ("--batch-size", "256"), ("--lr", "0.1"),
                                    ("--milestones", "100", "150"), ("--tau", "0.2"), ("--protocol", "sdclr"),
                                    ("--fused-forward",), ("--cb-batch-size", "128")])
 def test_paper_setting_turns_false_when_a_paper_fixed_argument_changes(flags):
-    assert common.paper_setting(parse("--dataset", "cifar100-lt")[0], hybrid.PAPER, "cifar100-lt")
+    assert paper_of(parse("--dataset", "cifar100-lt")[0]) == 46.72
     args = parse("--dataset", "cifar100-lt", *flags)[0]
-    assert not common.paper_setting(args, hybrid.PAPER, "cifar100-lt")
-    assert common.variant_label(args, hybrid.DEFAULTS).startswith(flags[0])
+    assert paper_of(args) is None
+    assert variant(args) == " ".join(flags)
 
 
 def test_synthetic_lt_demo_profile_fills_only_unset_fields_and_keeps_paper_defaults():
@@ -224,7 +262,8 @@ def test_synthetic_lt_demo_profile_fills_only_unset_fields_and_keeps_paper_defau
     assert (r.milestones, r.batch_size, r.cb_batch_size, r.epochs) == ([5], 64, 64, 16)
     c = parse("--dataset", "cifar10-lt")[0]
     assert (c.arch, c.epochs, c.batch_size, c.lr, c.milestones) == ("resnet32", 200, 512, 0.5, [120, 160])
-    assert "synthetic-lt: 16" in hybrid.common.make_parser(hybrid.Args, hybrid.DEFAULTS).format_help()
+    helps = harness.make_parser(hybrid.Args, hybrid.DEFAULTS, hybrid.derived_defaults).format_help()
+    assert "synthetic-lt: 16" in helps
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,24 +278,43 @@ def tiny_args(tmp_path, **kw):
     base = dict(dataset="synthetic-lt", arch="resnet8", batch_size=16, lr=0.1, milestones=[1000], epochs=6,
                 eval_every=3, device="cpu", out_dir=str(tmp_path), print_every=1000, workers=0)
     args = dataclasses.replace(hybrid.Args(), **{**base, **kw})
-    common.fill_defaults(args, hybrid.DEFAULTS, given=set(base) | set(kw))
+    harness.fill_defaults(args, hybrid.DEFAULTS, hybrid.derived_defaults, given=set(base) | set(kw))
     return args
 
 
-def test_tiny_synthetic_run_beats_chance_and_writes_results(tmp_path):
-    res = hybrid.train(tiny_args(tmp_path, loss="sc", tau=0.2), None, tiny())
+def test_tiny_synthetic_run_beats_chance_and_writes_results(tmp_path, monkeypatch, capsys):
+    args = tiny_args(tmp_path, loss="sc", tau=0.2)
+    label = variant(args)
+    # a paper cell for this very run: results.json and the final table carry its number
+    cells = {("synthetic-lt", label): {4.0: 50.0, 10.0: 97.0}, ("synthetic-lt", "default"): {4.0: 99.0},
+             ("cifar10-lt", label): {4.0: 98.0}}
+    monkeypatch.setattr(hybrid, "PAPER_TOP1", cells)
+    res = hybrid.train(args, None, tiny())
     (run_dir,) = list(tmp_path.iterdir())
     saved = json.loads((run_dir / "results.json").read_text())
-    assert saved["method"] == "hybrid-sc" and saved["protocol"] == "hybrid-e2e"
+    assert saved["method"] == "hybrid-sc" and saved["protocol"] == "hybrid-e2e" and saved["variant"] == label
+    assert saved["paper_setting"] is True
+    assert saved["paper_value"] == {"metric": "top1_overall", "value": 50.0}
+    ours = saved["at_selected"]["top1_overall"]
+    out = capsys.readouterr().out
+    assert f"paper (top1_overall): 50.00 | ours {ours:.2f} | difference {ours - 50:+.2f}" in out
     assert saved["best_test"]["selected_on_test"] is True and saved["selection"]["rule"] == "last-epoch"
     assert res["at_last"]["top1_overall"] > 25.0 + 15.0                  # 4 balanced test classes: chance 25%
     assert [h["epoch"] for h in saved["extra"]["test_history"]] == [3, 6]
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["alpha"] for x in lines] == [pytest.approx(1 - (t / 6) ** 2) for t in range(6)]
-    ck = common.load_checkpoint(run_dir / "checkpoint.pt")
-    assert ck["method"] == "hybrid-sc" and ck["epoch"] == 6 and "classifier" in ck and "backbone" in ck
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["alpha"] for x in lines] == [pytest.approx(1 - (t / 6) ** 2) for t in range(6)]
+    assert [x["epoch"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert {(x["stage"], x["phase"]) for x in lines} == {("train", "joint")}
+    ck = load_checkpoint(run_dir / "checkpoint.pt")
+    assert ck["method"] == "hybrid-sc" and ck["epoch"] == 6 and ck["stage"] == "train"
+    assert {"model", "optimizer", "classifier_optimizer", "scaler", "state"} <= set(ck)
+    assert "backbone" not in ck and "classifier" not in ck                # the network is the part "model"
+    assert ck["state"]["history"] == saved["extra"]["test_history"]
+    assert ck["state"]["best_test"] == saved["best_test"] and saved["best_test"]["epoch"] in (3, 6)
     bb = common.build_backbone("resnet8")
-    bb.load_state_dict(ck["backbone"])   # eval.py --ckpt relies on build_backbone keys
+    bb.load_state_dict(evaluation.submodule_state(ck["model"], "backbone"))   # as eval.py --ckpt reads it
+    fc = torch.nn.Linear(bb.out_dim, 4)
+    fc.load_state_dict(evaluation.submodule_state(ck["model"], "classifier"))
 
 
 def test_demo_profile_is_announced_and_recorded(tmp_path, capsys):
@@ -272,62 +330,72 @@ def test_demo_profile_is_announced_and_recorded(tmp_path, capsys):
     (run_dir,) = list(tmp_path.iterdir())
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["defaults_filled"]["milestones"] == [3, 4] and saved["paper_setting"] is False
+    assert "paper_value" in saved and saved["paper_value"] is None and "paper (" not in out
     assert json.loads((run_dir / "config.json").read_text())["filled_defaults"]["milestones"] == [3, 4]
     assert [json.loads(x)["lr"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
         pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])     # 0-based epochs 3 and 4 decay, as LDAM-DRW's loop
 
 
-def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path, monkeypatch):
+def tensors(tree, prefix=""):
+    """Every tensor of a checkpoint by its path of keys (the RNG state included)."""
+    if torch.is_tensor(tree):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        items = ()
+    return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}
+
+
+def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path):
     ds = tiny(n_max=24, n_test=8)
-    args = tiny_args(tmp_path / "a", loss="psc", epochs=2, eval_every=100)
+    args = tiny_args(tmp_path / "a", loss="psc", epochs=3, eval_every=2)
     hybrid.train(args, None, ds)
     (ref_dir,) = list((tmp_path / "a").iterdir())
-    ref = common.load_checkpoint(ref_dir / "checkpoint.pt")
-
-    class Stop(Exception):
-        pass
-
-    real_save = common.save_checkpoint
-
-    def save_then_stop(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1:
-            raise Stop
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
-        hybrid.train(dataclasses.replace(args, out_dir=str(tmp_path / "b")), None, ds)
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    ref = load_checkpoint(ref_dir / "checkpoint.pt")
+    with pytest.raises(harness.StopRun):                               # --stop-after-epochs 2
+        hybrid.train(dataclasses.replace(args, out_dir=str(tmp_path / "b"), stop_after_epochs=2), None, ds)
     (b_dir,) = list((tmp_path / "b").iterdir())
+    cut = load_checkpoint(b_dir / "checkpoint.pt")
+    assert cut["epoch"] == 2 and [h["epoch"] for h in cut["state"]["history"]] == [2]
     hybrid.train(dataclasses.replace(args, out_dir=str(tmp_path / "b"), resume=str(b_dir / "checkpoint.pt")),
                  None, ds)
-    got = common.load_checkpoint(b_dir / "checkpoint.pt")
-    assert got["epoch"] == 2
-    for part in ("backbone", "classifier", "heads"):
-        for k, v in ref[part].items():
-            assert torch.equal(v, got[part][k]), (part, k)
-    assert "prototypes" in got["heads"]
+    got = load_checkpoint(b_dir / "checkpoint.pt")
+    assert got["epoch"] == 3 and got["state"] == ref["state"]          # test history and best epoch
+    a, b = tensors(ref), tensors(got)
+    assert a.keys() == b.keys() and "/model/prototypes" in a and "/rng/torch" in a
+    assert any(k.startswith("/optimizer/state/") for k in a)
+    for key, val in a.items():                        # bit for bit: weights, prototypes, optimiser, RNG state
+        assert torch.equal(val, b[key]), key
+    assert not torch.equal(tensors(cut)["/model/prototypes"], a["/model/prototypes"])
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (ref_dir, b_dir))
+    assert ra["at_last"]["per_class_acc"] == rb["at_last"]["per_class_acc"]
 
 
 def test_two_stage_freezes_the_backbone_in_stage_two(tmp_path, monkeypatch):
     ds = tiny(n_max=24, n_test=8)
     states = []
-    real_save = common.save_checkpoint
+    real_save = harness.save_checkpoint
+
     def keep(path, state):   # state_dict tensors share storage with the live model: copy them
-        states.append({k: ({n: t.clone() for n, t in v.items()} if k in ("backbone", "classifier") else v)
+        states.append({k: ({n: t.clone() for n, t in v.items()} if k == "model" else v)
                        for k, v in state.items()})
         real_save(path, state)
 
-    monkeypatch.setattr(common, "save_checkpoint", keep)
+    monkeypatch.setattr(harness, "save_checkpoint", keep)
     hybrid.train(tiny_args(tmp_path, loss="sc", two_stage=True, epochs=1, stage2_epochs=3, eval_every=100,
                            stage2_milestones=[1, 2]), None, ds)
-    assert [s["stage"] for s in states] == ["feature", "classifier", "classifier", "classifier"]
+    assert [s["epoch"] for s in states] == [1, 2, 3, 4] and {s["stage"] for s in states} == {"train"}
     (run_dir,) = list(tmp_path.iterdir())
-    lrs = [json.loads(x)["lr"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert lrs == pytest.approx([0.1, 0.5, 0.05, 0.005])   # stage 2: milestones counted from its epoch 0
-    for k, v in states[0]["backbone"].items():                     # weights and BN statistics unchanged
-        assert torch.equal(v, states[-1]["backbone"][k]), k
-    assert not torch.equal(states[0]["classifier"]["weight"], states[-1]["classifier"]["weight"])
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in lines] == ["feature", "classifier", "classifier", "classifier"]
+    assert [x["lr"] for x in lines] == pytest.approx([0.1, 0.5, 0.05, 0.005])   # stage 2: from its epoch 0
+    first, last = states[0]["model"], states[-1]["model"]
+    backbone = [k for k in first if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(first[k], last[k]) for k in backbone)  # weights and BN statistics
+    assert not torch.equal(first["classifier.weight"], last["classifier.weight"])
 
 
 def test_ce_ce_head_and_fused_forward_step():
@@ -340,8 +408,7 @@ def test_ce_ce_head_and_fused_forward_step():
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(8) % 4
     head0, cls0 = model.head.weight.detach().clone(), model.classifier.weight.detach().clone()
-    l_con, l_ce = hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), 0.5, args, g, 32,
-                                    torch.device("cpu"), None)
+    l_con, l_ce = hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), 0.5, args, g, 32, False, None)
     assert l_con.item() == pytest.approx(math.log(4), rel=0.5) and torch.isfinite(l_ce)
     assert not torch.equal(head0, model.head.weight) and not torch.equal(cls0, model.classifier.weight)
     out_con, logits = model(torch.randn(6, 3, 32, 32), torch.randn(4, 3, 32, 32), fused=True)
@@ -382,7 +449,7 @@ def test_training_step_makes_no_host_synchronisation(no_host_sync, loss):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 4
     step = lambda: hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), 0.5, args, g, 32,  # noqa
-                                     torch.device("cpu"), None)
+                                     False, None)
     step()                                                              # warm
     with no_host_sync():
         l_con, l_ce = step()
@@ -399,7 +466,7 @@ def test_a_branch_of_weight_zero_is_not_updated():
     for alpha, idle in ((1.0, ("classifier.",)), (0.0, ("head.", "prototypes"))):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), alpha, args, torch.Generator(), 32,
-                          torch.device("cpu"), None)
+                          False, None)
         for n, p in model.named_parameters():
             assert torch.equal(p, before[n]) == n.startswith(idle), n
             assert p.grad is None if n.startswith(idle) else p.grad is not None, n
@@ -433,12 +500,12 @@ def step_case(loss, world):
 def two_steps(model, net, batches, args, shard=slice(None)):
     """Epoch 0 (alpha = 1, the classifier idle), a joint step (alpha = 0.5), a two-stage classifier step."""
     (x, xc), (y, yc) = batches
-    opt, cpu = hybrid.make_optimizer(net, args), torch.device("cpu")
+    opt = hybrid.make_optimizer(net, args)
     for alpha in (1.0, 0.5):
         hybrid.train_step(model, net, opt, common.make_scaler(None), (x[shard], y[shard]),
-                          (xc[shard], yc[shard]), alpha, args, None, 16, cpu, None)
+                          (xc[shard], yc[shard]), alpha, args, None, 16, False, None)
     head = torch.optim.SGD(net.classifier.parameters(), lr=0.5, momentum=0.9)
-    hybrid.classifier_step(net, head, (xc[shard], yc[shard]), None, 16, cpu, None)
+    hybrid.classifier_step(net, head, (xc[shard], yc[shard]), None, 16, False, None)
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 

@@ -15,6 +15,7 @@ import torch
 import common
 import data
 import eval as evaluation
+import harness
 import hybrid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def test_ce_sampler_random_with_alpha_zero_is_plain_cross_entropy(tmp_path, monk
         argv = ["--dataset", "synthetic-lt", "--arch", "resnet8", "--epochs", "2", "--batch-size", "16",
                 "--no-curriculum", "0", "--ce-sampler", sampler, "--device", "cpu", "--workers", "0",
                 "--out-dir", str(tmp_path / sampler), "--print-every", "1000"]
-        args, filled = common.parse_args(hybrid.Args, argv, hybrid.DEFAULTS)
+        args, filled = harness.parse_args(hybrid.Args, argv, hybrid.DEFAULTS, hybrid.derived_defaults)
         res = hybrid.train(args, filled, ds)
         y = torch.cat(seen)
         head_share[sampler] = float((y == 0).float().mean())
@@ -143,18 +144,21 @@ def test_ce_sampler_random_with_alpha_zero_is_plain_cross_entropy(tmp_path, monk
         rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert all(r["alpha"] == 0.0 and r["loss_con"] == 0.0 and r["loss_ce"] > 0 for r in rows)
     assert head_share["random"] > 0.45 and head_share["balanced"] < 0.35   # 120 / 212 = 0.57 against 1 / 4
-    paper = common.parse_args(hybrid.Args, ["--dataset", "cifar100-lt"], hybrid.DEFAULTS)[0]
-    plain = common.parse_args(hybrid.Args, ["--dataset", "cifar100-lt", "--ce-sampler", "random"],
-                              hybrid.DEFAULTS)[0]
-    assert paper.ce_sampler == "balanced" and common.paper_setting(paper, hybrid.PAPER, "cifar100-lt")
-    assert not common.paper_setting(plain, hybrid.PAPER, "cifar100-lt")
+    for flags, value in (([], 46.72), (["--ce-sampler", "random"], None)):   # plain CE is not a paper row
+        args = harness.parse_args(hybrid.Args, ["--dataset", "cifar100-lt", *flags], hybrid.DEFAULTS,
+                                  hybrid.derived_defaults)[0]
+        label = harness.variant_label(args, hybrid.DEFAULTS, hybrid.derived_defaults)
+        assert label == (" ".join(flags) or "default")
+        assert harness.paper_value(hybrid.PAPER_TOP1, "cifar100-lt", label, args.imb_ratio) == value
+    assert args.ce_sampler == "random" and hybrid.Args().ce_sampler == "balanced"
 
 
 # ---- eval.py --compare: per-class accuracy of several runs in one figure, and a table ----------------------
-def fake_results(path, method, variant, preds, seed=0, counts=(40, 20, 10, 5, 3, 1)):
+def fake_results(path, method, variant, preds, seed=0, counts=(40, 20, 10, 5, 3, 1), paper=None):
     labels = [c for c in range(len(counts)) for _ in range(4)]
     res = {"method": method, "variant": variant, "seed": seed, "dataset": {"class_counts": list(counts)},
-           "at_selected": evaluation.compute_metrics(preds, labels, len(counts), counts), "at_last": None}
+           "at_selected": evaluation.compute_metrics(preds, labels, len(counts), counts), "at_last": None,
+           "paper_value": paper}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res))
     return res["at_selected"]
@@ -164,7 +168,8 @@ def test_compare_draws_every_run_and_prints_its_groups(tmp_path, monkeypatch, ca
     head_only = [0] * 24                                       # predicts the head class for everything
     perfect = [c for c in range(6) for _ in range(4)]
     m1 = fake_results(tmp_path / "a/run1/results.json", "hybrid-sc", "--ce-sampler random", head_only)
-    m2 = fake_results(tmp_path / "b/run2/results.json", "hybrid-sc", "default", perfect)
+    m2 = fake_results(tmp_path / "b/run2/results.json", "hybrid-sc", "default", perfect,
+                      paper={"metric": "top1_overall", "value": 81.4})
     fake_results(tmp_path / "c/run3/results.json", "hybrid-sc", "default", perfect, seed=1)
     fake_results(tmp_path / "d/run4/results.json", "hybrid-sc", "default", perfect, seed=1)
     drawn, real = [], evaluation.plot_per_class
@@ -180,8 +185,11 @@ def test_compare_draws_every_run_and_prints_its_groups(tmp_path, monkeypatch, ca
     assert runs[0][1]["per_class_acc"] == [100, 0, 0, 0, 0, 0]          # the head class only
     assert runs[1][2] == [40, 20, 10, 5, 3, 1]                         # the x-axis: train counts
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| hybrid-sc")]
-    assert rows[0] == f"| hybrid-sc --ce-sampler random | {m1['top1_overall']:.2f} {evaluation.paper_row(m1)}"
+    top1, groups = f"{m1['top1_overall']:.2f}", evaluation.paper_row(m1)[:-1]   # then Paper, Ours, difference
+    assert rows[0] == f"| hybrid-sc --ce-sampler random | {top1} {groups}| - | - | - |"
     assert rows[1].startswith("| hybrid-sc default | 100.00 | 100.00 | 100.00") and len(rows) == 4
+    assert rows[1].endswith("| 81.40 (top1_overall) | 100.00 | +18.60 |")
+    assert rows[2].endswith("| - | - | - |")
     assert m1["groups_thirds"]["few"] == 0.0 and m2["groups_thirds"]["many"] == 100.0
     (tmp_path / "empty.json").write_text(json.dumps({"method": "x", "dataset": {}}))
     with pytest.raises(common.UserError, match="no metrics or class counts"):
