@@ -76,9 +76,9 @@ def epoch_seed(seed: int, epoch: int, stream: int = 0, per_process: bool = True)
 
 
 def init_distributed(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per process
-    (cuda:LOCAL_RANK), gloo on CPUs. Processes other than 0 print nothing. Returns this process's
-    device."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per
+    process (cuda:LOCAL_RANK), gloo on CPUs. Processes other than 0 print nothing. Returns
+    this process's device."""
     rank, world = get_rank_world()
     if world == 1 or dist.is_initialized():
         return device
@@ -93,18 +93,18 @@ def init_distributed(device: str) -> str:
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
-    """The global batch: every process's `x` concatenated in rank order (`x` itself in one process).
-    With gradient when x needs one: each process computes the loss of the whole batch, its own part
-    receives the gradient of every copy (the sum), and DDP's average then gives exactly the
-    single-process gradient."""
+    """The global batch: every process's `x` concatenated in rank order (`x` itself in one
+    process). With gradient when x needs one: each process computes the loss of the whole batch,
+    its own part receives the gradient of every copy (the sum), and DDP's average then gives
+    exactly the single-process gradient."""
     if several_processes():
         return _Gather.apply(x)
     return x
 
 
 class _Gather(torch.autograd.Function):
-    """all_gather forward; backward: the sum over processes of the gradient, this process's rows of
-    it."""
+    """all_gather forward; backward: the sum over processes of the gradient, this process's
+    rows of it."""
 
     @staticmethod
     def forward(ctx, x):
@@ -173,8 +173,8 @@ def setup_device(device: str = "auto", amp: str = "auto"):
 
 
 def amp_name(amp_dtype) -> str:
-    """"bf16" | "fp16" | "off": the name results.json and the progress line use for an autocast
-    dtype."""
+    """"bf16" | "fp16" | "off": the name results.json and the progress line use for
+    an autocast dtype."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "off")
 
 
@@ -212,8 +212,7 @@ def prepare_model(model: nn.Module, device, channels_last: bool = False, compile
                   ddp: bool = False, sync_bn: bool = False) -> nn.Module:
     """Move to `device`; channels_last memory format and (if asked) torch.compile on CUDA only.
     ddp=True (a trained network): DistributedDataParallel under torchrun, with SyncBatchNorm if
-    sync_bn and on CUDA. Returns the (maybe wrapped, compiled) module; `unwrap` gives the
-    original."""
+    sync_bn and on CUDA. Returns the (maybe wrapped, compiled) module; `unwrap` undoes it."""
     device = torch.device(device)
     model = model.to(device)
     if channels_last and device.type == "cuda":
@@ -275,8 +274,8 @@ class TorchvisionResNet(nn.Module):
 
 
 class ShortcutA(nn.Module):
-    """Option-A shortcut of He et al. (LDAM code's LambdaLayer): subsample by 2, zero-pad the new
-    channels."""
+    """Option-A shortcut of He et al. (LDAM code's LambdaLayer): subsample by 2, zero-pad
+    the new channels."""
 
     def __init__(self, planes: int):
         super().__init__()
@@ -351,10 +350,10 @@ def build_backbone(arch: str, image_size: int = 32, zero_init_residual: bool = F
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, bn: bool = True,
                    last_bn: bool = False, bias_last: bool = True) -> nn.Sequential:
-    """(Linear [+BN] + ReLU) x (num_layers - 1), then Linear [+BN if last_bn]: num_layers counts the
-    Linears. The last BN is a standard affine BatchNorm1d, as in the SDCLR / SimCLR heads (SDCLR
-    `models/utils.py`). Hidden Linears have no bias when followed by BN (the BN mean would cancel
-    it)."""
+    """(Linear [+BN] + ReLU) x (num_layers - 1), then Linear [+BN if last_bn]: num_layers counts
+    the Linears. The last BN is a standard affine BatchNorm1d, as in the SDCLR / SimCLR heads
+    (SDCLR `models/utils.py`). Hidden Linears have no bias when followed by BN (the BN mean
+    would cancel it)."""
     layers = []
     dim = in_dim
     for _ in range(num_layers - 1):
@@ -373,9 +372,9 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, ema_decay: float) -> None:
-    """theta_t <- d theta_t + (1 - d) theta_s over all parameters, d = ema_decay (foreach ops, in
-    place). Buffers are left to the caller: MoCo's key encoder keeps its own, FASSL's teacher
-    averages them."""
+    """theta_t <- d theta_t + (1 - d) theta_s over all parameters, d = ema_decay (foreach ops,
+    in place). Buffers are left to the caller: MoCo's key encoder keeps its own, FASSL's
+    teacher averages them."""
     t_params = list(unwrap(target).parameters())
     s_params = list(unwrap(source).parameters())
     if len(t_params) != len(s_params):
@@ -412,8 +411,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # --- The shared contrastive loss ------------------------------------------------------------------
 
 def per_anchor(value: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    """(B,) per image -> (2B,) per anchor (both views of image i get value[i]); 1 or 2B values as
-    given."""
+    """(B,) per image -> (2B,) per anchor (both views of image i get value[i]); 1 or 2B
+    values as given."""
     value = value.float().reshape(-1)
     if value.numel() == batch:
         return torch.cat([value, value])

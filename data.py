@@ -60,8 +60,8 @@ SDCLR_C10_ORDERS = {1: (6, 8, 4, 1, 7, 0, 3, 2, 5, 9), 2: (3, 9, 7, 4, 0, 1, 2, 
 # --- Dataset containers ---------------------------------------------------------------------------
 @dataclass
 class Split:
-    """One set of images: uint8 tensor (tensor-resident datasets) or absolute file paths (list
-    datasets)."""
+    """One set of images: uint8 tensor (tensor-resident datasets) or absolute file
+    paths (list datasets)."""
     y: torch.Tensor                         # int64 (N,)
     x: torch.Tensor | None = None           # uint8 (N, 3, H, W) on CPU
     files: list[str] | None = None          # absolute image paths
@@ -109,8 +109,8 @@ class LTDataset:
 
 
 def describe(ds: LTDataset) -> str:
-    """Multi-line summary: protocol, per-class train counts (label order) and the sizes of every
-    split."""
+    """Multi-line summary: protocol, per-class train counts (label order) and the sizes
+    of every split."""
     label = ds.name + (" (JPEG copy)" if ds.image_source == "jpeg-copy" else "")
     lines = [f"dataset {label}: convention {ds.lt_convention}, imb_ratio {ds.imb_ratio}, "
              f"split {ds.split}, {ds.num_classes} classes, {ds.image_size}px, "
@@ -169,9 +169,9 @@ def ldam_indices(targets: np.ndarray, counts: list[int], seed: int = 0) -> np.nd
 def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split: int,
                   seed: int = 0) -> dict:
     """The SDCLR (Jiang et al. 2021) split construction, regenerated. Returns int64 index arrays
-    `val`, `probe`, `train` (D_i), `fewshot` (S_b), `balanced` (D_b), plus `order` (class at each
-    rank) and `counts` (label order). Set sizes and counts equal SDCLR's files; image membership is
-    INFERRED."""
+    `val`, `probe`, `train` (D_i), `fewshot` (S_b), `balanced` (D_b), plus `order` (class at
+    each rank) and `counts` (label order). Set sizes and counts equal SDCLR's files; image
+    membership is INFERRED."""
     if split not in (1, 2, 3, 4, 5):
         raise UserError(f"--split must be 1..5 for the sdclr protocol (got {split})")
     per = int(np.bincount(targets, minlength=num_classes).min())
@@ -205,9 +205,9 @@ def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split
 # --- synthetic-lt: class = texture (oriented grating / checker / rings); colour and phase random --
 def synthetic_images(labels: torch.Tensor, num_classes: int, generator: torch.Generator,
                      size: int = 32) -> torch.Tensor:
-    """uint8 (N,3,size,size) images of the given labels: a texture (kind, orientation, frequency)
-    per class; colours, phase jitter and pixel noise are random per image, so colour carries no
-    class information."""
+    """uint8 (N,3,size,size) images of the given labels: a texture (kind, orientation,
+    frequency) per class; colours, phase jitter and pixel noise are random per image, so colour
+    carries no class information."""
     table = [(kind, (a * 3 + kind * 5) % 8 * math.pi / 8, f) for f in (2.0, 3.5, 5.0, 7.0)
              for a in range(8) for kind in range(3)]           # (kind, angle, frequency) per class
     if num_classes > len(table):
@@ -338,15 +338,15 @@ def _rand(n, x, generator, *shape):
 
 @functools.lru_cache(maxsize=None)
 def _const(values: tuple, device) -> torch.Tensor:
-    """A small constant (mean / std, HSV offsets, a crop box) built once per device: no copy per
-    call."""
+    """A small constant (mean / std, HSV offsets, a crop box) built once per device: no
+    copy per call."""
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def rrc_params(n, height, width, scale, ratio, generator=None, device=None):
-    """torchvision RandomResizedCrop.get_params, vectorised: 10 (area, log-ratio) draws per image,
-    first valid one, else the centre-crop fallback. Returns float (n,4) boxes (top, left, h, w),
-    integer valued."""
+    """torchvision RandomResizedCrop.get_params, vectorised: 10 (area, log-ratio) draws per
+    image, first valid one, else the centre-crop fallback. Returns float (n,4) boxes (top, left,
+    h, w), integer valued."""
     s = torch.rand(n, 10, device=device, generator=generator) * (scale[1] - scale[0]) + scale[0]
     lr = (torch.rand(n, 10, device=device, generator=generator)
           * (math.log(ratio[1]) - math.log(ratio[0])) + math.log(ratio[0]))
@@ -395,8 +395,8 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), genera
 
 
 def crop(x, top, left, size):
-    """Per-image integer crop: top/left int64 (N,) tensors, output (N,3,size,size), input dtype
-    kept."""
+    """Per-image integer crop: top/left int64 (N,) tensors, output (N,3,size,size),
+    input dtype kept."""
     ar = torch.arange(size, device=x.device)
     rows = (top[:, None] + ar)[:, :, None]                                  # (N,S,1)
     cols = (left[:, None] + ar)[:, None, :]                                 # (N,1,S)
@@ -445,8 +445,8 @@ def adjust_saturation(x, f):
 
 
 def _rgb_to_hsv(x):
-    """RGB -> (h, s, v) in fp32, torchvision's conventions (ties: R before G before B; grey: h = s =
-    0)."""
+    """RGB -> (h, s, v) in fp32, torchvision's conventions (ties: R before G before B; grey: h =
+    s = 0)."""
     # first maximal channel on ties, like torchvision
     maxc, arg = x.max(1)
     minc = x.amin(1)
@@ -460,9 +460,9 @@ def _rgb_to_hsv(x):
 
 
 def _hsv_to_rgb(h, s, v):
-    """Closed form of the sector table: channel_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h)
-    mod 6 for n = 5, 3, 1 (R, G, B); equals torchvision's gather-based version without (3,N,H,W)
-    index tensors."""
+    """Closed form of the sector table: channel_n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n +
+    6h) mod 6 for n = 5, 3, 1 (R, G, B); equals torchvision's gather-based version without
+    (3,N,H,W) index tensors."""
     n = _const((5.0, 3.0, 1.0), h.device).view(1, 3, 1, 1)
     k = torch.remainder(n + (h * 6).unsqueeze(1), 6.0)
     a = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
@@ -478,8 +478,7 @@ def adjust_hue(x, f):
 
 def color_jitter(x, brightness, contrast, saturation, hue, p=1.0, generator=None):
     """ColorJitter(b, c, s, h) with probability p per image and per-image factors, in the fixed
-    order brightness -> contrast -> saturation -> hue (INFERRED; torchvision randomises the
-    order)."""
+    order brightness -> contrast -> saturation -> hue (INFERRED; torchvision's is random)."""
     x = _float(x)
     n = x.shape[0]
     apply = _rand(n, x, generator) < p
@@ -502,8 +501,8 @@ def random_grayscale(x, p=0.2, generator=None):
 
 
 def blur(x, sigma, kernel_size):
-    """Separable Gaussian blur with per-image sigma (N,), reflect padding (torchvision
-    gaussian_blur)."""
+    """Separable Gaussian blur with per-image sigma (N,), reflect
+    padding (torchvision gaussian_blur)."""
     x = _float(x)
     n, c, H, W = x.shape
     half = (kernel_size - 1) * 0.5
@@ -625,9 +624,9 @@ def _epoch_generator(device, seed, epoch, stream=0):
 
 
 def balanced_indices(y: torch.Tensor, n: int, generator=None) -> torch.Tensor:
-    """Class-balanced sampling with replacement (Kang et al. 2020): a class uniformly among the
-    classes present, then an image of that class uniformly; returns n indices into y (on y's
-    device)."""
+    """Class-balanced sampling with replacement (Kang et al. 2020): a class uniformly among
+    the classes present, then an image of that class uniformly; returns n indices into y
+    (on y's device)."""
     counts = torch.bincount(y)
     classes = torch.nonzero(counts).squeeze(1)
     order = torch.argsort(y, stable=True)
@@ -644,8 +643,8 @@ class Loader:
 
     Tensor-resident splits are copied to the device once; batches are cut with index_select. List
     datasets use DataLoader workers that decode to uint8 Resize(256) + CenterCrop(256) for training
-    (the recipe then takes its RandomResizedCrop(224) from that square; INFERRED) or CenterCrop(224)
-    for evaluation."""
+    (the recipe then takes its RandomResizedCrop(224) from that square; INFERRED) or
+    CenterCrop(224) for evaluation."""
 
     def __init__(self, split: Split, batch_size, device, shuffle=True, drop_last=True,
                  sampler="random", seed=0, workers=8, image_size=224, shard=False):
@@ -869,9 +868,9 @@ def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split,
 # --- Files: atomic writes, JSON, weights-only checkpoint loads ------------------------------------
 
 def atomic_write(path, write) -> None:
-    """write(file) into <path>.tmp beside `path`, flush + fsync, then os.replace onto `path` and
-    fsync the directory. A crash or exception before the replace leaves the previous `path`
-    untouched."""
+    """write(file) into <path>.tmp beside `path`, flush + fsync, then os.replace onto
+    `path` and fsync the directory. A crash or exception before the replace leaves the
+    previous `path` untouched."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -894,8 +893,8 @@ def atomic_write(path, write) -> None:
 
 
 def to_json(obj):
-    """json.dump `default`: numpy / torch scalars and arrays, paths, dtypes, devices, sets and
-    tuples."""
+    """json.dump `default`: numpy / torch scalars and arrays, paths, dtypes, devices,
+    sets and tuples."""
     if isinstance(obj, (torch.Tensor, np.ndarray, np.generic)):
         return obj.tolist()  # a 0-d tensor or array gives a Python number
     if isinstance(obj, (pathlib.Path, torch.dtype, torch.device)):
@@ -939,8 +938,8 @@ CIFAR_LAYOUT = {
 
 
 def _unpickle(path, *keys):
-    """The fields `keys` of a CIFAR python pickle; an unreadable file or a missing field is a
-    UserError."""
+    """The fields `keys` of a CIFAR python pickle; an unreadable file or a missing field
+    is a UserError."""
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="latin1")
@@ -951,9 +950,9 @@ def _unpickle(path, *keys):
 
 
 def read_cifar(name, data_dir, download=True):
-    """Canonical CIFAR arrays: (x_train uint8 (N,3,32,32), t_train int64 np, x_test, t_test, class
-    names). Missing files: one torchvision download attempt (if the data dir exists or is ./data),
-    else UserError."""
+    """Canonical CIFAR arrays: (x_train uint8 (N,3,32,32), t_train int64 np, x_test, t_test,
+    class names). Missing files: one torchvision download attempt (if the data dir exists or is
+    ./data), else UserError."""
     lay = CIFAR_LAYOUT[name]
     why = None
     base = os.path.join(data_dir, lay["folder"])
@@ -1119,8 +1118,8 @@ def _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed):
 
 
 def _load_tiny(data_dir, imb_ratio, seed):
-    """Tiny-ImageNet-LT (FASSL paper Sec. 4.1): ldam construction with n_max 500; test = the
-    official val."""
+    """Tiny-ImageNet-LT (FASSL paper Sec. 4.1): ldam construction with n_max 500; test =
+    the official val."""
     root = next((r for r in (data_dir, os.path.join(data_dir, "tiny-imagenet-200"))
                  if os.path.isfile(os.path.join(r, "wnids.txt"))), None)
     if root is None:
@@ -1216,8 +1215,8 @@ def parse_list(path: str, root: str):
 
 
 def _files_dataset(name, sets, classes, source, notes=()) -> LTDataset:
-    """sets: role -> (absolute paths, labels), train and test required; decoded per step by the
-    loader."""
+    """sets: role -> (absolute paths, labels), train and test required; decoded per step
+    by the loader."""
 
     def mk(fs, ys):
         return Split(y=torch.as_tensor(ys, dtype=torch.int64), files=fs)
@@ -1311,9 +1310,9 @@ def _pil_two_views(images):
 
 
 def bench_augment(n=2048, batch_size=512, workers=2, device="auto") -> dict:
-    """Images/s (two simclr_cifar views per image) of the batched augmentation on `device` and of
-    torchvision's per-image PIL pipeline in a DataLoader with `workers` processes, measured in one
-    run."""
+    """Images/s (two simclr_cifar views per image) of the batched augmentation on `device` and
+    of torchvision's per-image PIL pipeline in a DataLoader with `workers` processes, measured
+    in one run."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)

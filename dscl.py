@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 import common
 import data
@@ -131,10 +130,10 @@ class Args(harness.RunArgs):
 # ---- Model pieces: f (backbone) + g (head, shared by z, c and s), the keys and the queue --------
 
 class DSCLNet(nn.Module):
-    """Encoder f + head g = Linear(d,d)-ReLU-Linear(d,128), no BN (released code); the query and
-    the key encoder. torchvision ResNets start with gamma = 0 in every residual block's last BN, as
-    the released main.py builds them; the CIFAR ResNets keep LDAM's initialisation (INFERRED,
-    docs/dscl.md)."""
+    """Encoder f + head g = Linear(d,d)-ReLU-Linear(d,128), no BN (released code); the query
+    and the key encoder. torchvision ResNets start with gamma = 0 in every residual block's
+    last BN, as the released main.py builds them; the CIFAR ResNets keep LDAM's
+    initialisation (INFERRED, docs/dscl.md)."""
 
     def __init__(self, arch: str, image_size: int, proj_dim: int = 128):
         super().__init__()
@@ -153,6 +152,7 @@ def roi_teacher(head: nn.Module, fmap: torch.Tensor, boxes: torch.Tensor,
                 stride: int) -> torch.Tensor:
     """Eq. (11): c = g(mean_2x2(ROIAlign(F, box))) on fp32 features; boxes (B, L, 4) in pixels ->
     (B, L, D)."""
+    from torchvision.ops import roi_align  # imported here: torchvision takes seconds to import
     B, L, _ = boxes.shape
     cells = roi_align(fmap.float(), list(boxes.float().unbind(0)), output_size=2,
                       # (B*L, C, 2, 2)
@@ -174,8 +174,8 @@ def encode_keys(key_net: nn.Module, xk: torch.Tensor, chunks: int) -> torch.Tens
 
 
 def init_queue(size: int, dim: int, num_classes: int, label_init: str, device, generator=None):
-    """Random normalised Gaussian keys; labels random in [0, C) (released code) or -1 (never a
-    positive)."""
+    """Random normalised Gaussian keys; labels random in [0, C) (released code) or -1
+    (never a positive)."""
     queue = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
     if label_init == "random":
         labels = torch.randint(0, num_classes, (size,), generator=generator)
@@ -300,8 +300,8 @@ def make_views(x, args: Args, size: int, small: bool, generator=None, channels_l
 
 @dataclass
 class MoCo:
-    """What stage 1 keeps between iterations: both encoders, optimiser, loss scaler, labelled
-    queue."""
+    """What stage 1 keeps between iterations: both encoders, the optimiser, the loss scaler and
+    the labelled queue."""
     net: nn.Module
     key: nn.Module
     opt: torch.optim.Optimizer
@@ -312,8 +312,8 @@ class MoCo:
 
 
 def build_stage1(args: Args, num_classes: int, image_size: int, device, amp_dtype) -> MoCo:
-    """Query encoder (maybe pre-trained, maybe only layer4 trained), its EMA copy, SGD, scaler,
-    queue."""
+    """Query encoder (maybe pre-trained, maybe only layer4 trained), its EMA copy,
+    SGD, scaler, queue."""
     net = DSCLNet(args.arch, image_size, args.proj_dim)
     if args.pretrained:  # ImageNet-1K weights; their fc layer is dropped
         sd = data.load_checkpoint(args.pretrained, flag="--pretrained")
@@ -341,8 +341,8 @@ def build_stage1(args: Args, num_classes: int, image_size: int, device, amp_dtyp
 
 def stage1_step(m: MoCo, x, y, lr: float, args: Args, image_size: int, amp_dtype, generator=None,
                 channels_last: bool = False):
-    """One iteration on a uint8 batch x; returns (L, L_dscl, L_pbsd), 0-d device tensors (no host
-    sync)."""
+    """One iteration on a uint8 batch x; returns (L, L_dscl, L_pbsd), 0-d device tensors
+    (no host sync)."""
     net = common.unwrap(m.net)
     device = x.device
     B = x.shape[0]
@@ -387,8 +387,8 @@ def stage1_step(m: MoCo, x, y, lr: float, args: Args, image_size: int, amp_dtype
 
 
 def pretrain(run: harness.Run, args: Args, ds) -> MoCo:
-    """Stage 1: SGD, lr 0.1 x B/256, warm-up, then cosine to 0 per iteration; a checkpoint every
-    epoch."""
+    """Stage 1: SGD, lr 0.1 x B/256, warm-up, then cosine to 0 per iteration; a
+    checkpoint every epoch."""
     m = build_stage1(args, ds.num_classes, ds.image_size, run.device, run.amp_dtype)
     loader = data.make_loader(ds.train, args.batch_size, run.device, drop_last=True,
                               sampler="random", seed=args.seed, workers=args.workers,

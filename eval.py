@@ -58,9 +58,9 @@ PROBE_SETTINGS = {   # batch_size None: by image size (128 at <= 64 px, else 512
 
 
 def probe_settings(ds) -> dict:
-    """A copy of the PROBE_SETTINGS row of `ds` ("folder" row for unknown names), batch_size
-    resolved from ds.image_size where left open, plus `row`: the paper_row style of `groups`
-    (docs/evaluation.md)."""
+    """A copy of the PROBE_SETTINGS row of `ds` ("folder" row for unknown names),
+    batch_size resolved from ds.image_size where left open, plus `row`: the paper_row style
+    of `groups` (docs/evaluation.md)."""
     s = copy.deepcopy(PROBE_SETTINGS.get(ds.name, PROBE_SETTINGS["folder"]))
     s["batch_size"] = s["batch_size"] or (128 if ds.image_size <= 64 else 512)
     # a folder tree used as it is has no probe pool either
@@ -128,9 +128,9 @@ def _mean(values, f=np.mean):
 
 
 def group_stats(per_class_acc, groups):
-    """Group accuracies (means of per-class accuracies), group_mean (FASSL's "All" column), std (the
-    Std column: population std of the three) and n_classes. An empty group is None and left out of
-    both."""
+    """Group accuracies (means of per-class accuracies), group_mean (FASSL's "All" column), std
+    (the Std column: population std of the three) and n_classes. An empty group is None and left
+    out of both."""
     out = {g: _mean([per_class_acc[c] for c in groups[g]]) for g in ("many", "medium", "few")}
     accs = [out["many"], out["medium"], out["few"]]
     out["group_mean"] = _mean(accs)
@@ -239,8 +239,7 @@ def _train_epoch(fc, opt, batches, device):
 
 
 def _augmented_features(backbone, loader, recipe, gen, image_size, device, amp_dtype):
-    """Yields (frozen fp32 features, labels) of augmented batches; no gradient reaches the
-    backbone."""
+    """Yields (frozen fp32 features, labels) of augmented batches; the backbone gets no gradient."""
     for x, y, _ in loader:
         x = data.augment(x, recipe, generator=gen, image_size=image_size)
         with torch.no_grad(), common.autocast(device, amp_dtype):
@@ -463,9 +462,9 @@ def cb_linear(backbone, ds, device, amp_dtype=None, lr=10.0, epochs=40, mileston
 @torch.no_grad()
 def knn_predict(bank_feats, bank_y, query_feats, num_classes, k=200, t=0.1, chunk=1024,
                 vote="weighted"):
-    """kNN by cosine similarity, in chunks. vote "weighted" (Wu et al. 2018): each of the k nearest
-    adds exp(sim / t) to its class. "majority" (the TS protocol): one vote each; a tie goes to the
-    nearest."""
+    """kNN by cosine similarity, in chunks. vote "weighted" (Wu et al. 2018): each of the k
+    nearest adds exp(sim / t) to its class. "majority" (the TS protocol): one vote each; a tie
+    goes to the nearest."""
     bank = F.normalize(bank_feats.float(), dim=1)
     query = F.normalize(query_feats.float(), dim=1)
     k = min(k, len(bank))
@@ -497,9 +496,9 @@ def knn_monitor(backbone, bank, query, device, num_classes, k=200, t=0.1, recipe
 
 @torch.no_grad()
 def knn_ts(backbone, ds, device, ks=(1, 10), recipe="test_imagenet") -> dict:
-    """The TS kNN protocol (Kukleva et al., ICLR 2023; docs/evaluation.md, kNN monitor), only for
-    SimCLR+TS's numbers: bank = the LT training set, queries = the TEST set, majority vote; {k:
-    metrics block}."""
+    """The TS kNN protocol (Kukleva et al., ICLR 2023; docs/evaluation.md, kNN monitor), only
+    for SimCLR+TS's numbers: bank = the LT training set, queries = the TEST set, majority vote;
+    {k: metrics block}."""
     (bf, by), (qf, qy) = (extract_features(backbone, s, device, recipe=recipe)
                           for s in (ds.train, ds.test))
     return {k: compute_metrics(knn_predict(bf, by, qf, ds.num_classes, k, vote="majority"), qy,
@@ -520,8 +519,8 @@ def classifier_eval(backbone, classifier, ds, device, amp_dtype=None, recipe="te
 
 # ----- t-SNE (exact, torch, for FASSL Figure 3) and plots (matplotlib, Agg backend) ---------------
 def _binary_search_p(d2, perplexity, tol=1e-5, steps=64):
-    """Row-conditional P_{j|i} with entropy log(perplexity), one bisection on beta = 1/(2 sigma^2)
-    per row."""
+    """Row-conditional P_{j|i} with entropy log(perplexity), one bisection on beta = 1/(2
+    sigma^2) per row."""
     n = d2.shape[0]
     target = math.log(perplexity)
     beta = torch.ones(n, dtype=d2.dtype, device=d2.device)
@@ -632,8 +631,8 @@ def plot_groups(metrics, path):
 
 
 def plot_tsne(feats, labels, path, max_points=2000, seed=0, class_names=None):
-    """t-SNE of backbone features coloured by class (FASSL Figure 3), on a random subset of <=
-    max_points."""
+    """t-SNE of backbone features coloured by class (FASSL Figure 3), on a random subset
+    of <= max_points."""
     # on feats' device
     feats = torch.as_tensor(feats).float()
     labels = torch.as_tensor(labels).long().cpu()
@@ -689,8 +688,8 @@ def metric_value(metrics: dict | None, path: str):
 
 
 def write_results(run_dir, results: dict) -> None:
-    """run_dir/results.json (atomic) plus per_class_acc.png and group_acc.png from the headline
-    metrics."""
+    """run_dir/results.json (atomic) plus per_class_acc.png and group_acc.png from
+    the headline metrics."""
     run_dir = pathlib.Path(run_dir)
     data.save_json(run_dir / "results.json", results)
     metrics = results.get("at_selected") or results.get("at_last")
@@ -718,9 +717,9 @@ def read_results(path) -> dict:
 
 
 def aggregate_results(paths):
-    """Groups results.json files by method, variant, dataset, lt_convention, imb_ratio and protocol;
-    one row per group: {"key": {...}, "n": runs, "files": [...], "<column>": (mean, population std)
-    or None}."""
+    """Groups results.json files by method, variant, dataset, lt_convention, imb_ratio and
+    protocol; one row per group: {"key": {...}, "n": runs, "files": [...], "<column>": (mean,
+    population std) or None}."""
     groups = {}
     for path in paths:
         res = read_results(path)

@@ -49,8 +49,8 @@ GROUPS = ("frequent", "medium", "rare")
 
 @dataclasses.dataclass
 class Args(harness.RunArgs):
-    """FASSL (Lin et al. 2023). An unset flag takes its dataset's value from DEFAULTS;
-    docs/fassl.md."""
+    """FASSL (Lin et al. 2023). An unset flag takes its dataset's value
+    from DEFAULTS; docs/fassl.md."""
     split: int = arg(1, "SDCLR CIFAR split k (Sec. 4.1: 'one of the five'; 1 INFERRED)",
                      check=">=1")
     split_file: str | None = arg(None, "official SDCLR index file D_k, .npy (docs/data.md)")
@@ -206,16 +206,16 @@ def freeze_bn_statistics(net: Encoder, frozen: bool) -> None:
 # ---- Losses (pure functions; fp32 inside, safe under bf16 / fp16 autocast) --------------------
 
 def prototype_similarities(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Eq. (1): h_i = P^ z^_i, cosines to the K prototypes (normalised on use, INFERRED): (B, K),
-    fp32."""
+    """Eq. (1): h_i = P^ z^_i, cosines to the K prototypes (normalised on use, INFERRED):
+    (B, K), fp32."""
     with torch.autocast(z.device.type, enabled=False):
         z_hat = F.normalize(z.float(), dim=-1)
         return z_hat @ F.normalize(prototypes.float(), dim=-1).T
 
 
 def prototype_contrastive_loss(z1, z2, prototypes, beta: float = 0.2) -> torch.Tensor:
-    """Eq. (2): L_contra = NT-Xent on the h vectors of the two views (SimCLR's denominator,
-    INFERRED)."""
+    """Eq. (2): L_contra = NT-Xent on the h vectors of the two views
+    (SimCLR's denominator, INFERRED)."""
     h1 = prototype_similarities(z1, prototypes)
     h2 = prototype_similarities(z2, prototypes)
     return nt_xent(h1, h2, beta)
@@ -247,8 +247,8 @@ def frequency_weights(z_teacher, prototypes, clip_sigma: float = 2.0,
 
 
 def rebalanced_loss(p_student, z_teacher, weights) -> torch.Tensor:
-    """Eq. (3): L_reb = mean_i w_i ||p_i/||p_i|| - z_i/||z_i|| ||^2 (= 2 - 2 cos); z^T is a fixed
-    target."""
+    """Eq. (3): L_reb = mean_i w_i ||p_i/||p_i|| - z_i/||z_i|| ||^2 (= 2 - 2 cos); z^T is
+    a fixed target."""
     p = F.normalize(p_student.float(), dim=-1)
     z = F.normalize(z_teacher.detach().float(), dim=-1)
     return (weights.detach().float() * (2 - 2 * (p * z).sum(-1))).mean()
@@ -584,8 +584,8 @@ def group_of_classes(ds) -> torch.Tensor:
 # ---- Evaluation: probes, t-SNE, the prototypes' nearest images, the report --------------------
 
 def probe(backbone_state: dict, args: Args, ds, device, amp_dtype) -> dict:
-    """SDCLR linear probes (Tables 1-2) with eval.py's probe settings (docs/evaluation.md):
-    {mode: result}."""
+    """SDCLR linear probes (Tables 1-2) with eval.py's probe settings
+    (docs/evaluation.md): {mode: result}."""
     bb = common.build_backbone(args.arch, ds.image_size)
     bb.load_state_dict(backbone_state)
     bb = common.prepare_model(bb, device, args.channels_last)
@@ -599,9 +599,9 @@ def backbone_of(output: dict, part: str = "model") -> dict:
 
 
 def tsne_figures(run, ds, **backbones) -> dict:
-    """Fig. 3: t-SNE of the L2-normalised features of the test images of five classes, head to tail
-    (the two most frequent, the middle one, the two rarest; INFERRED): tsne_<network>.png for each
-    backbone state."""
+    """Fig. 3: t-SNE of the L2-normalised features of the test images of five classes, head to
+    tail (the two most frequent, the middle one, the two rarest; INFERRED): tsne_<network>.png for
+    each backbone state."""
     n = ds.num_classes
     order = sorted(range(n), key=lambda c: -ds.class_counts[c])
     pick = [order[i] for i in sorted({0, 1, n // 2, n - 2, n - 1}) if 0 <= i < n]

@@ -220,10 +220,10 @@ def argparse_keywords(f: dataclasses.Field, tp) -> dict:
 
 
 def make_parser(cls, defaults: dict | None = None, derived=None) -> argparse.ArgumentParser:
-    """argparse parser for dataclass `cls` (a RunArgs subclass): the script's own flags first, then
-    the shared runtime flags. Every default is SUPPRESSed, so a parsed namespace holds exactly the
-    flags given on the command line; the help shows the real defaults (per dataset where they
-    differ)."""
+    """argparse parser for dataclass `cls` (a RunArgs subclass): the script's own flags first,
+    then the shared runtime flags. Every default is SUPPRESSed, so a parsed namespace holds
+    exactly the flags given on the command line; the help shows the real defaults (per dataset
+    where they differ)."""
     parser = Parser(description=inspect.getdoc(cls), argument_default=argparse.SUPPRESS,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(cls)
@@ -674,8 +674,8 @@ class Run:
         seed_everything(self.args.seed)
 
     def check_script(self, path) -> None:
-        """A run resumes only with the script that made it: anything else is refused before a file
-        is touched."""
+        """A run resumes only with the script that made it: anything else is refused before a
+        file is touched."""
         made_by = self.ckpt.get("script")
         if made_by == self.script:
             return
@@ -783,9 +783,9 @@ class Run:
                             f"nothing of this epoch was saved{kept}")
 
     def checkpoint(self, epochs_done: int, state: dict | None) -> dict:
-        """The checkpoint of this moment: every part's state_dict, the method `state`, and what a
-        resume or eval.py --ckpt needs (args, filled defaults, RNG state, wall time, arch, image
-        size)."""
+        """The checkpoint of this moment: every part's state_dict, the method `state`, and
+        what a resume or eval.py --ckpt needs (args, filled defaults, RNG state, wall time,
+        arch, image size)."""
         ckpt = {name: part.state_dict() for name, part in self.parts.items()}
         ckpt.update(script=self.script, method=self.label, stage=self.stage, epoch=epochs_done,
                     state=state,

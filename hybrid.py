@@ -48,10 +48,10 @@ from harness import arg
 
 @dataclass
 class Args(harness.RunArgs):
-    """Hybrid-SC / Hybrid-PSC (Wang et al., CVPR 2021): supervised contrastive feature learning and
-    a class-balanced classifier trained together under a curriculum. A flag left unset takes the
-    value of the dataset's row in DEFAULTS (shown below per flag); docs/hybrid.md has the INFERRED
-    choices."""
+    """Hybrid-SC / Hybrid-PSC (Wang et al., CVPR 2021): supervised contrastive feature learning
+    and a class-balanced classifier trained together under a curriculum. A flag left unset
+    takes the value of the dataset's row in DEFAULTS (shown below per flag); docs/hybrid.md has
+    the INFERRED choices."""
     loss: str = arg("sc", "feature-branch loss: sc = Hybrid-SC (Eq. 2-3), psc = Hybrid-PSC "
                     "(Eq. 4), ce = the CE-CE row of Table 4 (INFERRED reading)",
                     choices=["sc", "psc", "ce"])
@@ -308,8 +308,8 @@ def classifier_step(net: HybridNet, optimizer, batch_ce, gen, image_size: int, c
 
 
 def make_optimizer(net: HybridNet, args: Args) -> torch.optim.SGD:
-    """SGD with momentum and weight decay (Sec. 4.2); the prototypes without weight decay
-    (INFERRED)."""
+    """SGD with momentum and weight decay (Sec. 4.2); the prototypes without
+    weight decay (INFERRED)."""
     decay = [p for name, p in net.named_parameters() if name != "prototypes"]
     groups = [{"params": decay, "weight_decay": args.weight_decay}]
     if net.prototypes is not None:
@@ -318,8 +318,8 @@ def make_optimizer(net: HybridNet, args: Args) -> torch.optim.SGD:
 
 
 def endless(loader, epoch: int):
-    """Class-balanced batches for one epoch; if they run out first the loader restarts on a new
-    stream."""
+    """Class-balanced batches for one epoch; if they run out first the loader restarts on
+    a new stream."""
     for k in itertools.count():
         loader.set_epoch(epoch, stream=k)
         for x, y, _ in loader:

@@ -120,8 +120,8 @@ class Args(harness.RunArgs):
 # ---- Model: SimCLR's network ---------------------------------------------------------------------
 
 class SimCLRNet(nn.Module):
-    """Backbone (GAP features) -> Linear(d,d)+BN+ReLU -> Linear(d,128,no bias)+BN: SimCLR's head in
-    SDCLR's code."""
+    """Backbone (GAP features) -> Linear(d,d)+BN+ReLU -> Linear(d,128,no bias)+BN: SimCLR's head
+    in SDCLR's code."""
 
     def __init__(self, arch: str, image_size: int, proj_dim: int = 128):
         super().__init__()
@@ -481,9 +481,9 @@ def spearman(a, b) -> float:
 
 
 def cluster_diagnostics(assign, sizes, ds, tau_img, w_img) -> dict:
-    """Cluster sizes, tau and weight spread, purity, NMI, Spearman(cluster size, class count), and
-    the mean tau and weight per true-class third (Frequent / Medium / Rare). Reads labels: a
-    diagnostic only."""
+    """Cluster sizes, tau and weight spread, purity, NMI, Spearman(cluster size, class count),
+    and the mean tau and weight per true-class third (Frequent / Medium / Rare). Reads labels:
+    a diagnostic only."""
     y = ds.train.y.to(assign.device)
     k = sizes.numel()
     c = ds.num_classes

@@ -62,11 +62,31 @@ def torchrun(args, cwd=ROOT, nproc=2, env=None, timeout=600):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_function(tmp_path, target: str, nproc=2):
-    """Run tests/dist_worker.py `target` ("test_module:function") under torchrun; assert it succeeded."""
-    done = torchrun([os.path.join(ROOT, "tests", "dist_worker.py"), target, str(tmp_path)], nproc=nproc)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+# Every function that runs under two processes: one torchrun launch runs them all (process start-up
+# is most of their cost), each in its own directory.
+DIST_TARGETS = ("test_distributed:_dist_nt_xent", "test_distributed:_dist_shards",
+                "test_dscl:_dist_losses", "test_fassl:_dist_steps", "test_hybrid:_dist_hybrid",
+                "test_tase:_dist_tase")
+
+
+@pytest.fixture(scope="session")
+def dist_outputs(tmp_path_factory):
+    """Run tests/dist_worker.py over DIST_TARGETS under torchrun (2 CPU processes, gloo), once."""
+    base = tmp_path_factory.mktemp("two-processes")
+    done = torchrun([os.path.join(ROOT, "tests", "dist_worker.py"), str(base), *DIST_TARGETS])
+    return base, done
+
+
+def run_function(dist_outputs, target: str):
+    """The directory where `target` ("test_module:function") wrote its output under two processes;
+    fails the test with the worker's traceback if it raised."""
+    base, done = dist_outputs
+    out = base / target.replace(":", "-")
+    error = out / "error.txt"
+    if not (out / "ok").is_file():
+        detail = error.read_text() if error.is_file() else done.stdout[-3000:] + done.stderr[-3000:]
+        raise AssertionError(f"{target} failed under two processes:\n{detail}")
+    return out
 
 
 class Poison:

@@ -4,8 +4,6 @@ runs under two processes, writes one run directory, and resumes where an uninter
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -48,8 +46,8 @@ def _dist_nt_xent(out):              # every process: its part of the global bat
                 "world": world}, pathlib.Path(out) / f"rank{rank}.pt")
 
 
-def test_gathered_nt_xent_and_its_gradients_equal_the_single_process_ones(tmp_path):
-    run_function(tmp_path, "test_distributed:_dist_nt_xent")
+def test_gathered_nt_xent_and_its_gradients_equal_the_single_process_ones(dist_outputs):
+    tmp_path = run_function(dist_outputs, "test_distributed:_dist_nt_xent")
     x1, x2, tau, w = global_batch(2)
     torch.manual_seed(1)
     encoder = nn.Linear(IN, D)
@@ -90,6 +88,9 @@ def epochs_of(loader, epochs=(0, 1)):
 
 def _dist_shards(out):
     rank, got = dist.get_rank(), {}
+    if rank == 0:
+        splits(pathlib.Path(out))                              # the image files, before reading them
+    dist.barrier()
     for name, split in splits(pathlib.Path(out)).items():
         for sampler in ("random", "balanced"):
             loader = data.make_loader(split, 8, "cpu", sampler=sampler, seed=3, workers=0, image_size=8,
@@ -98,9 +99,8 @@ def _dist_shards(out):
     torch.save(got, pathlib.Path(out) / f"shards{rank}.pt")
 
 
-def test_each_process_draws_its_part_of_every_global_batch(tmp_path):
-    splits(tmp_path)                                           # the image files, before the processes start
-    run_function(tmp_path, "test_distributed:_dist_shards")
+def test_each_process_draws_its_part_of_every_global_batch(dist_outputs):
+    tmp_path = run_function(dist_outputs, "test_distributed:_dist_shards")
     parts = [torch.load(tmp_path / f"shards{r}.pt") for r in range(2)]
     for (name, sampler), epochs in parts[0].items():
         split = splits(tmp_path)[name]
@@ -153,10 +153,51 @@ TINY = {
 }
 
 
-def launch(script, out, *extra):
-    done = torchrun([os.path.join(ROOT, f"{script}.py"), *CPU, *TINY[script], "--out-dir", str(out), *extra])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+PHASES = {"full": [], "cut": ["--stop-after-epochs", "1"], "resume": ["--resume", "auto"]}
+
+
+def _phase(out, phase):
+    """Under torchrun: one phase of the four scripts, one after the other in the same processes
+    (process start-up is most of the cost). `full` runs uninterrupted, `cut` stops after one epoch
+    and `resume` continues it; each process's output goes to <phase>-<script>-<rank>.log."""
+    import contextlib
+    import importlib
+
+    import harness
+    root = pathlib.Path(out).parent
+    rank = dist.get_rank()
+    for script in sorted(TINY):
+        dest = root / ("full" if phase == "full" else "cut") / script
+        argv = [*CPU, *TINY[script], "--out-dir", str(dest), *PHASES[phase]]
+        with open(root / f"{phase}-{script}-{rank}.log", "w") as f, contextlib.redirect_stdout(f):
+            try:
+                importlib.import_module(script).main(argv)
+            except harness.StopRun as e:
+                print(e)
+
+
+def _full(out):
+    _phase(out, "full")
+
+
+def _cut(out):
+    _phase(out, "cut")
+
+
+def _resume(out):
+    _phase(out, "resume")
+
+
+@pytest.fixture(scope="module")
+def phases(tmp_path_factory):
+    """Three torchrun launches: every script uninterrupted, then stopped after an epoch, then
+    resumed."""
+    base = tmp_path_factory.mktemp("scripts")
+    for phase in PHASES:
+        done = torchrun([os.path.join(ROOT, "tests", "dist_worker.py"), str(base),
+                         f"test_distributed:_{phase}"])
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return base
 
 
 def tensors(tree, prefix=""):
@@ -169,17 +210,17 @@ def tensors(tree, prefix=""):
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
-def test_two_processes_write_one_run_and_resume_to_the_uninterrupted_end(script, tmp_path):
-    full = launch(script, tmp_path / "full")
-    runs = list((tmp_path / "full").iterdir())
+def test_two_processes_write_one_run_and_resume_to_the_uninterrupted_end(script, phases, tmp_path):
+    log = {(phase, rank): (phases / f"{phase}-{script}-{rank}.log").read_text()
+           for phase in PHASES for rank in (0, 1)}
+    runs = list((phases / "full" / script).iterdir())
     assert len(runs) == 1 and len(list(runs[0].rglob("results.json"))) == 1, runs
-    assert full.stdout.count("results: ") == 1                         # process 1 prints nothing
+    assert log["full", 0].count("results: ") == 1 and "results: " not in log["full", 1]
     json.loads((runs[0] / "results.json").read_text())
-    launch(script, tmp_path / "cut", "--stop-after-epochs", "1")
-    (cut,) = (tmp_path / "cut").iterdir()
-    assert not (cut / "results.json").exists() and (cut / "checkpoint.pt").is_file()
-    launch(script, tmp_path / "cut", "--resume", "auto")
-    assert list((tmp_path / "cut").iterdir()) == [cut] and (cut / "results.json").is_file()
+    (cut,) = (phases / "cut" / script).iterdir()
+    assert "stopped after 1 epochs" in log["cut", 0]
+    assert log["resume", 0].count("resuming ") == 1 and "resuming " not in log["resume", 1]
+    assert (cut / "results.json").is_file()
     a, b = (tensors(torch.load(r / "checkpoint.pt", weights_only=True)) for r in (runs[0], cut))
     assert a.keys() == b.keys() and a
     for key in a:
@@ -188,9 +229,8 @@ def test_two_processes_write_one_run_and_resume_to_the_uninterrupted_end(script,
     head = lambda r: (r["at_selected"] or r["at_last"])["per_class_acc"]          # noqa: E731
     np.testing.assert_allclose(head(rb), head(ra), atol=1e-6)
     if script == "hybrid":      # the two-process figures are a one-process evaluation of the same weights
-        done = subprocess.run([sys.executable, "eval.py", "--ckpt", str(runs[0] / "checkpoint.pt"), "--probe",
-                               "classifier", "--device", "cpu", "--out", str(tmp_path / "one")], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
+        import eval as ev
+        ev.main(["--ckpt", str(runs[0] / "checkpoint.pt"), "--probe", "classifier", "--device", "cpu",
+                 "--out", str(tmp_path / "one")])
         one = json.loads((tmp_path / "one" / "results.json").read_text())
         np.testing.assert_allclose(head(one), head(ra))

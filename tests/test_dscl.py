@@ -691,12 +691,12 @@ def _dist_losses(out):                      # every process: its rows of the glo
     torch.save(got, out + f"/rank{rank}.pt")
 
 
-def test_two_processes_give_the_global_batch_losses_gradients_keys_and_queue(tmp_path):
+def test_two_processes_give_the_global_batch_losses_gradients_keys_and_queue(dist_outputs):
     """Under torchrun each process scores its anchors against the gathered batch: the mean of the processes'
     losses is the single-process loss of the global batch, and each process's rows get W times the
     single-process gradient (every process's loss sees them; DDP divides by W). The keys: MoCo's shuffled
     BN, one chunk per process, equal to one process with as many chunks; the queue gets the global batch."""
-    run_function(tmp_path, "test_dscl:_dist_losses")
+    tmp_path = run_function(dist_outputs, "test_dscl:_dist_losses")
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     q, k, labels, queue, queue_labels, extra, s, c, x = _global_batch()
     for case in DIST_CASES:

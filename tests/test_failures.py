@@ -335,3 +335,19 @@ def test_random_bytes_are_not_a_checkpoint_and_eval_names_its_flag(tmp_path, cap
             ev.main(["--ckpt", str(junk)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--ckpt" in err and "--resume" not in err
+
+
+# --- 9. Under torchrun the "resuming" line comes once -----------------------------------------
+
+def test_the_resuming_line_is_printed_by_process_0_only(tmp_path, capsys, monkeypatch):
+    """Run reads the checkpoint before the process group exists (and before the other processes'
+    output is silenced), so it prints the line on process 0 only."""
+    assert run_script("hybrid", [*HYBRID, "--out-dir", str(tmp_path), "--stop-after-epochs", "1"],
+                      capsys)[0] == 0
+    (run_dir,) = tmp_path.iterdir()
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        args, filled = harness.parse_args(hybrid.Args, [*HYBRID, "--resume", str(run_dir)],
+                                          hybrid.DEFAULTS, hybrid.derived_defaults)
+        harness.Run(hybrid.method_name, args, filled, hybrid.DEFAULTS, hybrid.derived_defaults)
+        assert capsys.readouterr().out.count("resuming ") == lines

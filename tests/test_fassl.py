@@ -768,10 +768,9 @@ def _dist_steps(out):
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
+def two_processes(dist_outputs):
     from conftest import run_function
-    out = tmp_path_factory.mktemp("fassl_ddp")
-    run_function(out, "test_fassl:_dist_steps")
+    out = run_function(dist_outputs, "test_fassl:_dist_steps")
     return [torch.load(out / f"rank{r}.pt") for r in range(2)], three_steps(world=2)
 
 

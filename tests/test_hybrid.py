@@ -523,18 +523,21 @@ def _dist_hybrid(out):
         value.backward()
         protos = holder.prototypes
         got[loss] = value.detach(), z.grad, None if protos is None else common.all_mean(protos.grad)
-    hybrid.data.augment = plain
-    for loss in ("sc", "psc"):
-        net, xs, ys, args = step_case(loss, world)
-        model = common.prepare_model(net, "cpu", ddp=True)
-        got["step", loss] = two_steps(model, net, (xs, ys), args, mine)
+    augment = hybrid.data.augment
+    hybrid.data.augment = plain          # in this process only, until the two steps are done
+    try:
+        for loss in ("sc", "psc"):
+            net, xs, ys, args = step_case(loss, world)
+            model = common.prepare_model(net, "cpu", ddp=True)
+            got["step", loss] = two_steps(model, net, (xs, ys), args, mine)
+    finally:
+        hybrid.data.augment = augment
     torch.save(got, pathlib.Path(out) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hybrid-dist")
-    run_function(out, "test_hybrid:_dist_hybrid")
+def two_processes(dist_outputs):
+    out = run_function(dist_outputs, "test_hybrid:_dist_hybrid")
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

@@ -581,11 +581,11 @@ def _dist_tase(out):
     torch.save(got, pathlib.Path(out) / f"rank{rank}.pt")
 
 
-def test_two_processes_compute_the_single_process_step_of_the_global_batch(tmp_path):
+def test_two_processes_compute_the_single_process_step_of_the_global_batch(dist_outputs):
     """Under torchrun each process's loss is the single-process loss of the global batch (T5-T6, tau_i and
     w_i looked up for the global batch, T4 normalised over it) to 1e-6, and so are the gradients w.r.t. its
     embeddings (divided by W, as DDP's average) and the weight gradient; k-means gives one clustering (T1)."""
-    run_function(tmp_path, "test_tase:_dist_tase")
+    tmp_path = run_function(dist_outputs, "test_tase:_dist_tase")
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     world, bg = got[0]["world"], DIST_B * 2
     for pseudo in (True, False):
