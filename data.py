@@ -203,40 +203,61 @@ def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split
 
 
 # --- synthetic-lt: class = texture (oriented grating / checker / rings); colour and phase random --
+# The textures of synthetic-lt: per kind, the angle that leaves its pattern unchanged (a grating and an
+# elongated ring repeat after half a turn, a checkerboard after a quarter turn)
+SYNTHETIC_KINDS = {"grating": math.pi, "checker": math.pi / 2, "rings": math.pi}
+SYNTHETIC_FREQUENCIES = (2.0, 3.5, 5.0, 7.0)
+
+
+def synthetic_classes(num_classes: int) -> list[tuple[str, float, float]]:
+    """(kind, orientation, frequency) of each synthetic-lt class: the kinds take turns; within a kind,
+    8 orientations spread over its period (by steps of 3/8 of it, so that neighbouring classes differ
+    most), then the next frequency. No two classes have the same texture: 96 classes at most."""
+    table = []
+    for c in range(num_classes):
+        kind = list(SYNTHETIC_KINDS)[c % 3]
+        j = c // 3
+        orientation = (j * 3) % 8 * SYNTHETIC_KINDS[kind] / 8
+        table.append((kind, orientation, SYNTHETIC_FREQUENCIES[j // 8]))
+    return table
+
+
 def synthetic_images(labels: torch.Tensor, num_classes: int, generator: torch.Generator,
                      size: int = 32) -> torch.Tensor:
-    """uint8 (N,3,size,size) images of the given labels: a texture (kind, orientation,
-    frequency) per class; colours, phase jitter and pixel noise are random per image, so colour
-    carries no class information."""
-    table = [(kind, (a * 3 + kind * 5) % 8 * math.pi / 8, f) for f in (2.0, 3.5, 5.0, 7.0)
-             for a in range(8) for kind in range(3)]           # (kind, angle, frequency) per class
-    if num_classes > len(table):
-        raise UserError(f"synthetic-lt supports at most {len(table)} classes (got {num_classes})")
-    table = torch.tensor(table[:num_classes], dtype=torch.float32)
+    """uint8 (N,3,size,size) images of the given labels: the texture of the class
+    (synthetic_classes: a grating, a checkerboard or rings elongated 2:1, at the class's
+    orientation and frequency); colours, phase, position jitter and pixel noise are random per
+    image, so colour carries no class information."""
+    if num_classes > 3 * 8 * len(SYNTHETIC_FREQUENCIES):
+        raise UserError(f"synthetic-lt supports at most {3 * 8 * len(SYNTHETIC_FREQUENCIES)} classes "
+                        f"(got {num_classes})")
+    kinds = list(SYNTHETIC_KINDS)
+    table = torch.tensor([(kinds.index(k), a, f) for k, a, f in synthetic_classes(num_classes)],
+                         dtype=torch.float32)
     out = torch.empty(len(labels), 3, size, size, dtype=torch.uint8)
     coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
     yy, xx = torch.meshgrid(coord, coord, indexing="ij")
     for s in range(0, len(labels), 4096):
         # each (n, 1, 1)
-        kind, ang, freq = table[labels[s:s + 4096]][:, :, None, None].unbind(1)
+        kind, angle, freq = table[labels[s:s + 4096]][:, :, None, None].unbind(1)
         n = len(kind)
-        # small position jitter
         phase = (torch.rand(n, 1, 1, generator=generator) - 0.5) * (math.pi / 2)
+        # small position jitter
         shift = (torch.rand(n, 2, 1, 1, generator=generator) - 0.5) * 0.15
-        ca = ang.cos()
-        sa = ang.sin()
+        X = xx - shift[:, 0]
+        Y = yy - shift[:, 1]
+        # coordinates along and across the class's orientation
+        along = X * angle.cos() + Y * angle.sin()
+        across = -X * angle.sin() + Y * angle.cos()
         w = 2 * math.pi * freq
-        X, Y = xx - shift[:, 0], yy - shift[:, 1]
-        u = (X * ca + Y * sa) * w + phase
-        v = (-X * sa + Y * ca) * w
-        grating = 0.5 + 0.5 * torch.sin(u)
-        checker = 0.5 + 0.5 * torch.sin(u) * torch.sin(v + phase)
-        rings = 0.5 + 0.5 * torch.sin(w * 1.5 * (X * X + Y * Y).sqrt() + phase)
-        pat = torch.where(kind == 0, grating, torch.where(kind == 1, checker, rings))
+        grating = 0.5 + 0.5 * torch.sin(along * w + phase)
+        checker = 0.5 + 0.5 * torch.sin(along * w + phase) * torch.sin(across * w + phase)
+        rings = 0.5 + 0.5 * torch.sin(w * 1.5 * (along**2 + (2 * across) ** 2).sqrt() + phase)
+        pattern = torch.where(kind == 0, grating, torch.where(kind == 1, checker, rings))
         bg = torch.rand(n, 3, 1, 1, generator=generator) * 0.5
         fg = 0.5 + torch.rand(n, 3, 1, 1, generator=generator) * 0.5
-        img = (bg + (fg - bg) * pat[:, None]
-               + 0.06 * torch.randn(n, 3, size, size, generator=generator))
+        noise = 0.06 * torch.randn(n, 3, size, size, generator=generator)
+        img = bg + (fg - bg) * pattern[:, None] + noise
         out[s:s + n] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return out
 
