@@ -88,8 +88,8 @@ class RunArgs:
     resume: Optional[str] = arg(None, "continue a run: its checkpoint.pt, its run directory, or "
                                 "auto (the newest run of this method and dataset); the run's own "
                                 "settings are kept", runtime=True)
-    print_every: int = arg(20, "progress line every N iterations (and at the end of each epoch)",
-                           check=">=1", runtime=True)
+    print_every: int = arg(20, "progress line after the first iteration, then every N iterations "
+                           "or 30 seconds, and at the end of each epoch", check=">=1", runtime=True)
     benchmark: bool = arg(False, "time the training step on random data, print images/s, exit",
                           runtime=True)
     benchmark_steps: int = arg(10, "timed steps of --benchmark, after 3 warm-up steps",
@@ -516,15 +516,18 @@ class Progress:
     `[simclr] ep 3/200 it 40/48 | loss 4.1234 | lr 0.4812 | 1234 img/s | ETA 1h02m`.
 
     `step(global_step, **scalars)` is called after every optimiser step with the 0-based index of
-    that step (the same index the LR schedule gets); it prints every `every` steps, at the end of
-    each epoch and at the last step, on the main rank only. Scalars may be device tensors: they are
+    that step (the same index the LR schedule gets); it prints after the first step, then every
+    `every` steps or at least every `wait` seconds, at the end of each epoch and at the last step,
+    on the main rank only. Scalars may be device tensors: they are
     converted only when printing, and CUDA is synchronised only then, so the training loop has no
     per-step host sync."""
 
-    def __init__(self, total_steps: int, batch_size: int, every: int = 20, prefix: str = ""):
+    def __init__(self, total_steps: int, batch_size: int, every: int = 20, prefix: str = "",
+                 wait: float = 30.0):
         self.total_steps = total_steps
         self.batch_size = batch_size
         self.every = max(1, every)
+        self.wait = wait
         self.prefix = prefix
         self.epoch = None
         self.epochs = None
@@ -539,14 +542,18 @@ class Progress:
         self.epochs = epochs
 
     def step(self, global_step: int, **scalars) -> str | None:
-        """Maybe print; returns the printed line (or None)."""
-        if self.last_step is None:  # the first call, also after a resume
+        """Maybe print: after the first step (also after a resume), then every `every` steps or
+        when `wait` seconds have passed since the last line, at the end of each epoch and at the
+        last step. Returns the printed line (or None)."""
+        first = self.last_step is None
+        if first:
             self.start_step = global_step - 1
             self.last_step = global_step - 1
         done = global_step + 1
         per_epoch = self.total_steps // self.epochs if self.epochs else 0
         epoch_end = per_epoch > 0 and done % per_epoch == 0
-        due = done % self.every == 0 or epoch_end or done >= self.total_steps
+        waited = time.perf_counter() - self.last_time >= self.wait
+        due = first or waited or done % self.every == 0 or epoch_end or done >= self.total_steps
         if not due or not common.is_main():
             return None
         if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -500,14 +500,19 @@ def test_progress_line(capsys):
             step = epoch * 5 + it
             lines.append(prog.step(step, loss=torch.tensor(1.23456), lr=0.4812))
     printed = [s for s in lines if s]
-    # every 3 steps (steps 2, 5, 8), at the end of each epoch (4, 9) and at the last step
-    assert [i for i, s in enumerate(lines) if s] == [2, 4, 5, 8, 9]
+    # after the first step (0), every 3 steps (2, 5, 8), at the end of each epoch (4, 9), the last
+    assert [i for i, s in enumerate(lines) if s] == [0, 2, 4, 5, 8, 9]
     assert capsys.readouterr().out.splitlines() == printed
-    assert printed[0].startswith("[simclr] ep 1/2 it 3/5 | loss 1.2346 | lr 0.4812 | ")
+    assert printed[0].startswith("[simclr] ep 1/2 it 1/5 | loss 1.2346 | lr 0.4812 | ")
+    assert printed[1].startswith("[simclr] ep 1/2 it 3/5 |")
     assert printed[-1].startswith("[simclr] ep 2/2 it 5/5 |") and printed[-1].endswith("ETA 0s")
     assert all(" img/s | ETA " in s for s in printed)
     plain = harness.Progress(total_steps=4, batch_size=2, every=2)
     assert plain.step(1, loss=1e-5).startswith("it 2/4 | loss 1.000e-05 |")      # no epochs, no prefix
+    slow = harness.Progress(total_steps=100, batch_size=2, every=50, wait=30.0)
+    assert slow.step(0) and slow.step(1) is None                  # the first line comes at once
+    slow.last_time -= 31                                          # 31 s later: a line, whatever N says
+    assert slow.step(2).startswith("it 3/100 |") and slow.step(3) is None
     assert harness.fmt_duration(3725) == "1h02m" and harness.fmt_duration(65) == "1m05s"
     assert harness.fmt_duration(7) == "7s"
 
