@@ -437,8 +437,6 @@ def linear_stage(run: harness.Run, args: Args, ds, backbone: nn.Module, stage1: 
     epochs = {"stage1": stage1["epochs"], "stage2": args.linear_epochs}
     res = run.results("dscl-linear-cb", "backbone", epochs)
     res.update(out, backbone=stage1["arch"])
-    if small:
-        res["method"] = "dscl-cifar (non-paper)"
     beta = None  # the released code's beta = (1 - alpha) / alpha
     if not args.scl and args.alpha != 0:
         beta = (1 - args.alpha) / args.alpha
@@ -446,7 +444,7 @@ def linear_stage(run: harness.Run, args: Args, ds, backbone: nn.Module, stage1: 
                         stage1_checkpoint=stage1["checkpoint"])
     harness.append_metrics(run.run_dir, {"stage": "linear", "epoch": args.linear_epochs,
                                          "top1": res["at_last"]["top1_overall"]})
-    run.finish(res, "dscl", rows=[(res["method"], res["at_selected"])])
+    run.finish(res, "dscl")
     return res
 
 
@@ -501,6 +499,22 @@ def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_d
     return {"dscl": step}
 
 
+def run_label(args: Args) -> str:
+    """What the run trains, in the paper's words (Table 1): scl or dscl, + pbsd or + multi-crop,
+    alpha when it is not the paper's, and "(CIFAR adaptation)" on small images (not in the
+    paper)."""
+    label = "scl" if args.scl else "dscl"
+    if not args.scl and args.alpha != 0.1:
+        label += f" (alpha {args.alpha:g})"
+    if args.pbsd_weight > 0:
+        label += " + pbsd"
+    if args.multicrop:
+        label += " + multi-crop"
+    if args.dataset in SMALL:
+        label += " (CIFAR adaptation)"
+    return label
+
+
 def load_data(args: Args):
     """The dataset; a generated long tail is drawn with --data-seed, not --seed (docs/data.md)."""
     return data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio,
@@ -533,7 +547,8 @@ def main(argv=None):
                                "dscl.py)")
     if args.dry_run:
         return dry_run(args, filled)
-    run = harness.Run("dscl", args, filled, DEFAULTS, None, PAPER_TOP1, "top1_overall")
+    run = harness.Run("dscl", args, filled, DEFAULTS, None, PAPER_TOP1, "top1_overall",
+                      label=run_label)
     args = run.args  # a resumed run's own settings
     ds = load_data(args)
     alpha = "scl" if args.scl else args.alpha

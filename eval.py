@@ -247,6 +247,17 @@ def _augmented_features(backbone, loader, recipe, gen, image_size, device, amp_d
         yield f.float(), y
 
 
+class Standardise:
+    """x -> (x - mean) / std per feature, with the mean and std of the features it was built on."""
+
+    def __init__(self, feats: torch.Tensor):
+        self.mean = feats.mean(0)
+        self.std = feats.std(0).clamp_min(1e-6)
+
+    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.mean) / self.std
+
+
 def label_fraction_split(ds, fraction, seed=0):
     """Per-class stratified `fraction` of the LT pre-training set (FASSL Table 10 probe): per class
     the first max(1, round(fraction * n_c)) images of a seeded permutation (INFERRED rounding)."""
@@ -299,6 +310,12 @@ def linear_probe(backbone, ds, device, amp_dtype=None, mode="full", aug="crop", 
         if aug == "none":
             train_feats, train_y = extract_features(backbone, split, device, amp_dtype,
                                                     recipe=test_recipe)
+            # cached features are standardised with the probe set's mean and std: at the
+            # protocol's lr of 30, raw features of an unnormalised backbone make the loss explode
+            standardise = Standardise(train_feats)
+            train_feats = standardise(train_feats)
+            if val is not None:
+                val = (standardise(val[0]), val[1])
             cpu_gen = torch.Generator().manual_seed(seed)
         else:
             loader = data.make_loader(split, batch_size, device, shuffle=True, drop_last=False,
@@ -337,6 +354,8 @@ def linear_probe(backbone, ds, device, amp_dtype=None, mode="full", aug="crop", 
         # the test set is read once, here, after selection: nothing is tuned on test
         test_feats, test_y = extract_features(backbone, ds.test, device, amp_dtype,
                                               recipe=test_recipe)
+        if aug == "none":
+            test_feats = standardise(test_feats)
     finally:
         backbone.train(was_training)
     at_last = at_selected = _scored(fc, test_feats, test_y, ds)
@@ -595,42 +614,45 @@ def save_figure(plt, fig, path):
     plt.close(fig)
 
 
-def plot_per_class(runs, path):
-    """Per-class test accuracy against the class's train count (log x-axis), one series per run of
-    `runs`: [(label, metrics block, class_counts)]; a legend when there are two or more."""
+def plot_per_class(runs, path, title=None):
+    """Per-class test accuracy against the class's train count (log x-axis, 0-100 % y-axis), one
+    series per run of `runs`: [(label, metrics block, class_counts)]; a legend when there are two
+    or more."""
     plt, fig, ax = figure((6, 4) if len(runs) == 1 else (7, 4 + 0.25 * len(runs)))
     for label, metrics, counts in runs:
         pts = sorted((n, a) for n, a in zip(counts, metrics["per_class_acc"])
                      if a is not None and n > 0)
         xs, ys = zip(*pts) if pts else ((), ())
         ax.plot(xs, ys, "o" if len(runs) == 1 else "o-", ms=4, alpha=0.8, label=label)
-    if len(runs) == 1:
+    if title is None and len(runs) == 1:
         title = f"per-class accuracy (top-1 {_fmt(runs[0][1]['top1_overall'])})"
-    else:
+    elif title is None:
         title = "per-class accuracy against class size"
     ax.set(xscale="log", xlabel="train images of the class (log scale)", ylabel="test accuracy (%)",
-           title=title)
+           title=title, ylim=(0, 100))
     if len(runs) > 1:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ax.grid(True, which="both", alpha=0.3)
     save_figure(plt, fig, path)
 
 
-def plot_groups(metrics, path):
-    """Bars of Many / Medium / Few accuracy for the thirds and strict rules."""
-    plt, fig, ax = figure((6, 4))
+def plot_groups(metrics, path, title=""):
+    """Bars of Many / Medium / Few accuracy for the thirds and strict rules (0-100 %), the legend
+    beside the bars."""
+    plt, fig, ax = figure((7.5, 4))
     for i, rule in enumerate(("thirds", "strict")):
         g = metrics[f"groups_{rule}"]
         xs = [j + (i - 0.5) * 0.38 for j in range(3)]
         heights = [g[k] or 0 for k in ("many", "medium", "few")]
         ax.bar(xs, heights, 0.38, label=f"{rule} (n = {'/'.join(str(c) for c in g['n_classes'])})")
     ax.set(xticks=range(3), xticklabels=["Many / Frequent", "Medium", "Few / Rare"],
-           ylabel="test acc. (%)")
-    ax.legend()
+           ylabel="test acc. (%)", ylim=(0, 100), title=title)
+    ax.legend(title="grouping", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(plt, fig, path)
 
 
-def plot_tsne(feats, labels, path, max_points=2000, seed=0, class_names=None):
+def plot_tsne(feats, labels, path, max_points=2000, seed=0, class_names=None,
+              title="t-SNE of backbone features"):
     """t-SNE of backbone features coloured by class (FASSL Figure 3), on a random subset
     of <= max_points."""
     # on feats' device
@@ -641,8 +663,9 @@ def plot_tsne(feats, labels, path, max_points=2000, seed=0, class_names=None):
         feats, labels = feats[idx.to(feats.device)], labels[idx]
     emb = tsne(feats, seed=seed, iters=500).numpy()
     plt, fig, ax = figure((6, 6))
-    sc = ax.scatter(*emb.T, c=labels.numpy(), s=5, cmap="tab20" if labels.max() < 20 else "viridis")
-    ax.set(xticks=[], yticks=[], title="t-SNE of backbone features")
+    cmap = "tab20" if labels.max() < 20 else "viridis"
+    sc = ax.scatter(*emb.T, c=labels.numpy(), s=14, cmap=cmap)
+    ax.set(xticks=[], yticks=[], title=title)
     if class_names is not None and len(class_names) <= 20:
         dots = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(c)))
                 for c in range(len(class_names))]
@@ -695,8 +718,11 @@ def write_results(run_dir, results: dict) -> None:
     metrics = results.get("at_selected") or results.get("at_last")
     counts = (results.get("dataset") or {}).get("class_counts")
     if metrics is not None and counts is not None:
-        plot_per_class([("", metrics, counts)], run_dir / "per_class_acc.png")
-        plot_groups(metrics, run_dir / "group_acc.png")
+        method = results.get("method", "")
+        top1 = _fmt(metrics["top1_overall"])
+        plot_per_class([("", metrics, counts)], run_dir / "per_class_acc.png",
+                       title=f"{method}: per-class accuracy (top-1 {top1})")
+        plot_groups(metrics, run_dir / "group_acc.png", title=f"{method}: accuracy per group")
 
 
 # ----- --table: mean +- std over runs (docs/evaluation.md, Command line) --------------------------
@@ -747,10 +773,31 @@ def format_table(rows) -> str:
         k = r["key"]
         cells = [str(k["method"]), str(k["variant"] or ""), *(str(k[f]) for f in _TABLE_KEY[2:]),
                  str(r["n"])]
-        cells += ["-" if r[c] is None else f"{r[c][0]:.2f} ± {r[c][1]:.2f}"
-                  for c, _ in TABLE_COLUMNS]
+        for c, _ in TABLE_COLUMNS:
+            if r[c] is None:
+                cells.append("-")
+            elif r["n"] == 1:  # one run: no spread to show
+                cells.append(f"{r[c][0]:.2f}")
+            else:
+                cells.append(f"{r[c][0]:.2f} ± {r[c][1]:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def run_labels(results: list[dict]) -> list[str]:
+    """A legend label per run: its name (results.json `method`, what it trained); runs of one name
+    add their seed, and runs of one name and seed their rank among them (#2, #3, ...)."""
+    names = [str(r.get("method")) for r in results]
+    labels = []
+    for i, (name, res) in enumerate(zip(names, results)):
+        label = name
+        if names.count(name) > 1:
+            label += f" (seed {res.get('seed')}"
+            same = [j for j in range(i)
+                    if names[j] == name and results[j].get("seed") == res.get("seed")]
+            label += f", #{len(same) + 1})" if same else ")"
+        labels.append(label)
+    return labels
 
 
 def compare_runs(paths, out) -> str:
@@ -759,16 +806,12 @@ def compare_runs(paths, out) -> str:
     runs = []
     rows = [f"| Run | Top-1 |{PAPER_HEADER['ssl'][1:]} Paper | Ours | Ours - paper |",
             "|---" * 10 + "|"]
-    for path in paths:
-        res = read_results(path)
+    results = [read_results(path) for path in paths]
+    for label, res, path in zip(run_labels(results), results, paths):
         m = res.get("at_selected") or res.get("at_last")
-        label = f"{res.get('method')} {res.get('variant')}"
         if not (m and (res.get("dataset") or {}).get("class_counts")):
             raise common.UserError(f"{path} has no metrics or class counts; pass a run's "
                                    f"results.json")
-        # repeated label
-        for more in (f" (seed {res.get('seed')})", f" ({pathlib.Path(path).parent.name})"):
-            label += more if label in [r[0] for r in runs] else ""
         runs.append((label, m, res["dataset"]["class_counts"]))
         paper = res.get("paper_value") or {}
         ours = metric_value(m, paper["metric"]) if paper else None
@@ -782,7 +825,7 @@ def compare_runs(paths, out) -> str:
 
 
 # ----- Command line (docs/evaluation.md, Command line) --------------------------------------------
-# method labels of checkpoints trained with the CIFAR crop recipe
+# the scripts whose checkpoints were trained with the CIFAR crop recipe
 SUPERVISED = ("dscl", "hybrid")
 
 
@@ -835,8 +878,10 @@ def evaluate_checkpoint(cli) -> dict:
                                f"architecture") from e
     ds = _dataset_from_ckpt(ckpt.get("args"), cli)
     method = ckpt.get("method", "unknown")   # the label of the run's results.json
-    recipe = cli.recipe or ("crop_flip_cifar" if str(ckpt.get("method")).startswith(SUPERVISED) else
-                            "crop_flip_imagenet")
+    recipe = cli.recipe
+    if recipe is None:
+        supervised = ckpt.get("script") in SUPERVISED
+        recipe = "crop_flip_cifar" if supervised else "crop_flip_imagenet"
     test_recipe = _test_recipe(recipe)
     style = probe_settings(ds)["row"]
     t0 = time.time()

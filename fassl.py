@@ -375,7 +375,10 @@ class StageLoop:
                                        workers=a.workers, image_size=ds.image_size, shard=True)
         self.iters = len(self.loader)
         self.gen = torch.Generator(run.device)
-        self.progress = run.progress(self.epochs * self.iters, a.batch_size, stage)
+        self.name = stage
+        if stage == "sdclr" and a.prune_ratio == 0:
+            self.name = "simclr"  # Stage 0 without pruning is SimCLR
+        self.progress = run.progress(self.epochs * self.iters, a.batch_size, self.name)
 
     def restore(self, parts: dict) -> int:
         """Register the stage's parts with the harness (the optimisers and scaler added); on
@@ -423,7 +426,7 @@ class StageLoop:
                                        class_counts=ds.class_counts, recipe="test_imagenet")
             record["knn"] = {"acc_class_mean": m["acc_class_mean"],
                              "groups_thirds": m["groups_thirds"]}
-            print(f"[{self.stage}] ep {n} kNN class-mean acc {m['acc_class_mean']:.2f}",
+            print(f"[{self.name}] ep {n} kNN class-mean acc {m['acc_class_mean']:.2f}",
                   flush=True)
         self.run.end_epoch(epoch, self.loss_sum / self.iters, record, self.state(n))
 
@@ -614,7 +617,7 @@ def tsne_figures(run, ds, **backbones) -> dict:
         feats = F.normalize(f[[i for i, _ in keep]], dim=-1)
         names = [ds.class_names[c] for c in pick]
         evaluation.plot_tsne(feats, [c for _, c in keep], run.run_dir / f"tsne_{name}.png",
-                             class_names=names)
+                             class_names=names, title=f"t-SNE of the {name} backbone's features")
     return {"classes": [ds.class_names[c] for c in pick],
             "files": [f"tsne_{name}.png" for name in backbones]}
 
@@ -842,10 +845,18 @@ def stages_to_run(args: Args) -> list[str]:
 
 
 def method_name(args: Args) -> str:
-    """sdclr / simclr for Stage 0 alone, fassl otherwise."""
-    if args.stage != "sdclr":
+    """What the run trains: sdclr / simclr (Stage 0 alone), fassl-prototypes (Stage 1 alone), fassl,
+    fassl-uniform (Stage 2 without Eq. (3)'s weights) or byol (the same from a random start, the
+    BYOL-dagger rows)."""
+    if args.stage == "sdclr":
+        return "simclr" if args.prune_ratio == 0 else "sdclr"
+    if args.stage == "prototypes":
+        return "fassl-prototypes"
+    if args.reweight:
         return "fassl"
-    return "simclr" if args.prune_ratio == 0 else "sdclr"
+    if args.stage == "rebalance" and args.init == "scratch":
+        return "byol"
+    return "fassl-uniform"
 
 
 def main(argv=None):

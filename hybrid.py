@@ -346,7 +346,11 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
     if args.loss == "psc" and ds.num_classes < 2:
         raise common.UserError("--loss psc needs at least 2 classes (Eq. 4 contrasts with the "
                                "other classes)")
-    alpha_rule = args.alpha_schedule if args.no_curriculum is None else args.no_curriculum
+    alpha_rule = args.alpha_schedule
+    if args.two_stage:
+        alpha_rule = "1, then the classifier alone (two-stage)"
+    elif args.no_curriculum is not None:
+        alpha_rule = f"fixed at {args.no_curriculum}"
     run.start(ds, f"{args.arch} | batch {args.batch_size}+{args.cb_batch_size} | lr {args.lr} "
                   f"x{args.lr_gamma} at {args.milestones} | {args.epochs} epochs | tau {args.tau} "
                   f"| alpha {alpha_rule}")
@@ -440,7 +444,18 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
 
 
 def method_name(args: Args) -> str:
-    return {"sc": "hybrid-sc", "psc": "hybrid-psc", "ce": "hybrid-ce-ce"}[args.loss]
+    """What the run trains: hybrid-sc / hybrid-psc / hybrid-ce-ce (Tables 1 and 4), their two-stage
+    and fixed-alpha forms (Table 5), or, with --no-curriculum 0 (the feature branch never trains),
+    a plain CE classifier on class-balanced (ce-balanced) or instance-sampled (ce-instance)
+    batches."""
+    if args.no_curriculum == 0:
+        return "ce-balanced" if args.ce_sampler == "balanced" else "ce-instance"
+    name = {"sc": "hybrid-sc", "psc": "hybrid-psc", "ce": "hybrid-ce-ce"}[args.loss]
+    if args.two_stage:
+        return name.replace("hybrid-", "two-stage-")
+    if args.no_curriculum is not None:
+        return name + "-fixed-alpha"
+    return name
 
 
 # ---- Evaluation: the classifier branch on the balanced test set, last epoch ----------------------

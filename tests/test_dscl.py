@@ -367,7 +367,7 @@ def test_tiny_two_stage_run_writes_results_and_records_the_filled_defaults(tiny_
     saved = json.loads((run_dir / "results.json").read_text())
     for groups in (saved["at_last"]["groups_strict"], res["at_last"]["groups_thirds"]):
         assert {"many", "medium", "few"} <= set(groups)
-    assert saved["method"] == "dscl-cifar (non-paper)" and saved["paper_setting"] is False
+    assert saved["method"] == "dscl + pbsd (CIFAR adaptation)" and saved["paper_setting"] is False
     assert saved["protocol"] == "dscl-linear-cb" and saved["extra"]["alpha"] == 0.1
     assert saved["extra"]["beta"] == pytest.approx(9.0) and saved["epochs"] == {"stage1": 2, "stage2": 1}
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -384,7 +384,8 @@ def test_tiny_two_stage_run_writes_results_and_records_the_filled_defaults(tiny_
     assert state["queue_ptr"] == (2 * iters * 8) % 32
     assert (state["queue_labels"] >= 0).all() and (state["queue_labels"] < 4).all()
     assert torch.allclose(state["queue"].norm(dim=1), torch.ones(32), atol=1e-4)
-    assert ck["method"] == "dscl" and ck["filled"] == filled and ck["stage"] == "pretrain"
+    assert ck["method"] == "dscl + pbsd (CIFAR adaptation)" and ck["script"] == "dscl"
+    assert ck["filled"] == filled and ck["stage"] == "pretrain"
     backbone = common.build_backbone(ck["arch"], ck["image_size"])                     # eval.py --ckpt
     backbone.load_state_dict(evaluation.submodule_state(ck["model"], "backbone"))
     key_head = evaluation.submodule_state(ck["key_model"], "head")

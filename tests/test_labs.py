@@ -167,27 +167,28 @@ def fake_results(path, method, variant, preds, seed=0, counts=(40, 20, 10, 5, 3,
 def test_compare_draws_every_run_and_prints_its_groups(tmp_path, monkeypatch, capsys):
     head_only = [0] * 24                                       # predicts the head class for everything
     perfect = [c for c in range(6) for _ in range(4)]
-    m1 = fake_results(tmp_path / "a/run1/results.json", "hybrid-sc", "--ce-sampler random", head_only)
+    m1 = fake_results(tmp_path / "a/run1/results.json", "ce-instance", "--ce-sampler random", head_only)
     m2 = fake_results(tmp_path / "b/run2/results.json", "hybrid-sc", "default", perfect,
                       paper={"metric": "top1_overall", "value": 81.4})
     fake_results(tmp_path / "c/run3/results.json", "hybrid-sc", "default", perfect, seed=1)
     fake_results(tmp_path / "d/run4/results.json", "hybrid-sc", "default", perfect, seed=1)
     drawn, real = [], evaluation.plot_per_class
-    monkeypatch.setattr(evaluation, "plot_per_class", lambda runs, p: (drawn.append(runs), real(runs, p)))
+    monkeypatch.setattr(evaluation, "plot_per_class",
+                        lambda runs, p, **kw: (drawn.append(runs), real(runs, p, **kw)))
     out = tmp_path / "cmp.png"
     evaluation.main(["--compare", *(str(p) for p in sorted(tmp_path.glob("*/run*/results.json"))),
                      "--out", str(out)])
     assert out.stat().st_size > 0
     (runs,) = drawn
-    labels = ["hybrid-sc --ce-sampler random", "hybrid-sc default", "hybrid-sc default (seed 1)",
-              "hybrid-sc default (seed 1) (run4)"]            # a repeated label gets the seed, then the dir
+    labels = ["ce-instance", "hybrid-sc (seed 0)", "hybrid-sc (seed 1)",
+              "hybrid-sc (seed 1, #2)"]            # the run's name; a repeated one gets its seed, then #
     assert [r[0] for r in runs] == labels
     assert runs[0][1]["per_class_acc"] == [100, 0, 0, 0, 0, 0]          # the head class only
     assert runs[1][2] == [40, 20, 10, 5, 3, 1]                         # the x-axis: train counts
-    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| hybrid-sc")]
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(("| hybrid-sc", "| ce-"))]
     top1, groups = f"{m1['top1_overall']:.2f}", evaluation.paper_row(m1)[:-1]   # then Paper, Ours, difference
-    assert rows[0] == f"| hybrid-sc --ce-sampler random | {top1} {groups}| - | - | - |"
-    assert rows[1].startswith("| hybrid-sc default | 100.00 | 100.00 | 100.00") and len(rows) == 4
+    assert rows[0] == f"| ce-instance | {top1} {groups}| - | - | - |"
+    assert rows[1].startswith("| hybrid-sc (seed 0) | 100.00 | 100.00 | 100.00") and len(rows) == 4
     assert rows[1].endswith("| 81.40 (top1_overall) | 100.00 | +18.60 |")
     assert rows[2].endswith("| - | - | - |")
     assert m1["groups_thirds"]["few"] == 0.0 and m2["groups_thirds"]["many"] == 100.0
