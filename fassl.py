@@ -84,9 +84,10 @@ class Args(harness.RunArgs):
     reweight: bool = arg(True, "phi weights of Eq. (3); --no-reweight = uniform (the BYOL-dagger "
                          "rows)")
     weight_norm: str = arg("zscore", "Eq. (3), Sec. 4.2 'clip outliers and normalize' (INFERRED): "
-                           "zscore = scores in std units clipped at +-c: w_max/w_min <= e^2c; "
-                           "literal = phi, scores clipped at mu +- c sigma: collapses (docs)",
-                           choices=["zscore", "literal"])
+                           "zscore = phi^(1/sigma_B), scores in std units of the batch clipped at "
+                           "+-c (w_max/w_min <= e^2c); fixed = the mean cosine s/K, clipped, a "
+                           "fixed scale; literal = phi, scores clipped at mu +- c sigma: collapses "
+                           "(docs/fassl.md)", choices=["zscore", "fixed", "literal"])
     clip_sigma: float = arg(2.0, "c of --weight-norm (Sec. 4.2 'clip outliers'; INFERRED)",
                             check=">=0")
     weight_view: str = arg("target", "Eq. (3) weight of each term from its target view "
@@ -226,8 +227,11 @@ def frequency_weights(z_teacher, prototypes, clip_sigma: float = 2.0,
                       norm: str = "zscore") -> torch.Tensor:
     """Eq. (3) weight phi = 1/exp(s), s_i = z^_i . sum_k p^_k in [-K, K] (z (V, B, D): s averaged
     over the views), per batch, no gradient, mean 1 over the batch; INFERRED (Sec. 4.2,
-    docs/fassl.md):
-      zscore:  u = clamp((s - mu) / sigma, -c, c), w = B softmax(-u), so w_max / w_min <= e^2c;
+    docs/fassl.md), with mu and sigma the batch's mean and std of s:
+      zscore:  u = clamp((s - mu) / sigma, -c, c), w = B softmax(-u): w is proportional to
+               phi^(1/sigma), a temperature set by each batch; w_max / w_min <= e^2c;
+      fixed:   m = s / K, the mean cosine to the prototypes in [-1, 1], clamped at its mu -+ c
+               sigma, w = B softmax(-m): a fixed scale, w_max / w_min <= e^2;
       literal: s clamped at mu -+ c sigma, w = phi / mean(phi) = B softmax(-s).
     c = clip_sigma (0: no clipping); softmax in log space: exp(128) would overflow fp32."""
     with torch.autocast(z_teacher.device.type, enabled=False):
@@ -241,6 +245,11 @@ def frequency_weights(z_teacher, prototypes, clip_sigma: float = 2.0,
         if clip_sigma > 0:
             u = torch.clamp(u, min=-clip_sigma, max=clip_sigma)
         return u.numel() * torch.softmax(-u, dim=0)
+    if norm == "fixed":
+        K = prototypes.shape[0]
+        s = s / K
+        mu = mu / K
+        sigma = sigma / K
     if clip_sigma > 0:
         s = torch.clamp(s, min=mu - clip_sigma * sigma, max=mu + clip_sigma * sigma)
     return s.numel() * torch.softmax(-s, dim=0)
@@ -654,9 +663,56 @@ def prototype_analysis(stage1: dict, run, ds) -> dict:
     fig.savefig(run.run_dir / "prototype_grid.png", dpi=150, bbox_inches="tight")
     plt.close(fig)
     counts = {g: round(v * k / 100) for g, v in share.items()}
+    rules = weight_rules(z, labels, protos.weight.to(dev), ds, run)
     return {"K": k, "share_percent": share, "counts": counts,
             "nearest_index": nearest.tolist(), "nearest_class": cls.tolist(),
-            "per_class": torch.bincount(cls, minlength=ds.num_classes).tolist()}
+            "per_class": torch.bincount(cls, minlength=ds.num_classes).tolist(),
+            "weight_rules": rules}
+
+
+WEIGHT_RULES = ("zscore", "fixed", "literal")
+
+
+@torch.no_grad()
+def weight_rules(z, labels, prototypes, ds, run) -> dict:
+    """What each --weight-norm rule makes of Eq. (3) with the Stage-1 teacher and prototypes: the
+    training set's embeddings in random batches of --batch-size (as Stage 2 sees them), the mean
+    weight per frequency group, the effective sample size and w_max / w_min per batch, averaged;
+    weight_rules.png draws the group means (Lab 3)."""
+    a = run.args
+    group = group_of_classes(ds).to(labels.device)[labels]
+    order = torch.randperm(len(z), generator=torch.Generator().manual_seed(a.seed)).to(z.device)
+    batches = [order[i:i + a.batch_size] for i in range(0, len(z) - a.batch_size + 1, a.batch_size)]
+    if not batches:
+        batches = [order]
+    out = {}
+    for rule in WEIGHT_RULES:
+        stats = {}
+        for idx in batches:
+            w = frequency_weights(z[idx], prototypes, a.clip_sigma, rule)
+            for key, value in weight_stats(w, group[idx]).items():
+                stats[key] = stats.get(key, 0) + value
+        out[rule] = weight_record(stats, len(batches))
+        out[rule]["w_max_over_min"] = out[rule]["w_max"] / max(out[rule]["w_min"], 1e-30)
+    if common.is_main():
+        plot_weight_rules(out, run.run_dir / "weight_rules.png", run.label)
+    return out
+
+
+def plot_weight_rules(rules: dict, path, method: str) -> None:
+    """Bars: the mean Eq. (3) weight of each frequency group under each --weight-norm rule."""
+    plt, fig, ax = evaluation.figure((7.5, 4))
+    width = 0.8 / len(rules)
+    for i, (rule, r) in enumerate(rules.items()):
+        xs = [g + (i - (len(rules) - 1) / 2) * width for g in range(len(GROUPS))]
+        means = [r[f"w_mean_{g}"] for g in GROUPS]
+        ax.bar(xs, means, width, label=f"{rule} (ESS {r['w_ess']:.0f})")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xticks=range(len(GROUPS)), xticklabels=[g.capitalize() for g in GROUPS],
+           ylabel="mean weight (batch mean 1)", yscale="log",
+           title=f"{method}: Eq. (3) weights per frequency group, by rule")
+    ax.legend(title="--weight-norm", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    evaluation.save_figure(plt, fig, path)
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -708,6 +764,12 @@ def report(run, ds, stages: list, outputs: dict, init: dict | None):
     if analyze and stage1 is not None and "prototypes" in stage1:  # Stage-1 F^T and P
         res = results["extra"]["prototypes"] = prototype_analysis(stage1, run, ds)
         print("prototypes: " + " / ".join(f"{g} {v:.2f}%" for g, v in res["share_percent"].items()))
+        print("Eq. (3) weights by rule (mean per group frequent / medium / rare; ESS of "
+              f"{args.batch_size}):")
+        for rule, r in res["weight_rules"].items():
+            means = " / ".join(f"{r[f'w_mean_{g}']:.2f}" for g in GROUPS)
+            print(f"  {rule:8s} {means} | ESS {r['w_ess']:.0f} | w_max/w_min "
+                  f"{r['w_max_over_min']:.3g}")
     if not head:
         run.finish(results, "ssl", rows=[])
         return run.run_dir

@@ -451,9 +451,18 @@ def report(run, model, ds, recipe, n_recluster, diag, knn, k) -> pathlib.Path:
             evaluation.write_results(run.run_dir / mode, {**res, "wall_time_s": run.wall_time()})
             print(f"[{run.method}] results: {run.run_dir / mode / 'results.json'}", flush=True)
     headline = results[0][1]
+    headline["extra"]["grouping"] = GROUPING
     rows = [(f"{run.label} ({mode})", res["at_selected"]) for mode, res in results]
     run.finish(headline, headline["extra"]["probe"]["row"], rows)
+    if headline["extra"]["probe"]["row"] == "ssl" and common.is_main():
+        print(f"[{run.method}] {GROUPING}")
     return run.run_dir
+
+
+# how the columns group the classes, said wherever TASE-R prints them
+GROUPING = ("Rare / Medium / Frequent are thirds of the classes by training count (INFERRED for "
+            "TASE-R: the TASE abstract's figure groups Head / Mid / Tail by the OLTR split, "
+            "groups_oltr in results.json)")
 
 
 def contrastive_log_probs(z1, z2, tau):

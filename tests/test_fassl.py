@@ -220,11 +220,35 @@ def test_default_weights_are_bounded_ordered_and_keep_the_sample_size_on_the_lt_
     assert (stats["max"].item(), stats["min"].item()) == (w.max().item(), w.min().item())
 
 
+def test_fixed_scale_weights_follow_the_mean_cosine_and_stay_uniform_without_a_signal():
+    """--weight-norm fixed: w = B softmax(-s/K) with s/K clipped at its mean -+ c std; random
+    prototypes (no frequency signal) leave the weights uniform, where the default's batch
+    temperature still spreads them (ESS about half the batch, w_max / w_min = e^4)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(512, 16, generator=g)
+    P = torch.randn(128, 16, generator=g)
+    fixed = fassl.frequency_weights(z, P, norm="fixed")
+    zscore = fassl.frequency_weights(z, P, norm="zscore")
+    assert ess(fixed) > 500 and ess(zscore) < 300
+    assert float(zscore.max() / zscore.min()) == pytest.approx(math.exp(4), rel=1e-3)
+    m = (torch.nn.functional.normalize(z, dim=-1)
+         @ torch.nn.functional.normalize(P, dim=-1).sum(0)) / 128        # the mean cosine
+    want = 512 * torch.softmax(-m.clamp(m.mean() - 2 * m.std(unbiased=False),
+                                        m.mean() + 2 * m.std(unbiased=False)), dim=0)
+    torch.testing.assert_close(fixed, want, rtol=1e-5, atol=1e-6)
+    z, P, y, counts = lt_toy(0)                            # with a frequency signal: ordered, bounded
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])[y]
+    w = fassl.frequency_weights(z, P, norm="fixed")
+    means = [float(w[group == g].mean()) for g in range(3)]
+    assert means[0] < means[1] < means[2] and float(w.max() / w.min()) <= math.exp(2) + 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_frequency_weights_are_finite_for_extreme_inputs(dtype):
     P = torch.ones(512, 4)                                     # every prototype identical: s in [-512, 512]
     z = torch.tensor([[1e4, 0, 0, 0], [-1e4, 0, 0, 0], [1, 1, 1, 1], [-3e3, 1, 0, 0]]).to(dtype)
-    for clip, norm in ((0.0, "literal"), (2.0, "literal"), (0.0, "zscore"), (2.0, "zscore")):
+    for clip, norm in ((0.0, "literal"), (2.0, "literal"), (0.0, "zscore"), (2.0, "zscore"),
+                       (2.0, "fixed")):
         w = fassl.frequency_weights(z, P.to(dtype), clip_sigma=clip, norm=norm)
         assert w.dtype == torch.float32 and torch.isfinite(w).all()
         assert w.mean().item() == pytest.approx(1.0, abs=1e-4)
@@ -562,6 +586,12 @@ def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
     assert len(res["extra"]["prototypes"]["nearest_index"]) == 16
     assert [k["stage"] for k in res["knn"]] == ["sdclr", "prototypes", "rebalance", "rebalance"]
     assert (run_dir / "prototype_grid.png").stat().st_size > 0
+    rules = res["extra"]["prototypes"]["weight_rules"]           # the three Eq. (3) rules side by side
+    assert list(rules) == ["zscore", "fixed", "literal"] and (run_dir / "weight_rules.png").is_file()
+    for r in rules.values():
+        assert 1 <= r["w_ess"] <= 32 and r["w_max_over_min"] >= 1
+        assert {"w_mean_frequent", "w_mean_medium", "w_mean_rare"} <= set(r)
+    assert rules["fixed"]["w_max_over_min"] <= math.exp(2) + 1e-3
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(m["stage"], m["epoch"]) for m in metrics] == [("sdclr", 1), ("prototypes", 1), ("rebalance", 1),
                                                            ("rebalance", 2)]
