@@ -210,7 +210,8 @@ def optimizer_step(loss, optimizer, scaler=None, keep=()) -> None:
 
 def prepare_model(model: nn.Module, device, channels_last: bool = False, compile: bool = False,
                   ddp: bool = False, sync_bn: bool = False) -> nn.Module:
-    """Move to `device`; channels_last memory format and (if asked) torch.compile on CUDA only.
+    """Move to `device`; channels_last memory format on CUDA only; torch.compile if asked (inductor,
+    any device; the environment variable COMPILE_BACKEND picks another backend, docs/usage.md).
     ddp=True (a trained network): DistributedDataParallel under torchrun, with SyncBatchNorm if
     sync_bn and on CUDA. Returns the (maybe wrapped, compiled) module; `unwrap` undoes it."""
     device = torch.device(device)
@@ -222,8 +223,8 @@ def prepare_model(model: nn.Module, device, channels_last: bool = False, compile
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if compile and device.type == "cuda":
-        model = torch.compile(model)
+    if compile:
+        model = torch.compile(model, backend=os.environ.get("COMPILE_BACKEND", "inductor"))
     return model
 
 

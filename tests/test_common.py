@@ -415,7 +415,8 @@ def test_device_amp_and_wrappers():
     with common.autocast(dev, torch.bfloat16):
         assert (nn.Linear(4, 4)(torch.randn(2, 4))).dtype == torch.bfloat16
     net = nn.Linear(2, 2)
-    assert common.prepare_model(net, dev, compile=True) is net  # no compile on CPU
+    compiled = common.prepare_model(net, dev, compile=True)  # on the CPU too (compiled at its first call)
+    assert compiled is not net and common.unwrap(compiled) is net
     assert common.unwrap(nn.DataParallel(net)) is net
     assert common.get_rank_world() == (0, 1) and common.is_main()
 
