@@ -167,7 +167,7 @@ def ldam_indices(targets: np.ndarray, counts: list[int], seed: int = 0) -> np.nd
 
 
 def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split: int,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, head: int | None = None) -> dict:
     """The SDCLR (Jiang et al. 2021) split construction, regenerated. Returns int64 index arrays
     `val`, `probe`, `train` (D_i), `fewshot` (S_b), `balanced` (D_b), plus `order` (class at
     each rank) and `counts` (label order). Set sizes and counts equal SDCLR's files; image
@@ -183,6 +183,8 @@ def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split
     n_max = per - v                                                        # 4,500 / 450
     # SDCLR's CIFAR-100 probe keeps 400
     k_probe = 400 if num_classes == 100 and n_max == 450 else n_max
+    if head is not None:  # --n-max: a smaller head class (the probe pool stays whole)
+        n_max = min(n_max, head)
     # class at each rank (else INFERRED)
     order = (list(SDCLR_C10_ORDERS[split]) if num_classes == 10
              else [int(c) for c in np.random.RandomState(seed + split).permutation(num_classes)])
@@ -203,16 +205,16 @@ def sdclr_indices(targets: np.ndarray, num_classes: int, imb_ratio: float, split
 
 
 # --- synthetic-lt: class = texture (oriented grating / checker / rings); colour and phase random --
-# The textures of synthetic-lt: per kind, the angle that leaves its pattern unchanged (a grating and an
-# elongated ring repeat after half a turn, a checkerboard after a quarter turn)
+# The textures of synthetic-lt: per kind, the angle that leaves its pattern unchanged (a grating
+# and an elongated ring repeat after half a turn, a checkerboard after a quarter turn)
 SYNTHETIC_KINDS = {"grating": math.pi, "checker": math.pi / 2, "rings": math.pi}
 SYNTHETIC_FREQUENCIES = (2.0, 3.5, 5.0, 7.0)
 
 
 def synthetic_classes(num_classes: int) -> list[tuple[str, float, float]]:
-    """(kind, orientation, frequency) of each synthetic-lt class: the kinds take turns; within a kind,
-    8 orientations spread over its period (by steps of 3/8 of it, so that neighbouring classes differ
-    most), then the next frequency. No two classes have the same texture: 96 classes at most."""
+    """(kind, orientation, frequency) of each synthetic-lt class: the kinds take turns; within a
+    kind, 8 orientations spread over its period (by steps of 3/8 of it, so that neighbouring classes
+    differ most), then the next frequency. No two classes have the same texture: 96 at most."""
     table = []
     for c in range(num_classes):
         kind = list(SYNTHETIC_KINDS)[c % 3]
@@ -229,8 +231,8 @@ def synthetic_images(labels: torch.Tensor, num_classes: int, generator: torch.Ge
     orientation and frequency); colours, phase, position jitter and pixel noise are random per
     image, so colour carries no class information."""
     if num_classes > 3 * 8 * len(SYNTHETIC_FREQUENCIES):
-        raise UserError(f"synthetic-lt supports at most {3 * 8 * len(SYNTHETIC_FREQUENCIES)} classes "
-                        f"(got {num_classes})")
+        most = 3 * 8 * len(SYNTHETIC_FREQUENCIES)
+        raise UserError(f"synthetic-lt supports at most {most} classes (got {num_classes})")
     kinds = list(SYNTHETIC_KINDS)
     table = torch.tensor([(kinds.index(k), a, f) for k, a, f in synthetic_classes(num_classes)],
                          dtype=torch.float32)
@@ -291,28 +293,34 @@ def _load_synthetic(num_classes, imb_ratio, seed, n_max, n_test) -> LTDataset:
 
 
 def load_dataset(name, data_dir="./data", imb_ratio=100.0, protocol="ldam", split=1,
-                 split_file=None, seed=0, num_classes=10, download=True, *, synthetic_n_max=500,
+                 split_file=None, seed=0, num_classes=10, download=True, *, n_max=None,
                  synthetic_n_test=100, sdclr_split_dir=None) -> LTDataset:
     """Build dataset `name` (one of DATASETS); bad input raises common.UserError with a one-line
-    message. imb_ratio: rho = n_max / n_min (None: the tree or lists as they are). protocol: "ldam"
-    or "sdclr" for CIFAR and folder trees (docs/data.md, CIFAR-LT conventions). split: SDCLR split
-    1..5. split_file, sdclr_split_dir: docs/data.md, SDCLR index files. seed: data seed (0
-    reproduces LDAM-DRW). num_classes, synthetic_n_max, synthetic_n_test: synthetic-lt only."""
+    message. imb_ratio: rho = n_max / n_min (None: the tree or lists as they are). n_max: images of
+    the head class of a generated long tail (None: all the class has; synthetic-lt: 500). protocol:
+    "ldam" or "sdclr" for CIFAR and folder trees (docs/data.md, CIFAR-LT conventions). split: SDCLR
+    split 1..5. split_file, sdclr_split_dir: docs/data.md, SDCLR index files. seed: data seed (0
+    reproduces LDAM-DRW). num_classes, synthetic_n_test: synthetic-lt only."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}'; valid names: {', '.join(DATASETS)}")
     if protocol not in ("ldam", "sdclr"):
         raise UserError(f"unknown protocol '{protocol}'; use ldam or sdclr")
     if imb_ratio is not None and imb_ratio < 1:
         raise UserError(f"--imb-ratio must be >= 1 (got {imb_ratio})")
+    generated = name in ("synthetic-lt", "cifar10-lt", "cifar100-lt", "tiny-imagenet-lt") or (
+        name == "folder" and imb_ratio is not None)
+    if n_max is not None and not generated:
+        raise UserError(f"--n-max {n_max} sizes a generated long tail, and {name} is used as it "
+                        "is; give --imb-ratio too (a folder tree), or leave --n-max unset")
     if name == "synthetic-lt":
-        ds = _load_synthetic(num_classes, imb_ratio, seed, synthetic_n_max, synthetic_n_test)
+        ds = _load_synthetic(num_classes, imb_ratio, seed, n_max or 500, synthetic_n_test)
     elif name in ("cifar10-lt", "cifar100-lt"):
         ds = _build_lt(name, *read_cifar(name, data_dir, download), imb_ratio, protocol, split,
-                       seed, "canonical", split_file, sdclr_split_dir)
+                       seed, "canonical", split_file, sdclr_split_dir, n_max)
     elif name == "folder":
-        ds = _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed)
+        ds = _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed, n_max)
     elif name == "tiny-imagenet-lt":
-        ds = _load_tiny(data_dir, imb_ratio, seed)
+        ds = _load_tiny(data_dir, imb_ratio, seed, n_max)
     else:
         ds = _load_list_dataset(name, data_dir)
     require_two_classes(name, ds.num_classes)
@@ -537,13 +545,19 @@ def blur(x, sigma, kernel_size):
     return y.reshape(n, c, H, W)
 
 
+def blur_kernel_size(side: int) -> int:
+    """gaussian_blur's default kernel: the odd number near 10 % of the image side (INFERRED; 23 at
+    224 px, 3 at 32 px)."""
+    return max(3, int(0.1 * side) // 2 * 2 + 1)
+
+
 def gaussian_blur(x, sigma=(0.1, 2.0), p=0.5, kernel_size=None, generator=None):
-    """GaussianBlur with probability p and sigma ~ U(sigma) per image. Kernel size: by default the
-    odd number near 10 % of the image side (INFERRED; 23 at 224 px, 3 at 32 px)."""
+    """GaussianBlur with probability p and sigma ~ U(sigma) per image; kernel size by default
+    blur_kernel_size."""
     x = _float(x)
     n, _, H, W = x.shape
     if kernel_size is None:
-        kernel_size = max(3, int(0.1 * min(H, W)) // 2 * 2 + 1)
+        kernel_size = blur_kernel_size(min(H, W))
     # reflect padding needs pad < side
     kernel_size = min(kernel_size, (min(H, W) - 1) // 2 * 2 + 1)
     apply = _rand(n, x, generator) < p
@@ -840,7 +854,7 @@ def _sdclr_file_sets(t_tr, C, imb_ratio, split, split_file, split_dir):
 
 
 def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split, seed, image_source,
-              split_file=None, split_dir=None) -> LTDataset:
+              split_file=None, split_dir=None, n_max=None) -> LTDataset:
     """Apply the ldam / sdclr generators or SDCLR's index files to canonical arrays and attach the
     validation, probe and few-shot sets (docs/data.md, CIFAR-LT conventions and Splits)."""
     C = len(classes)
@@ -864,12 +878,13 @@ def _build_lt(name, x_tr, t_tr, x_te, y_te, classes, imb_ratio, protocol, split,
         rank = _rank_from_counts(s["counts"])
         conv = "sdclr-npy"
     elif protocol == "sdclr":
-        s = sdclr_indices(t_tr, C, imb_ratio, split, seed)
+        s = sdclr_indices(t_tr, C, imb_ratio, split, seed, head=n_max)
         rank = _rank_of_order(s["order"])
         conv = "sdclr"
     else:
         per = int(np.bincount(t_tr, minlength=C).min())
-        counts = lt_counts(per, C, imb_ratio)               # n_max = 5,000 / 500
+        head = per if n_max is None else min(per, n_max)
+        counts = lt_counts(head, C, imb_ratio)              # n_max = 5,000 / 500
         tr = ldam_indices(t_tr, counts, seed)
         # INFERRED val / probe / few-shot
         perm = np.random.RandomState(seed + 1).permutation(len(t_tr))
@@ -1097,7 +1112,7 @@ def _scan_split(d, classes, sub=""):
     return files, labels
 
 
-def _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed):
+def _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed, n_max=None):
     root = os.path.abspath(data_dir)
     tr_dir = os.path.join(root, "train")
     te_dir = next((p for p in (f"{root}/test", f"{root}/val") if os.path.isdir(p)), None)
@@ -1135,10 +1150,10 @@ def _load_folder(data_dir, imb_ratio, protocol, split, split_file, seed):
         return _files_dataset("folder", parts, classes, source)
     (x_tr, y_tr), (x_te, y_te) = _cached_arrays(root, parts, "folder").values()
     return _build_lt("folder", x_tr, y_tr.numpy(), x_te, y_te, classes, imb_ratio, protocol, split,
-                     seed, source)
+                     seed, source, n_max=n_max)
 
 
-def _load_tiny(data_dir, imb_ratio, seed):
+def _load_tiny(data_dir, imb_ratio, seed, n_max=None):
     """Tiny-ImageNet-LT (FASSL paper Sec. 4.1): ldam construction with n_max 500; test =
     the official val."""
     root = next((r for r in (data_dir, os.path.join(data_dir, "tiny-imagenet-200"))
@@ -1172,7 +1187,8 @@ def _load_tiny(data_dir, imb_ratio, seed):
     parts = {"train": (tr_files, tr_y), "test": (te_files, te_y)}
     (x_tr, y_tr), (x_te, y_te) = _cached_arrays(root, parts, "tiny").values()
     return _build_lt("tiny-imagenet-lt", x_tr, y_tr.numpy(), x_te, y_te, wnids,
-                     100.0 if imb_ratio is None else imb_ratio, "ldam", None, seed, "canonical")
+                     100.0 if imb_ratio is None else imb_ratio, "ldam", None, seed, "canonical",
+                     n_max=n_max)
 
 
 # --- List datasets: `relative/path label` per line, decoded per step by DataLoader workers --------
@@ -1316,16 +1332,87 @@ def save_histogram(ds: LTDataset, path: str) -> None:
     plt.close(fig)
 
 
+# The reference pipeline: what the official code runs instead of `augment`, torchvision
+# transforms on one PIL image at a time in DataLoader workers (docs/data.md, Reference pipeline)
+REFERENCE_RECIPES = ("simclr_cifar", "mocov2_imagenet", "hybrid_base", "hybrid_jitter", "dscl_key",
+                     "dscl_key_cifar", "dscl_query_color", "dscl_query_color_cifar", "dscl_patch",
+                     "dscl_patch_cifar")
+
+
+def reference_transform(recipe: str, size: int, scale=(0.08, 1.0)):
+    """The per-image transform of a recipe (one of REFERENCE_RECIPES): a PIL image in, a normalised
+    float (3, size, size) out. simclr_cifar is SDCLR's CIFAR pipeline (bicubic crop); the others
+    take the steps of their batched recipe (apply_recipe) from torchvision, whose colour jitter
+    runs its four parts in a random order. dscl_key[_cifar] is the key view of dscl.make_views:
+    RandomResizedCrop(size, scale), jitter (0.4, 0.4, 0.4, 0) always, flip."""
+    import torchvision.transforms as T
+    if recipe not in REFERENCE_RECIPES:
+        raise UserError(f"no reference transform for recipe '{recipe}'; valid: "
+                        f"{', '.join(REFERENCE_RECIPES)}")
+    # a DSCL recipe's CIFAR variant: the same steps without the blur, CIFAR statistics
+    base = recipe if recipe == "simclr_cifar" else recipe.removesuffix("_cifar")
+    cifar = base != recipe
+    jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)
+    gray = T.RandomGrayscale(p=0.2)
+    blur = T.RandomApply([T.GaussianBlur(blur_kernel_size(size), (0.1, 2.0))], p=0.5)
+    flip = T.RandomHorizontalFlip()
+    bicubic = T.InterpolationMode.BICUBIC
+    pad = 4 if size == 32 else size // 8
+    steps = {
+        "simclr_cifar": [T.RandomResizedCrop(size, (0.1, 1.0), interpolation=bicubic), flip,
+                         jitter, gray],
+        "mocov2_imagenet": [T.RandomResizedCrop(size, (0.08, 1.0)), flip, jitter, gray, blur],
+        "hybrid_base": [T.RandomCrop(size, pad), flip, gray],
+        "hybrid_jitter": [T.RandomCrop(size, pad), flip, jitter, gray],
+        "dscl_key": [T.RandomResizedCrop(size, tuple(scale)), T.ColorJitter(0.4, 0.4, 0.4, 0.0),
+                     flip],
+        "dscl_query_color": [jitter, gray, blur],
+        "dscl_patch": [flip, jitter, gray, blur],
+    }
+    chosen = [step for step in steps[base] if not (cifar and step is blur)]
+    stats = MEAN_STD["cifar" if cifar or base.startswith("hybrid") else "imagenet"]
+    return T.Compose([*chosen, T.ToTensor(), T.Normalize(*stats)])
+
+
+def reference_dscl_views(image, size: int, scale, small: bool, num_patches: int, patch_scale,
+                         patch_size: int):
+    """One image through DSCL's views as a per-image loader builds them (dscl.make_views batched):
+    the query's RandomResizedCrop and flip, then its colour recipe; the key; num_patches boxes drawn
+    on the flipped query (RandomResizedCrop's box sampling), each cut and resized alone, then the
+    patch recipe. Returns (query, key, patches (L, 3, P, P), boxes (L, 4) x1 y1 x2 y2 float);
+    patches and boxes are None when num_patches is 0."""
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+    suffix = "_cifar" if small else ""
+    geometry = T.Compose([T.RandomResizedCrop(size, tuple(scale)), T.RandomHorizontalFlip()])
+    flipped = geometry(image)
+    query = reference_transform("dscl_query_color" + suffix, size)(flipped)
+    key = reference_transform("dscl_key" + suffix, size, scale)(image)
+    if num_patches == 0:
+        return query, key, None, None
+    patch_recipe = reference_transform("dscl_patch" + suffix, patch_size)
+    boxes = [T.RandomResizedCrop.get_params(flipped, tuple(patch_scale), (3 / 4, 4 / 3))
+             for _ in range(num_patches)]
+    patches = [patch_recipe(TF.resized_crop(flipped, top, left, h, w, [patch_size, patch_size]))
+               for top, left, h, w in boxes]
+    xyxy = [[left, top, left + w, top + h] for top, left, h, w in boxes]
+    return query, key, torch.stack(patches), torch.tensor(xyxy, dtype=torch.float32)
+
+
+def reference_batch(batch):
+    """A DataLoader batch of (image (H, W, 3) uint8 array, label) pairs -> (PIL images, labels (B,)
+    int64): what a reference collate_fn starts from."""
+    from PIL import Image
+    images = [Image.fromarray(image) for image, _ in batch]
+    labels = torch.tensor([int(label) for _, label in batch])
+    return images, labels
+
+
 def _pil_two_views(images):
     """DataLoader collate_fn, run in the workers: two views of each (H,W,3) uint8 image through the
-    official per-image SDCLR/SimCLR CIFAR pipeline (torchvision on PIL images, bicubic)."""
-    import torchvision.transforms as T
+    official per-image SDCLR/SimCLR CIFAR pipeline (reference_transform("simclr_cifar"))."""
     from PIL import Image
-    tf = T.Compose([T.RandomResizedCrop(32, scale=(0.1, 1.0),
-                                        interpolation=T.InterpolationMode.BICUBIC),
-                    T.RandomHorizontalFlip(),
-                    T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                    T.RandomGrayscale(p=0.2), T.ToTensor(), T.Normalize(*MEAN_STD["imagenet"])])
+    tf = reference_transform("simclr_cifar", 32)
     ims = [Image.fromarray(a) for a in images]
     return torch.stack([tf(im) for im in ims]), torch.stack([tf(im) for im in ims])
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 
@@ -59,7 +60,6 @@ class Args(harness.RunArgs):
     data_seed: int = arg(0, "seed of the generated long tail, not --seed (docs/data.md)",
                          check=">=0")
     num_classes: int = arg(10, "synthetic-lt only: classes (docs/data.md)", check=">=1")
-    synthetic_n_max: int = arg(500, "synthetic-lt only: images of the head class", check=">=1")
     synthetic_n_test: int = arg(100, "synthetic-lt only: test images per class", check=">=1")
     # --- stage 1: model and losses ---
     arch: str | None = arg(None, "backbone (Impl. Details)", choices=list(common.ARCHS))
@@ -339,20 +339,17 @@ def build_stage1(args: Args, num_classes: int, image_size: int, device, amp_dtyp
     return MoCo(net, key, opt, common.make_scaler(amp_dtype), queue, labels)
 
 
-def stage1_step(m: MoCo, x, y, lr: float, args: Args, image_size: int, amp_dtype, generator=None,
-                channels_last: bool = False):
-    """One iteration on a uint8 batch x; returns (L, L_dscl, L_pbsd), 0-d device tensors
-    (no host sync)."""
+def stage1_step(m: MoCo, xq, xk, patches, boxes, y, lr: float, args: Args, amp_dtype):
+    """One iteration on the views of make_views and the labels y; returns (L, L_dscl, L_pbsd), 0-d
+    device tensors (no host sync)."""
     net = common.unwrap(m.net)
-    device = x.device
-    B = x.shape[0]
+    device = xq.device
+    B = xq.shape[0]
     L = args.num_patches
     common.set_lr(m.opt, lr)
     for enc in (m.net, m.key):  # BN in train mode; Places-LT's frozen layers stay in eval mode
         for name, part in common.unwrap(enc.train()).backbone.named_children():
             part.train(args.finetune != "layer4" or name == "layer4")
-    xq, xk, patches, boxes = make_views(x, args, image_size, args.dataset in SMALL, generator,
-                                        channels_last)
     with torch.no_grad(), common.autocast(device, amp_dtype):
         common.ema_update(m.key, net, args.ema_decay)  # the key encoder: EMA of the parameters
         k = encode_keys(m.key, xk, args.shuffle_bn_chunks)  # the global batch's keys (B, D)
@@ -413,8 +410,9 @@ def pretrain(run: harness.Run, args: Args, ds) -> MoCo:
         for it, (x, y, _) in enumerate(loader):
             step = epoch * iters + it
             lr = common.cosine_lr(step, total, warmup, args.lr * args.batch_size / 256)
-            out = stage1_step(m, x, y, lr, args, ds.image_size, run.amp_dtype, gen,
-                              run.channels_last)
+            views = make_views(x, args, ds.image_size, args.dataset in SMALL, gen,
+                               run.channels_last)
+            out = stage1_step(m, *views, y, lr, args, run.amp_dtype)
             sums += torch.stack(out)
             progress.step(step, loss=out[0], lr=lr)
         loss, l_dscl, l_pbsd = common.all_mean(sums) / iters
@@ -463,8 +461,8 @@ DEFAULTS = {
     "places-lt": {"arch": "resnet152", "finetune": "layer4", "epochs": 30, "linear_lr": 2.5},
     SMALL: {"arch": "resnet32", "queue_size": 8192, "ema_decay": 0.99, "patch_size": 16,
             "crop_scale": [0.2, 1.0], "linear_batch_size": 512, "linear_lr": 2.5},
-    "synthetic-lt": {"arch": "resnet8", "batch_size": 128, "queue_size": 1024, "epochs": 40,
-                     "lr_warmup_epochs": 2, "num_patches": 2},
+    "synthetic-lt": {"arch": "resnet8", "n_max": 500, "batch_size": 128, "queue_size": 1024,
+                     "epochs": 40, "lr_warmup_epochs": 2, "num_patches": 2},
 }
 
 # Overall top-1 of the paper's rows (Tables 1 and 3, Fig. 5): {(dataset, variant): {rho: top-1}};
@@ -488,15 +486,35 @@ PAPER_TOP1 = {
 # ---- Benchmark, dry run and main ----------------------------------------------------------------
 
 def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_dtype) -> dict:
-    """--benchmark: one stage-1 step (views, both encoders, both losses, SGD, enqueue)."""
+    """--benchmark: one stage-1 step (both encoders, both losses, SGD, enqueue) on the views of
+    make_views."""
     m = build_stage1(args, num_classes, image_size, device, amp_dtype)
     channels_last = args.channels_last and device.type == "cuda"
+    small = args.dataset in SMALL
 
-    def step(x, y):
-        out = stage1_step(m, x, y, args.lr, args, image_size, amp_dtype,
-                          channels_last=channels_last)
-        return out[0]
-    return {"dscl": step}
+    def views(x, y):
+        return (*make_views(x, args, image_size, small, channels_last=channels_last), y)
+
+    def step(inputs):
+        return stage1_step(m, *inputs, args.lr, args, amp_dtype)[0]
+    num_patches = args.num_patches if args.pbsd_weight > 0 or args.multicrop else 0
+    reference = functools.partial(reference_views, size=image_size, scale=args.crop_scale,
+                                  small=small, num_patches=num_patches,
+                                  patch_scale=args.patch_scale, patch_size=args.patch_size)
+    return {"dscl": harness.BenchStep(views, step, reference)}
+
+
+def reference_views(batch, size: int, scale, small: bool, num_patches: int, patch_scale,
+                    patch_size: int):
+    """--benchmark --reference: the inputs of stage1_step built per image as the released loader
+    builds them (data.reference_dscl_views), in the DataLoader's workers."""
+    images, y = data.reference_batch(batch)
+    per_image = [data.reference_dscl_views(im, size, scale, small, num_patches, patch_scale,
+                                           patch_size) for im in images]
+    xq, xk, patches, boxes = (list(part) for part in zip(*per_image))
+    if num_patches == 0:
+        return torch.stack(xq), torch.stack(xk), None, None, y
+    return torch.stack(xq), torch.stack(xk), torch.cat(patches), torch.stack(boxes), y
 
 
 def run_label(args: Args) -> str:
@@ -519,7 +537,7 @@ def load_data(args: Args):
     """The dataset; a generated long tail is drawn with --data-seed, not --seed (docs/data.md)."""
     return data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio,
                              protocol=args.protocol, seed=args.data_seed,
-                             num_classes=args.num_classes, synthetic_n_max=args.synthetic_n_max,
+                             num_classes=args.num_classes, n_max=args.n_max,
                              synthetic_n_test=args.synthetic_n_test)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -59,7 +60,6 @@ class Args(harness.RunArgs):
     data_seed: int = arg(0, "split generator seed, without an index file (docs/data.md)",
                          check=">=0")
     num_classes: int = arg(10, "synthetic-lt only: number of classes", check=">=1")
-    synthetic_n_max: int = arg(500, "synthetic-lt only: images of the head class", check=">=1")
     synthetic_n_test: int = arg(100, "synthetic-lt only: test images per class", check=">=1")
     stage: str = arg("all", "all = sdclr -> prototypes -> rebalance (Alg. 1)",
                      choices=["all", *STAGES])
@@ -789,8 +789,8 @@ DEFAULTS = {
     LIST_224PX: {"arch": "resnet50", "prune_ratio": 0.3, "batch_size": 256, "sdclr_epochs": 500},
     ("cifar10-lt", "cifar100-lt"): {"seed": 10},
     "imagenet100-lt": {"seed": 1},
-    "synthetic-lt": {"arch": "resnet8", "batch_size": 128, "sdclr_epochs": 30, "stage1_epochs": 10,
-                     "stage2_epochs": 15, "knn_every": 0, "probe_aug": "none"},
+    "synthetic-lt": {"arch": "resnet8", "n_max": 500, "batch_size": 128, "sdclr_epochs": 30,
+                     "stage1_epochs": 10, "stage2_epochs": 15, "knn_every": 0, "probe_aug": "none"},
 }
 
 
@@ -861,7 +861,7 @@ PAPER_ALL = {
 # ---- Benchmark and main -------------------------------------------------------------------------
 
 def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_dtype) -> dict:
-    """--benchmark: each stage's training step (augmentation, forward, backward, update)."""
+    """--benchmark: each stage's training step (forward, backward, update) on two_views' views."""
     amp = amp_dtype
     scaler = common.make_scaler(amp)
     cl = args.channels_last and device.type == "cuda"
@@ -878,18 +878,30 @@ def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_d
     o1 = sgd(args, teacher.parameters(), protos.parameters())
     o2 = sgd(args, [*ms.parameters(), *q.parameters()])
 
-    def sdclr(x, y):
-        return sdclr_step(m0, o0, scaler, *two_views(x, gen, image_size, cl), args, amp)
+    def views(x, y):
+        return two_views(x, gen, image_size, cl)
 
-    def prototypes(x, y):
-        return prototype_step(mt, protos, o1, scaler, *two_views(x, gen, image_size, cl), args,
-                              amp)[0]
+    def sdclr(inputs):
+        return sdclr_step(m0, o0, scaler, *inputs, args, amp)
 
-    def rebalance(x, y):
-        views = two_views(x, gen, image_size, cl)
-        return rebalance_step(ms, mq, mt, protos, o2, scaler, *views, args, amp)[0]
+    def prototypes(inputs):
+        return prototype_step(mt, protos, o1, scaler, *inputs, args, amp)[0]
+
+    def rebalance(inputs):
+        return rebalance_step(ms, mq, mt, protos, o2, scaler, *inputs, args, amp)[0]
+    reference = functools.partial(reference_views, image_size=image_size)
     stage0 = "sdclr" if args.prune_ratio > 0 else "simclr"
-    return {stage0: sdclr, "prototypes": prototypes, "rebalance": rebalance}
+    steps = {stage0: sdclr, "prototypes": prototypes, "rebalance": rebalance}
+    return {name: harness.BenchStep(views, step, reference) for name, step in steps.items()}
+
+
+def reference_views(batch, image_size: int) -> list:
+    """--benchmark --reference: two_views' output built per image by torchvision on PIL images
+    (data.reference_transform), in the DataLoader's workers."""
+    images, _ = data.reference_batch(batch)
+    recipe = "simclr_cifar" if image_size <= 64 else "mocov2_imagenet"
+    transform = data.reference_transform(recipe, image_size)
+    return [torch.stack([transform(im) for im in images]) for _ in range(2)]
 
 
 def stages_to_run(args: Args) -> list[str]:
@@ -933,7 +945,7 @@ def main(argv=None):
     ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio,
                            protocol=args.protocol, seed=args.data_seed, split=args.split,
                            split_file=args.split_file, sdclr_split_dir=args.sdclr_split_dir,
-                           num_classes=args.num_classes, synthetic_n_max=args.synthetic_n_max,
+                           num_classes=args.num_classes, n_max=args.n_max,
                            synthetic_n_test=args.synthetic_n_test)
     stages = stages_to_run(args)
     if args.init is None and stages[0] != "sdclr":

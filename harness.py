@@ -13,12 +13,14 @@ field), its per-dataset defaults as plain dicts, and its paper's reported number
     run.finish(results, style)                   # results.json, plots, the final table
 
 Here: the dataclass-to-argparse command line, dataset defaults, argument checks, the run directory,
-config / metrics / checkpoints, resume, the loss guard, the progress line, the benchmark timer and
-the results. docs/usage.md is the user's side of it.
+config / metrics / checkpoints, resume, the loss guard, the progress line, the benchmark and the
+results. docs/usage.md is the user's side of it. Run as a script, `python harness.py
+--benchmark-table` times every method in several configurations (docs/usage.md, Benchmark).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -35,6 +37,7 @@ import time
 import traceback
 import types
 import typing
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -69,6 +72,9 @@ class RunArgs:
     imb_ratio: Optional[float] = arg(None, "imbalance ratio rho = n_max / n_min of a generated "
                                      "long tail; unset: 100, but a folder tree is used as it is",
                                      check=">=1")
+    n_max: Optional[int] = arg(None, "images of the head class of a generated long tail; unset: "
+                               "all the class has (CIFAR-10: 5,000, or 4,500 with --protocol "
+                               "sdclr; synthetic-lt: 500)", check=">=1")
     protocol: Optional[str] = arg(None, "CIFAR-LT convention: the one of the method's paper by "
                                   "default (docs/data.md, 'CIFAR-LT conventions')",
                                   choices=["ldam", "sdclr"])
@@ -80,7 +86,8 @@ class RunArgs:
                    "is unsupported), off on CPU", choices=["auto", "bf16", "fp16", "off"],
                    runtime=True)
     channels_last: bool = arg(True, "channels_last memory format on CUDA", runtime=True)
-    compile: bool = arg(False, "torch.compile the networks (CUDA only)", runtime=True)
+    compile: bool = arg(False, "torch.compile the networks (inductor, on any device)",
+                        runtime=True)
     workers: int = arg(8, "DataLoader workers for datasets read from image files", check=">=0",
                        runtime=True)
     out_dir: str = arg("runs", "parent of the run directory <method>-<dataset>-<time>/",
@@ -90,10 +97,16 @@ class RunArgs:
                                 "settings are kept", runtime=True)
     print_every: int = arg(20, "progress line after the first iteration, then every N iterations "
                            "or 30 seconds, and at the end of each epoch", check=">=1", runtime=True)
-    benchmark: bool = arg(False, "time the training step on random data, print images/s, exit",
+    benchmark: bool = arg(False, "time the training step on random data, print images/s, GFLOP, "
+                          "the augmentation's share, ... (docs/usage.md, Benchmark), exit",
                           runtime=True)
     benchmark_steps: int = arg(10, "timed steps of --benchmark, after 3 warm-up steps",
                                check=">=1", runtime=True)
+    reference: bool = arg(False, "with --benchmark: also time the reference pipeline (per-image "
+                          "PIL transforms in DataLoader workers, fp32) and print the speed-up",
+                          runtime=True)
+    benchmark_json: Optional[str] = arg(None, "with --benchmark: also write the measurements to "
+                                        "this JSON file", runtime=True)
     stop_after_epochs: Optional[int] = arg(None, "stop after N epochs of this command, checkpoint "
                                            "written; continue with --resume", check=">=1",
                                            runtime=True)
@@ -181,8 +194,9 @@ def derived_fields(cls, defaults: dict, derived) -> set[str]:
     return names
 
 
-def default_help(defaults: dict, name: str) -> str:
-    """ "inat2018: resnet50; synthetic-lt: resnet8; others: resnet32" for the help of a field."""
+def default_help(defaults: dict, name: str, fallback) -> str:
+    """ "inat2018: resnet50; synthetic-lt: resnet8; others: resnet32" for the help of a field;
+    "others" is the dataclass default `fallback` where the table has no "*" entry for it."""
     parts = []
     other = None
     for key, values in defaults.items():
@@ -193,6 +207,8 @@ def default_help(defaults: dict, name: str) -> str:
             other = f"others: {shown}"
         else:
             parts.append(f"{key if isinstance(key, str) else '/'.join(key)}: {shown}")
+    if parts and other is None:
+        other = f"others: {flag_value(fallback)}"
     if other:
         parts.append(other)
     return "; ".join(parts)
@@ -237,7 +253,8 @@ def make_parser(cls, defaults: dict | None = None, derived=None) -> argparse.Arg
             kw = argparse_keywords(f, hints[f.name])
             if f.name == "dataset":
                 kw["choices"] = list(data.DATASETS)
-            shown = default_help(defaults or {}, f.name) or flag_value(field_default(f))
+            shown = default_help(defaults or {}, f.name, field_default(f))
+            shown = shown or flag_value(field_default(f))
             if f.name in from_others:
                 shown += "; where unset, set from other flags (derived_defaults)"
             if f.metadata.get("check"):
@@ -285,14 +302,16 @@ def fill_defaults(args, defaults: dict | None, derived=None, given=()) -> dict:
 
 def lab_scale(args) -> dict:
     """LAB_SCALE=f (0 < f < 1) in the environment shrinks every *epochs argument to
-    max(1, round(f * value)) and the synthetic-lt class sizes (at least 8), so that the labs'
-    commands run in seconds in the tests (labs/README.md). Returns what it changed."""
+    max(1, round(f * value)) and the synthetic-lt class sizes (--n-max, --synthetic-n-test; at
+    least 8), so that the labs' commands run in seconds in the tests (labs/README.md). Returns what
+    it changed."""
     f = float(os.environ.get("LAB_SCALE", 1))
     if not 0 < f < 1:
         return {}
     changed = {}
     for name, value in vars(args).items():
-        scaled = name.endswith("epochs") or name.startswith("synthetic_n")
+        synthetic = args.dataset == "synthetic-lt" and name in ("n_max", "synthetic_n_test")
+        scaled = name.endswith("epochs") or synthetic
         if scaled and type(value) is int and value > 0:
             floor = 1 if name.endswith("epochs") else 8
             changed[name] = max(floor, round(f * value))
@@ -578,37 +597,226 @@ class Progress:
         return line
 
 
-# --- The benchmark --------------------------------------------------------------------------------
+# --- The benchmark (docs/usage.md, Benchmark) -----------------------------------------------------
+
+@dataclasses.dataclass
+class BenchStep:
+    """One training step as --benchmark times it; a script's benchmark_steps returns {name:
+    BenchStep}. views(x, y): the augmentation alone, a uint8 device batch and its labels in, the
+    step's inputs out. step(inputs): forward, backward and update on them, a 0-d device tensor out.
+    reference: the DataLoader collate_fn of the reference pipeline, [(image (H, W, 3) uint8 array,
+    label)] in, the same inputs out on the CPU, built per image by torchvision on PIL images."""
+    views: typing.Callable
+    step: typing.Callable
+    reference: typing.Callable
+
+
+# Dense tensor-core peaks in TFLOP/s, by a pattern of torch.cuda.get_device_name. NVIDIA's
+# datasheets print the H100 and H200 figures "with sparsity", twice the dense ones, halved here.
+PEAK_TFLOPS = {
+    # "NVIDIA A100 Tensor Core GPU" datasheet, A100 SXM: BF16 / FP16 312, TF32 156
+    r"A100-SXM": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0},
+    # "NVIDIA H100 Tensor Core GPU" datasheet, H100 SXM: BF16 / FP16 1,979, TF32 989 with sparsity
+    r"H100 80GB HBM3|H100 SXM": {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5},
+    # "NVIDIA H200 Tensor Core GPU" datasheet, H200 SXM (not NVL): the H100 SXM's figures
+    r"\bH200\b(?! NVL)": {"bf16": 989.5, "fp16": 989.5, "tf32": 494.5},
+}
+
+
+def peak_tflops(device_name: str, amp: str) -> float | None:
+    """The dense peak of PEAK_TFLOPS for this GPU and autocast dtype (amp off: TF32, which
+    common.setup_device turns on); None for any other device, so that no MFU is printed."""
+    for pattern, peaks in PEAK_TFLOPS.items():
+        if re.search(pattern, device_name):
+            return peaks.get(amp, peaks["tf32"])
+    return None
+
+
+class Timer:
+    """Seconds between start() and stop(): CUDA events on a GPU (the host does not wait in
+    between), time.perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()  # earlier work is not timed
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self.t0
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self.begin.elapsed_time(end) / 1000
+
+
+def count_flops(fn) -> int:
+    """The FLOPs of fn(): every matrix product and convolution, forward and backward, counted by
+    torch.utils.flop_counter.FlopCounterMode, with torch.compile's directives ignored (torch >= 2.6)
+    so that every operation is seen."""
+    from torch.utils.flop_counter import FlopCounterMode
+    stance = getattr(torch.compiler, "set_stance", None)
+    eager = stance("force_eager") if stance else contextlib.nullcontext()
+    with eager, FlopCounterMode(display=False) as counter, warnings.catch_warnings():
+        # the counter's module hooks make a compiled module warn, which does not matter here
+        warnings.filterwarnings("ignore", "Using `torch.compile\\(module\\)` when there are global")
+        fn()
+    return counter.get_total_flops()
+
+
+def dynamo_state() -> tuple[dict, int]:
+    """({graph break reason: count}, frames compiled) so far in this process, from dynamo's
+    counters (both stay empty without --compile)."""
+    from torch._dynamo.utils import counters
+    return dict(counters["graph_break"]), counters["frames"]["total"]
+
+
+def to_device(inputs, device):
+    """The tensors of a (nested) tuple or list moved to `device`; None stays None."""
+    if torch.is_tensor(inputs):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
+def time_step(bench: BenchStep, x, y, steps: int, device) -> dict:
+    """The full step (augmentation, then the step on its views) after 3 untimed warm-up steps;
+    graph breaks (counted where dynamo compiles, in the warm-up) and frames compiled again in the
+    timed steps; peak memory on CUDA; the augmentation alone on the same batch; FLOPs of one step
+    on views."""
+    timer = Timer(device)
+    cuda = timer.cuda
+    breaks0, _ = dynamo_state()
+    for _ in range(3):  # compilation, cuDNN autotuning, the allocator's first blocks
+        bench.step(bench.views(x, y))
+    breaks, frames = dynamo_state()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    timer.start()
+    for _ in range(steps):
+        bench.step(bench.views(x, y))
+    seconds = timer.stop() / steps
+    recompiles = dynamo_state()[1] - frames
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    timer.start()
+    for _ in range(steps):
+        inputs = bench.views(x, y)
+    augment = timer.stop() / steps
+    flops = count_flops(lambda: bench.step(inputs))
+    reasons = {k.splitlines()[0]: v - breaks0.get(k, 0) for k, v in breaks.items()
+               if v > breaks0.get(k, 0)}
+    return {"ms_per_step": 1000 * seconds, "images_per_s": len(x) / seconds,
+            "augment_ms": 1000 * augment, "augment_share": augment / seconds,
+            "gflop_per_step": flops / 1e9, "tflop_per_s": flops / seconds / 1e12,
+            "peak_memory_gib": peak, "graph_breaks": sum(reasons.values()),
+            "graph_break_reasons": reasons, "recompiles": recompiles}
+
+
+def time_reference(bench: BenchStep, x, y, steps: int, device, workers: int) -> dict:
+    """The reference pipeline: the same images through bench.reference in a DataLoader with
+    `workers` processes, the batches moved to the device, then the step (built in fp32, no
+    channels_last, no compile); 3 untimed warm-up batches (worker start-up) and `steps` timed."""
+    images = x.permute(0, 2, 3, 1).cpu().numpy()
+    labels = y.cpu().tolist()
+    n = len(images)
+    dataset = [(images[i % n], labels[i % n]) for i in range(n * (3 + steps))]
+    workers = min(workers, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=n, collate_fn=bench.reference,
+                                         num_workers=workers, pin_memory=Timer(device).cuda)
+    batches = iter(loader)
+    for _ in range(3):
+        bench.step(to_device(next(batches), device))
+    timer = Timer(device)
+    timer.start()
+    for _ in range(steps):
+        bench.step(to_device(next(batches), device))
+    seconds = timer.stop() / steps
+    return {"ms_per_step": 1000 * seconds, "images_per_s": n / seconds, "workers": workers}
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
 
 def benchmark(args, make_steps) -> dict:
-    """--benchmark: time each training step of a method on random data of the dataset's size.
-
-    make_steps(args, image_size, num_classes, device, amp_dtype) -> {name: step(x, y)}, each step
-    one full training iteration (augmentation, forward, backward, update) on a uint8 batch x and
-    labels y, returning a device tensor. One image-size rule for every method
-    (data.nominal_shape). Three untimed warm-up steps, then --benchmark-steps timed ones with one
-    host sync at the end. Prints and returns {name: images/s}."""
+    """--benchmark: time each training step of a method on random data of the dataset's size, one
+    image-size rule for every method (data.nominal_shape). make_steps(args, image_size,
+    num_classes, device, amp_dtype) -> {name: BenchStep}. Per step (time_step): ms and images/s
+    of the full step, its GFLOP and, on a GPU of PEAK_TFLOPS, MFU; the augmentation's share; peak
+    memory on CUDA; graph breaks and recompilations under --compile; with --reference the
+    reference pipeline (time_reference) and our speed-up over it. Prints a line per step, writes
+    --benchmark-json, returns {name: record}."""
     device, amp_dtype = common.setup_device(args.device, args.amp)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the timing events' device
+    amp = common.amp_name(amp_dtype)
     image_size, stored_size, num_classes = data.nominal_shape(args.dataset)
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (args.batch_size, 3, stored_size, stored_size)
     x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=gen)
     y = torch.randint(0, num_classes, (args.batch_size,), device=device, generator=gen)
-    out = {}
-    for name, step in make_steps(args, image_size, num_classes, device, amp_dtype).items():
-        for _ in range(3):
-            loss = step(x, y)
-        float(loss)
-        t = time.perf_counter()
-        for _ in range(args.benchmark_steps):
-            loss = step(x, y)
-        float(loss)
-        dt = (time.perf_counter() - t) / args.benchmark_steps
-        out[name] = args.batch_size / dt
-        print(f"[{name} benchmark] {dt * 1000:.1f} ms/step, {out[name]:.0f} images/s "
-              f"({args.batch_size} images/step, {device}, amp {common.amp_name(amp_dtype)})",
-              flush=True)
-    return out
+    name_of_device = device_name(device)
+    peak = peak_tflops(name_of_device, amp) if device.type == "cuda" else None
+    records = {}
+    steps = make_steps(args, image_size, num_classes, device, amp_dtype)
+    for name, bench in steps.items():
+        r = records[name] = time_step(bench, x, y, args.benchmark_steps, device)
+        r["mfu"] = r["tflop_per_s"] / peak if peak else None
+        if not args.compile:  # nothing was compiled: no count to report
+            r["graph_breaks"] = None
+            r["recompiles"] = None
+    del steps
+    if args.reference:  # the official code's way: fp32, no channels_last, no compile
+        plain = dataclasses.replace(args, amp="off", channels_last=False, compile=False)
+        for name, bench in make_steps(plain, image_size, num_classes, device, None).items():
+            ref = time_reference(bench, x, y, args.benchmark_steps, device, args.workers)
+            records[name]["reference"] = ref
+            records[name]["reference_ratio"] = records[name]["images_per_s"] / ref["images_per_s"]
+    for name, r in records.items():
+        print(f"[{name} benchmark] {bench_line(r)} ({args.batch_size} images/step, {device}, "
+              f"amp {amp})", flush=True)
+    if args.benchmark_json:
+        report = {"script": pathlib.Path(inspect.getfile(type(args))).stem,
+                  "dataset": args.dataset, "arch": getattr(args, "arch", None),
+                  "batch_size": args.batch_size, "image_size": image_size,
+                  "steps": args.benchmark_steps, "device": str(device),
+                  "device_name": name_of_device, "amp": amp,
+                  "channels_last": args.channels_last and device.type == "cuda",
+                  "compile": args.compile, "compile_backend": compile_backend(args),
+                  "peak_tflops": peak, "torch": torch.__version__,
+                  "commit": evaluation.git_commit(), "command": sys.argv, "results": records}
+        data.save_json(args.benchmark_json, report)
+    return records
+
+
+def compile_backend(args) -> str | None:
+    """torch.compile's backend of this run (common.prepare_model), None without --compile."""
+    return os.environ.get("COMPILE_BACKEND", "inductor") if args.compile else None
+
+
+def bench_line(r: dict) -> str:
+    """One step's measurements on one line, as --benchmark prints them."""
+    cells = [f"{r['ms_per_step']:.1f} ms/step, {r['images_per_s']:.0f} images/s",
+             f"{r['gflop_per_step']:.1f} GFLOP/step, {r['tflop_per_s']:.2f} TFLOP/s"]
+    if r["mfu"] is not None:
+        cells[-1] += f", MFU {100 * r['mfu']:.1f}%"
+    cells.append(f"augmentation {r['augment_ms']:.1f} ms ({100 * r['augment_share']:.0f}%)")
+    if r["peak_memory_gib"] is not None:
+        cells.append(f"peak {r['peak_memory_gib']:.2f} GiB")
+    if r["graph_breaks"] is not None:
+        cells.append(f"{r['graph_breaks']} graph breaks, {r['recompiles']} recompilations")
+    if "reference" in r:
+        cells.append(f"reference {r['reference']['images_per_s']:.0f} images/s, x"
+                     f"{r['reference_ratio']:.1f}")
+    return " | ".join(cells)
 
 
 # --- One run: resume, run directory, config, loss guard, checkpoints, results ---------------------
@@ -779,15 +987,27 @@ class Run:
         return Progress(total_steps, batch_size, self.args.print_every, prefix or self.method)
 
     def check_loss(self, loss, where: str) -> float:
-        """The loss guard: one host sync (once per epoch). A NaN or infinite loss ends the run."""
+        """The loss guard, once per epoch (two host syncs): a NaN or infinite epoch loss, or
+        non-finite weights or BN statistics in a network part (the last step of an epoch can
+        diverge after its loss was computed), end the run before anything of the epoch is
+        saved."""
         value = float(common.all_mean(loss))
-        if math.isfinite(value):
+        networks = [part for part in self.parts.values() if isinstance(part, torch.nn.Module)]
+        weights = [t for net in networks for t in net.state_dict().values()
+                   if t.is_floating_point()]
+        weights_finite = True
+        if weights:
+            weights_finite = bool(torch.stack([p.isfinite().all() for p in weights]).all())
+        if math.isfinite(value) and weights_finite:
             return value
         last = self.run_dir / "checkpoint.pt"
         kept = f", {last} holds the last finite epoch" if last.is_file() else ""
-        raise NonFiniteLoss(f"the training loss is {value} in {where}; usual causes: a learning "
-                            "rate too high (--lr) or fp16 overflow (try --amp bf16 or --amp off); "
-                            f"nothing of this epoch was saved{kept}")
+        what = f"the training loss is {value}"
+        if math.isfinite(value):
+            what = f"the weights are not finite (the loss was {value:.4g})"
+        raise NonFiniteLoss(f"{what} in {where}; usual causes: a learning rate too high (--lr) or "
+                            "fp16 overflow (try --amp bf16 or --amp off); nothing of this epoch "
+                            f"was saved{kept}")
 
     def checkpoint(self, epochs_done: int, state: dict | None) -> dict:
         """The checkpoint of this moment: every part's state_dict, the method `state`, and
@@ -909,3 +1129,154 @@ def main_guard(main, argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# --- The benchmark table: python harness.py --benchmark-table (docs/usage.md, Benchmark) ----------
+
+SCRIPTS = ("fassl", "tase", "dscl", "hybrid")
+# each method at its paper's batch and image size, from the dataset defaults: FASSL and TASE-R
+# ResNet-18, 512 images of 32 px; DSCL ResNet-50, 256 of 224 px (5 patches of 64 px, a queue of
+# 65536); Hybrid ResNet-32, 512 of 32 px
+PAPER_SETTINGS = {"fassl": ["--dataset", "cifar10-lt"], "tase": ["--dataset", "cifar10-lt"],
+                  "dscl": ["--dataset", "imagenet-lt"], "hybrid": ["--dataset", "cifar10-lt"]}
+# the tests' scale: seconds on a CPU, never a measurement
+TINY_SETTING = ["--dataset", "synthetic-lt", "--arch", "resnet8", "--batch-size", "8",
+                "--workers", "0"]
+CONFIGS = {"amp": [],  # --amp auto: bf16 on a GPU (fp32 on the CPU), channels_last on a GPU
+           "compile": ["--compile"],
+           "no-channels-last": ["--no-channels-last"],
+           "fp32": ["--amp", "off"],
+           "compile-fp32": ["--compile", "--amp", "off"]}
+TABLE_COLUMNS = ("Method", "Step", "Config", "Arch", "Batch", "px", "AMP", "ms/step", "images/s",
+                 "GFLOP/step", "TFLOP/s", "MFU", "Aug. ms", "Aug. share", "Peak GiB",
+                 "Graph breaks", "Recompiles", "Ref. images/s", "Speed-up", "Wall s")
+
+
+def table_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harness.py", description="Every method's training step in several configurations, "
+        "each run as `<script>.py --benchmark` in a subprocess, as one Markdown table "
+        "(docs/usage.md, Benchmark).")
+    p.add_argument("--benchmark-table", action="store_true", required=True,
+                   help="print the table")
+    p.add_argument("--scale", choices=["paper", "tiny"], default="paper",
+                   help="paper: each method at its paper's batch and image size; tiny: synthetic "
+                   "data, ResNet-8, batch 8 (the tests)")
+    p.add_argument("--methods", nargs="+", choices=SCRIPTS, default=list(SCRIPTS))
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS),
+                   default=["amp", "compile", "no-channels-last", "fp32"],
+                   help="run in this order; the first also times the reference pipeline")
+    p.add_argument("--steps", type=int, default=None,
+                   help="--benchmark-steps of each run (default: 10; tiny: 1)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="every method's batch instead of its paper's (a look at the paper's "
+                   "networks on a CPU)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="configurations not started within this many seconds are left out")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time; more than 1 disturbs the timings (a quick check only)")
+    p.add_argument("--no-augment-bench", dest="augment_bench", action="store_false",
+                   help="leave out data.py's --bench-augment row")
+    return p
+
+
+def run_benchmark(script: str, flags: list, timeout: float) -> tuple[dict | None, float, str]:
+    """`python <script>.py --benchmark FLAGS --benchmark-json FILE` in a subprocess: (its JSON
+    report or None, wall seconds, why it failed)."""
+    import subprocess
+    import tempfile
+    root = pathlib.Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "benchmark.json"
+        cmd = [sys.executable, f"{script}.py", "--benchmark", *flags, "--benchmark-json", str(out)]
+        t0 = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, time.perf_counter() - t0, "not finished within --budget-s"
+        wall = time.perf_counter() - t0
+        if done.returncode != 0 or not out.is_file():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
+            return None, wall, f"failed (exit {done.returncode}): {last}"
+        return json.loads(out.read_text()), wall, ""
+
+
+def table_row(method: str, config: str, report: dict | None, wall: float, note: str) -> list:
+    """The table's rows of one run: one per step, or one saying why there is none."""
+    if report is None:
+        return [[method, "", config, *[""] * (len(TABLE_COLUMNS) - 5), note, f"{wall:.0f}"]]
+    rows = []
+    for step, r in report["results"].items():
+        ref = r.get("reference")
+        rows.append([method, step, config, report["arch"] or "", report["batch_size"],
+                     report["image_size"], report["amp"], cell(r["ms_per_step"], ".1f"),
+                     cell(r["images_per_s"], ".0f"), cell(r["gflop_per_step"], ".1f"),
+                     cell(r["tflop_per_s"], ".2f"), cell(r["mfu"], ".1%"),
+                     cell(r["augment_ms"], ".1f"), cell(r["augment_share"], ".0%"),
+                     cell(r["peak_memory_gib"], ".2f"), cell(r["graph_breaks"], "d"),
+                     cell(r["recompiles"], "d"), cell(ref and ref["images_per_s"], ".0f"),
+                     cell(r.get("reference_ratio"), ".1f", "x"), f"{wall:.0f}"])
+    return rows
+
+
+def cell(value, spec: str, unit: str = "") -> str:
+    """A number of the table as `spec` formats it, "–" where there is none."""
+    return "–" if value is None else format(value, spec) + unit
+
+
+def benchmark_table(argv=None) -> str:
+    """--benchmark-table: every chosen configuration of every chosen method, configuration by
+    configuration, each in a subprocess, then data.py's --bench-augment; prints and returns one
+    Markdown table, with the device, torch version, commit and command above it."""
+    a = table_parser().parse_args(argv)
+    tiny = a.scale == "tiny"
+    steps = a.steps or (1 if tiny else 10)
+    t0 = time.perf_counter()
+    plan = []
+    for i, config in enumerate(a.configs):
+        for method in a.methods:
+            flags = [*(TINY_SETTING if tiny else PAPER_SETTINGS[method]), *CONFIGS[config],
+                     "--benchmark-steps", str(steps), "--device", a.device]
+            if a.batch_size:
+                flags += ["--batch-size", str(a.batch_size)]
+            plan.append((method, config, flags + ["--reference"] * (i == 0)))
+
+    devices = []  # the device's name, as the runs report it
+
+    def run(job):
+        method, config, flags = job
+        left = a.budget_s - (time.perf_counter() - t0)
+        if left < 1:
+            return table_row(method, config, None, 0.0, "not run: --budget-s spent")
+        report, wall, note = run_benchmark(method, flags, left)
+        print(f"[benchmark-table] {method} {config}: {wall:.0f} s {note}", file=sys.stderr,
+              flush=True)
+        if report:
+            devices.append(report["device_name"])
+        return table_row(method, config, report, wall, note)
+    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        rows = [row for rows_of_run in pool.map(run, plan) for row in rows_of_run]
+    if a.augment_bench:
+        t = time.perf_counter()
+        n, batch = (64, 32) if tiny else (2048, 512)
+        r = data.bench_augment(n, batch, workers=0 if tiny else min(8, os.cpu_count() or 1),
+                               device=a.device)
+        rows.append(["data.py --bench-augment", "simclr_cifar, 2 views", "batched vs PIL", "",
+                     batch, 32, "", "", f"{r['batched_img_s']:.0f}", *[""] * 8,
+                     f"{r['pil_img_s']:.0f}", f"{r['ratio']:.1f}x",
+                     f"{time.perf_counter() - t:.0f}"])
+    lines = [f"Device: {devices[0] if devices else a.device} | torch {torch.__version__} | commit "
+             f"{evaluation.git_commit()} | {datetime.date.today()} | total "
+             f"{time.perf_counter() - t0:.0f} s",
+             f"Command: `python harness.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+             "", "| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    with common.user_errors():
+        benchmark_table()

@@ -31,6 +31,7 @@ One backbone, two branches, trained together (Sec. 3.1, Fig. 2):
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Optional
@@ -103,7 +104,6 @@ class Args(harness.RunArgs):
     eval_every: int = arg(10, "evaluate the classifier branch on the test set every N epochs and "
                           "at the end", check=">=1", runtime=True)
     num_classes: int = arg(10, "synthetic-lt only: classes (docs/data.md)", check=">=1")
-    synthetic_n_max: int = arg(500, "synthetic-lt only: images of the head class", check=">=1")
     synthetic_n_test: int = arg(100, "synthetic-lt only: test images per class", check=">=1")
     sync_bn: bool = arg(False, "SyncBatchNorm across the processes of a torchrun run (CUDA only); "
                         "default: the method's official code's (none released; SupContrast, which "
@@ -264,15 +264,15 @@ def zero_for_ddp(params: list):
     return 0.0 * sum(p.sum() for p in params)
 
 
-def train_step(model, net: HybridNet, optimizer, scaler, batch_con, batch_ce, alpha: float,
-               args: Args, gen, image_size: int, channels_last: bool, amp_dtype):
-    """One SGD step of Eq. (1). batch_con: uint8 random batch, seen in two views (with and without
-    colour jitter, Sec. 4.2); batch_ce: uint8 class-balanced batch, one view. A branch of weight 0
-    is skipped. model: net as trained (maybe DDP-wrapped or compiled). Returns the two detached
-    losses (no host sync)."""
-    device = batch_con[0].device
+def make_views(batch_con, batch_ce, alpha: float, gen, image_size: int, channels_last: bool):
+    """The inputs of one step of Eq. (1): batch_con, the uint8 random batch (x, y), seen in two
+    views (with and without colour jitter, Sec. 4.2); batch_ce, the uint8 class-balanced batch, one
+    view. Returns (x_con, y2, x_ce, yc): x_con = [view a; view b] with labels y2 = [y; y]; a branch
+    of weight 0 gets None and draws nothing."""
     x_con = None
+    y2 = None
     x_ce = None
+    yc = None
     if alpha > 0:
         x, y = batch_con
         view_a = data.augment(x, "hybrid_base", gen, image_size, channels_last)  # base augmentation
@@ -282,6 +282,16 @@ def train_step(model, net: HybridNet, optimizer, scaler, batch_con, batch_ce, al
     if alpha < 1:
         xc, yc = batch_ce
         x_ce = data.augment(xc, "hybrid_base", gen, image_size, channels_last)
+    return x_con, y2, x_ce, yc
+
+
+def train_step(model, net: HybridNet, optimizer, scaler, views, alpha: float, args: Args,
+               amp_dtype):
+    """One SGD step of Eq. (1) on the views of make_views; a branch of weight 0 is skipped. model:
+    net as trained (maybe DDP-wrapped or compiled). Returns the two detached losses (no host
+    sync)."""
+    x_con, y2, x_ce, yc = views
+    device = (x_con if x_con is not None else x_ce).device
     with common.autocast(device, amp_dtype):
         out_con, logits = model(x_con, x_ce, args.fused_forward)
     zero = torch.zeros((), device=device)
@@ -341,7 +351,7 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
         # the LDAM subset is drawn with seed 0 whatever --seed is (docs/data.md)
         ds = data.load_dataset(args.dataset, args.data_dir, imb_ratio=args.imb_ratio,
                                protocol=args.protocol, num_classes=args.num_classes,
-                               synthetic_n_max=args.synthetic_n_max,
+                               n_max=args.n_max,
                                synthetic_n_test=args.synthetic_n_test)
     if args.loss == "psc" and ds.num_classes < 2:
         raise common.UserError("--loss psc needs at least 2 classes (Eq. 4 contrasts with the "
@@ -414,8 +424,9 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
             model.train()
             for it, (x, y, _) in enumerate(con_loader):
                 batch_ce = next(ce_batches) if alpha < 1 else None
-                l_con, l_ce = train_step(model, net, optimizer, scaler, (x, y), batch_ce, alpha,
-                                         args, gen, ds.image_size, run.channels_last, amp_dtype)
+                views = make_views((x, y), batch_ce, alpha, gen, ds.image_size, run.channels_last)
+                l_con, l_ce = train_step(model, net, optimizer, scaler, views, alpha, args,
+                                         amp_dtype)
                 sum_con = sum_con + l_con
                 sum_ce = sum_ce + l_ce
                 mean_loss = (alpha * sum_con + (1 - alpha) * sum_ce) / (it + 1)
@@ -487,7 +498,7 @@ DEFAULTS = {
           "milestones": [120, 160], "alpha_schedule": "parabolic", "tau": 0.1},
     "inat2018": {"arch": "resnet50", "epochs": 100, "batch_size": 100, "lr": 0.1,
                  "milestones": [60, 80], "alpha_schedule": "linear"},
-    "synthetic-lt": {"arch": "resnet8", "epochs": 16, "batch_size": 128, "lr": 0.1},
+    "synthetic-lt": {"arch": "resnet8", "n_max": 500, "epochs": 16, "batch_size": 128, "lr": 0.1},
 }
 
 
@@ -521,8 +532,8 @@ PAPER_TOP1 = {
 # ---- Benchmark and main --------------------------------------------------------------------------
 
 def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_dtype) -> dict:
-    """--benchmark: one training step at alpha = 0.5 (augmentation, both branches, SGD); the
-    class-balanced batch is taken from the same random images."""
+    """--benchmark: one training step at alpha = 0.5 (both branches, SGD) on the views of
+    make_views; the class-balanced batch is taken from the same random images."""
     net = HybridNet(args.arch, num_classes, image_size, args.loss, args.proj_hidden, args.proj_dim,
                     args.prototypes_per_class)
     model = common.prepare_model(net, device, args.channels_last, args.compile).train()
@@ -531,13 +542,27 @@ def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_d
     gen = torch.Generator(device=device).manual_seed(args.seed)
     channels_last = args.channels_last and device.type == "cuda"
 
-    def step(x, y):
+    def views(x, y):
         pick = torch.arange(args.cb_batch_size, device=device) % len(x)
-        batch_ce = (x[pick], y[pick])
-        losses = train_step(model, net, optimizer, scaler, (x, y), batch_ce, 0.5, args, gen,
-                            image_size, channels_last, amp_dtype)
-        return losses[0]
-    return {method_name(args): step}
+        return make_views((x, y), (x[pick], y[pick]), 0.5, gen, image_size, channels_last)
+
+    def step(inputs):
+        return train_step(model, net, optimizer, scaler, inputs, 0.5, args, amp_dtype)[0]
+    reference = functools.partial(reference_views, cb_batch_size=args.cb_batch_size,
+                                  image_size=image_size)
+    return {method_name(args): harness.BenchStep(views, step, reference)}
+
+
+def reference_views(batch, cb_batch_size: int, image_size: int):
+    """--benchmark --reference: make_views' output built per image by torchvision on PIL images,
+    as a per-image pipeline builds it (data.reference_transform), in the DataLoader's workers."""
+    images, y = data.reference_batch(batch)
+    base = data.reference_transform("hybrid_base", image_size)
+    jitter = data.reference_transform("hybrid_jitter", image_size)
+    pick = torch.arange(cb_batch_size) % len(images)
+    x_con = torch.stack([base(im) for im in images] + [jitter(im) for im in images])
+    x_ce = torch.stack([base(images[i]) for i in pick.tolist()])
+    return x_con, torch.cat([y, y]), x_ce, y[pick]
 
 
 def main(argv=None):

@@ -27,6 +27,7 @@ per image:
 """
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import time
@@ -62,7 +63,6 @@ class Args(harness.RunArgs):
     sdclr_split_dir: str | None = arg(None, "folder with SDCLR's split files (docs/data.md)")
     data_seed: int = arg(0, "seed of a generated long-tailed subset (docs/data.md)")
     num_classes: int = arg(10, "synthetic-lt only: classes", check=">=1")
-    synthetic_n_max: int = arg(500, "synthetic-lt only: images of the head class", check=">=1")
     synthetic_n_test: int = arg(100, "synthetic-lt only: test images per class", check=">=1")
     # SimCLR (the recipe of SDCLR's released scripts), SimCLR+TS (Eq. TS1), and TASE-R's global tau
     arch: str | None = arg(None, "backbone; CIFAR stem up to 64 px", choices=list(common.ARCHS))
@@ -273,13 +273,16 @@ def batch_temperature_weight(idx, assign, sizes, tau_c, epoch: int, args: Args):
     return tau, w
 
 
-def train_step(net, optimizer, scaler, x, tau, w, recipe, gen, image_size, channels_last,
-               amp_dtype):
-    """One SimCLR step: two views, one forward, loss T5-T6 over the global batch (common.gather),
-    SGD. tau, w: a float / None or one per image of the global batch. Returns the detached loss and
-    the global batch's embeddings (no host sync)."""
-    views = [data.augment(x, recipe, gen, image_size, channels_last) for _ in range(2)]
-    with common.autocast(x.device, amp_dtype):
+def two_views(x, recipe: str, gen, image_size: int, channels_last: bool) -> list:
+    """SimCLR's two views of a uint8 batch (a recipe of docs/data.md)."""
+    return [data.augment(x, recipe, gen, image_size, channels_last) for _ in range(2)]
+
+
+def train_step(net, optimizer, scaler, views, tau, w, amp_dtype):
+    """One SimCLR step on two_views' views: one forward, loss T5-T6 over the global batch
+    (common.gather), SGD. tau, w: a float / None or one per image of the global batch. Returns the
+    detached loss and the global batch's embeddings (no host sync)."""
+    with common.autocast(views[0].device, amp_dtype):
         z = net(torch.cat(views)).float()
     z1, z2 = (common.gather(part) for part in z.chunk(2))  # the global batch, with gradient
     loss = common.nt_xent(z1, z2, tau, weight=w)  # Eqs. (T5), (T6)
@@ -332,7 +335,7 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
     if ds is None:
         ds = data.load_dataset(args.dataset, args.data_dir, args.imb_ratio, args.protocol,
                                args.split, args.split_file, args.data_seed, args.num_classes,
-                               synthetic_n_max=args.synthetic_n_max,
+                               n_max=args.n_max,
                                synthetic_n_test=args.synthetic_n_test,
                                sdclr_split_dir=args.sdclr_split_dir)
     tase_on = args.sample_temperature or args.reweight
@@ -387,8 +390,8 @@ def train(args: Args, filled: dict | None = None, ds: data.LTDataset | None = No
             lr = common.cosine_lr(step, total, warmup, args.lr, args.final_lr)
             common.set_lr(optimizer, lr)
             tau, w = batch_temperature_weight(idx, assign, sizes, tau_c, epoch, args)  # T4, T5
-            loss, z1, z2 = train_step(net, optimizer, scaler, x, tau, w, recipe, gen,
-                                      ds.image_size, run.channels_last, amp_dtype)
+            views = two_views(x, recipe, gen, ds.image_size, run.channels_last)
+            loss, z1, z2 = train_step(net, optimizer, scaler, views, tau, w, amp_dtype)
             loss_sum += loss
             progress.step(step, loss=loss, lr=lr)
         common.broadcast_buffers(model)  # process 0's BN statistics: the same clusters and kNN
@@ -572,9 +575,9 @@ DEFAULTS = {
           "probe_aug": "crop"},
     ("imagenet100-lt", "imagenet-lt", "places-lt", "inat2018"): {
         "arch": "resnet50", "batch_size": 256, "epochs": 500},
-    "synthetic-lt": {"arch": "resnet8", "epochs": 20, "batch_size": 128, "lr_warmup_epochs": 2,
-                     "cluster_warmup_epochs": 4, "recluster_every": 4, "probe_aug": "none",
-                     "knn_every": 0},
+    "synthetic-lt": {"arch": "resnet8", "n_max": 500, "epochs": 20, "batch_size": 128,
+                     "lr_warmup_epochs": 2, "cluster_warmup_epochs": 4, "recluster_every": 4,
+                     "probe_aug": "none", "knn_every": 0},
 }
 
 # TASE-R has no reported number (the paper is an abstract). Its SimCLR baseline is SimCLR as SDCLR
@@ -588,8 +591,8 @@ PAPER_ALL = {
 # ---- Benchmark and main --------------------------------------------------------------------------
 
 def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_dtype) -> dict:
-    """--benchmark: one full TASE-R step (views, forward, a tau and a weight per image, backward,
-    SGD) with random cluster sizes."""
+    """--benchmark: one full TASE-R step (forward, a tau and a weight per image, backward, SGD) on
+    two_views' views, with random cluster sizes."""
     _, net, optimizer, scaler, recipe = setup(args, image_size, device, amp_dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     sizes = torch.randint(1, 1000, (args.batch_size,), device=device, generator=gen)
@@ -597,11 +600,21 @@ def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_d
     w = sample_weights(sizes, args.reweight_power)
     channels_last = args.channels_last and device.type == "cuda"
 
-    def step(x, y):
-        out = train_step(net.train(), optimizer, scaler, x, tau, w, recipe, gen, image_size,
-                         channels_last, amp_dtype)
-        return out[0]
-    return {RUN_NAMES[method_name(args)]: step}
+    def views(x, y):
+        return two_views(x, recipe, gen, image_size, channels_last)
+
+    def step(inputs):
+        return train_step(net.train(), optimizer, scaler, inputs, tau, w, amp_dtype)[0]
+    reference = functools.partial(reference_views, recipe=recipe, image_size=image_size)
+    return {RUN_NAMES[method_name(args)]: harness.BenchStep(views, step, reference)}
+
+
+def reference_views(batch, recipe: str, image_size: int) -> list:
+    """--benchmark --reference: two_views' output built per image by torchvision on PIL images
+    (data.reference_transform), in the DataLoader's workers."""
+    images, _ = data.reference_batch(batch)
+    transform = data.reference_transform(recipe, image_size)
+    return [torch.stack([transform(im) for im in images]) for _ in range(2)]
 
 
 def main(argv=None):

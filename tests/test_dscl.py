@@ -283,7 +283,7 @@ def test_cifar_adaptation_is_filled_and_is_never_a_paper_setting():
 
 # a value different from the ImageNet-LT default for every method flag (a variant of its own; only --scl alone
 # is a paper row, Table 1's SCL + PBSD)
-CHANGED = {"data_seed": 3, "num_classes": 7, "synthetic_n_max": 50, "synthetic_n_test": 5,
+CHANGED = {"data_seed": 3, "num_classes": 7, "synthetic_n_test": 5,
            "arch": "resnet18", "finetune": "layer4", "pretrained": "weights.pth", "proj_dim": 64,
            "queue_size": 32768, "ema_decay": 0.99, "tau": 0.1, "alpha": 0.2, "scl": True,
            "contrast_batch": False, "queue_label_init": "none", "multicrop": True, "pbsd_weight": 1.0,
@@ -317,7 +317,7 @@ def test_synthetic_demo_profile_fills_only_unset_fields(monkeypatch):
         ("resnet8", 128, 1024, 40, 2, 2)
     assert (a.ema_decay, a.patch_size, a.crop_scale, a.linear_lr) == (0.99, 16, [0.2, 1.0], 2.5)  # CIFAR
     assert filled["queue_size"] == 1024 and filled["ema_decay"] == 0.99
-    n_train = sum(data.lt_counts(a.synthetic_n_max, a.num_classes, a.imb_ratio))
+    n_train = sum(data.lt_counts(a.n_max, a.num_classes, a.imb_ratio))
     assert a.queue_size % a.batch_size == 0 and a.queue_size < n_train
     b, filled = parse("--arch", "resnet20", "--dataset", "synthetic-lt", "--epochs=3", "--no-contrast-batch")
     assert (b.arch, b.epochs, b.contrast_batch, b.queue_size) == ("resnet20", 3, False, 1024)
@@ -331,7 +331,7 @@ def test_synthetic_demo_profile_fills_only_unset_fields(monkeypatch):
 
 def test_lt_subset_uses_data_seed_not_training_seed():
     def train_images(*flags):
-        return dscl.load_data(parse("--dataset", "synthetic-lt", "--synthetic-n-max", "8",
+        return dscl.load_data(parse("--dataset", "synthetic-lt", "--n-max", "8",
                                     "--synthetic-n-test", "1", "--num-classes", "3", "--imb-ratio", "4",
                                     *flags)[0]).train.x
     assert dscl.Args().data_seed == 0
@@ -346,7 +346,7 @@ def test_lt_subset_uses_data_seed_not_training_seed():
 def _tiny(out_dir, *extra):
     # every option of the demo profile is given except --num-patches, which the profile fills in (2);
     # 12, 5, 2 and 1 training images: rho 12 exactly
-    return ["--dataset", "synthetic-lt", "--num-classes", "4", "--synthetic-n-max", "12",
+    return ["--dataset", "synthetic-lt", "--num-classes", "4", "--n-max", "12",
             "--synthetic-n-test", "6", "--imb-ratio", "12", "--arch", "resnet8", "--queue-size", "32",
             "--batch-size", "8", "--epochs", "2",
             "--lr-warmup-epochs", "1", "--linear-epochs", "1", "--linear-milestones", "1",
@@ -375,7 +375,7 @@ def test_tiny_two_stage_run_writes_results_and_records_the_filled_defaults(tiny_
     assert filled["num_patches"] == 2 and cfg["filled_defaults"] == filled and cfg["args"]["num_patches"] == 2
     assert "arch" not in filled and "queue_size" not in filled and cfg["args"]["arch"] == "resnet8"
     assert "--queue-size 32" in saved["variant"] and "--num-patches" not in saved["variant"]
-    assert saved["paper_value"] is None and saved["variant"].startswith("--num-classes 4")
+    assert saved["paper_value"] is None and saved["variant"].startswith("--n-max 12 --num-classes 4")
     ck = load_checkpoint(run_dir / "checkpoint.pt")
     iters = saved["dataset"]["n_train"] // 8
     assert {"model", "key_model", "optimizer", "scaler", "state"} <= set(ck)
@@ -490,6 +490,12 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "ImageNet_LT_train.txt" not in err
 
 
+def views_and_step(m, x, y, args):
+    """make_views, then stage1_step on them, as the loop runs them (LR 0.05, 32 px, fp32, global RNG)."""
+    views = dscl.make_views(x, args, 32, args.dataset in dscl.SMALL)
+    return dscl.stage1_step(m, *views, y, 0.05, args, None)
+
+
 @pytest.mark.parametrize("switches", [["--scl", "--pbsd-weight", "0"],
                                       ["--no-contrast-batch", "--fuse-patch-passes"],
                                       ["--multicrop", "--pbsd-weight", "0"], ["--patch-scale", "1.0", "1.0"],
@@ -501,19 +507,13 @@ def test_ablation_switches_run_one_step(switches, tmp_path):
     before = [p.detach().clone() for p in m.net.parameters()]
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 0])
-    loss, l_dscl, l_pbsd = dscl.stage1_step(m, x, y, 0.05, args, 32, None)
+    loss, l_dscl, l_pbsd = views_and_step(m, x, y, args)
     assert torch.isfinite(loss) and loss > 0
     assert (l_pbsd == 0) == (args.pbsd_weight == 0)
     assert m.ptr == 8 and torch.equal(m.queue_labels[:8], y)
     assert any(not torch.equal(a, b) for a, b in zip(before, m.net.parameters()))
     if args.queue_label_init == "none":
         assert (m.queue_labels[8:] == -1).all()
-
-
-def test_benchmark_runs_a_step_on_random_data(capsys):
-    ips = dscl.main(["--benchmark", "--dataset", "synthetic-lt", "--benchmark-steps", "1", "--batch-size",
-                     "8", "--queue-size", "32", "--device", "cpu"])
-    assert list(ips) == ["dscl"] and ips["dscl"] > 0 and "[dscl benchmark]" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -607,7 +607,7 @@ def test_multicrop_patch_anchors_use_the_main_anchors_contrast_set(tmp_path, mon
     queue, queue_labels = m.queue.clone(), m.queue_labels.clone()
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 0, 1, 1])
-    l_dscl = dscl.stage1_step(m, x, y, 0.05, args, 32, None)[1]
+    l_dscl = views_and_step(m, x, y, args)[1]
     z, k = heads[0], keys[0]
     assert len(heads) == 1 + args.num_patches == 3
     want = [_eq8_loop(z, k, y, queue, queue_labels, 0.1, TAU, contrast_batch, anchor=a) for a in heads]
@@ -623,7 +623,7 @@ def test_places_lt_layer4_finetuning_keeps_the_frozen_layers_bn_statistics(tmp_p
     encs = [common.unwrap(e).backbone for e in (m.net, m.key)]
     before = [{k: v.clone() for k, v in e.state_dict().items()} for e in encs]
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    dscl.stage1_step(m, x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 0]), 0.05, args, 32, None)
+    views_and_step(m, x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 0]), args)
     for enc, ref in zip(encs, before):
         now = enc.state_dict()
         stats = [k for k in now if "running_" in k or "num_batches" in k]
@@ -640,7 +640,7 @@ def test_stage1_step_makes_no_host_sync(tmp_path, no_host_sync):
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 4, (8,))
     with no_host_sync():
-        out = dscl.stage1_step(m, x, y, 0.05, args, 32, None)
+        out = views_and_step(m, x, y, args)
     assert torch.isfinite(torch.stack(out)).all() and m.ptr == 8
 
 

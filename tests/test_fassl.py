@@ -22,7 +22,7 @@ import fassl
 import harness
 
 # rho 8: a tail of exactly 3 (of 24) or 2 (of 16) images, a tail the data can build (data.check_buildable)
-TINY = ["--dataset", "synthetic-lt", "--synthetic-n-max", "24", "--synthetic-n-test", "4", "--imb-ratio",
+TINY = ["--dataset", "synthetic-lt", "--n-max", "24", "--synthetic-n-test", "4", "--imb-ratio",
         "8", "--arch", "resnet8", "--batch-size", "32", "--num-prototypes", "16", "--probe-epochs", "1",
         "--probe-aug", "none", "--device", "cpu", "--lr-warmup-epochs", "1", "--workers", "0",
         "--print-every", "1000"]
@@ -404,8 +404,8 @@ def test_default_seed_is_the_sdclr_scripts_one(dataset, seed):
 
 def test_synthetic_lt_demo_profile_fills_only_unset_fields():
     profile = fassl.DEFAULTS["synthetic-lt"]                            # the CPU demo
-    assert profile == {"arch": "resnet8", "batch_size": 128, "sdclr_epochs": 30, "stage1_epochs": 10,
-                       "stage2_epochs": 15, "knn_every": 0, "probe_aug": "none"}
+    assert profile == {"arch": "resnet8", "n_max": 500, "batch_size": 128, "sdclr_epochs": 30,
+                       "stage1_epochs": 10, "stage2_epochs": 15, "knn_every": 0, "probe_aug": "none"}
     demo, filled = parse("--dataset", "synthetic-lt")
     assert {k: getattr(demo, k) for k in profile} == profile
     assert {k: filled[k] for k in profile} == profile
@@ -471,7 +471,7 @@ NOT_PAPER = {"protocol": "ldam", "split": "2", "data_seed": "1", "imb_ratio": "5
              "stage2_epochs": "100", "epochs_scale": "0.5", "probe_aug": "none", "probe_epochs": "5",
              "weight_norm": "literal", "weight_view": "mean", "alternate_every": "5", "stage": "prototypes",
              "init": "stage_sdclr.pt", "reweight": None, "split_file": "d1.npy", "sdclr_split_dir": "splits",
-             "num_classes": "5", "synthetic_n_max": "100", "synthetic_n_test": "10", "probe": "full"}
+             "num_classes": "5", "n_max": "100", "synthetic_n_test": "10", "probe": "full"}
 
 
 @pytest.mark.parametrize("field", sorted(NOT_PAPER))
@@ -610,11 +610,11 @@ def test_stage_all_runs_end_to_end_and_resumes_mid_stage(tmp_path):
 def test_interrupted_sdclr_resumes_to_the_same_weights_and_records_the_demo_profile(tmp_path, capsys,
                                                                                     monkeypatch):
     argv = TINY + ["--stage", "sdclr", "--sdclr-epochs", "2", "--knn-every", "0", "--probe", "full",
-                   "--no-analyze", "--synthetic-n-max", "16"]
+                   "--no-analyze", "--n-max", "16"]
     # a paper table with a number for this run's (dataset, variant, rho): results.json and the final table
     # must carry it (the real PAPER_ALL has none on synthetic-lt)
     cell = ("synthetic-lt", variant(parse(*argv)[0]))
-    assert cell[1].startswith("--synthetic-n-max 16")
+    assert cell[1].startswith("--n-max 16")
     assert harness.paper_value(fassl.PAPER_ALL, *cell, 8.0) is None
     monkeypatch.setattr(fassl, "PAPER_ALL", {cell: {8.0: 12.5}})
     straight = fassl.main(argv + ["--out-dir", str(tmp_path / "a")])
@@ -638,12 +638,12 @@ def test_interrupted_sdclr_resumes_to_the_same_weights_and_records_the_demo_prof
     assert (res["defaults_filled"]["stage1_epochs"], res["defaults_filled"]["stage2_epochs"]) == (10, 15)
     config = json.loads((cut / "config.json").read_text())
     assert config["filled_defaults"] == res["defaults_filled"] and "arch" not in config["filled_defaults"]
-    assert res["variant"].startswith("--synthetic-n-max 16") and "--stage sdclr" in res["variant"]
+    assert res["variant"].startswith("--n-max 16") and "--stage sdclr" in res["variant"]
     assert res["paper_setting"] is True and list(res["extra"]) == ["probe_variant", "probe_full"]
     assert res["paper_value"] == {"metric": "groups_thirds.group_mean", "value": 12.5}
     # Stage 1 alone from that Stage-0 output, without a probe
     run = fassl.main(TINY + ["--stage", "prototypes", "--init", str(straight / "stage_sdclr.pt"), "--probe",
-                             "--stage1-epochs", "1", "--no-analyze", "--synthetic-n-max", "16",
+                             "--stage1-epochs", "1", "--no-analyze", "--n-max", "16",
                              "--out-dir", str(tmp_path / "c")])
     res = json.loads((run / "results.json").read_text())
     assert res["network_evaluated"] == "teacher" and res["at_selected"] is None
@@ -663,13 +663,6 @@ def test_no_init_skips_stage0_with_a_random_teacher(tmp_path):
     torch.save(no_protos, tmp_path / "no_protos.pt")
     with pytest.raises(common.UserError, match="has no prototypes"):
         fassl.main(TINY + ["--stage", "rebalance", "--init", str(tmp_path / "no_protos.pt")])
-
-
-def test_benchmark_times_every_stage(capsys):
-    fassl.main(["--benchmark", "--dataset", "synthetic-lt", "--benchmark-steps", "1", "--batch-size", "8",
-                "--device", "cpu"])
-    out = capsys.readouterr().out
-    assert all(f"[{name} benchmark]" in out for name in ("sdclr", "prototypes", "rebalance"))
 
 
 def test_alternate_every_takes_turns_and_resumes_exactly(tmp_path):

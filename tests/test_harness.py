@@ -28,9 +28,10 @@ from common import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = ("fassl", "tase", "dscl", "hybrid")
-SHARED = ("--dataset", "--data-dir", "--imb-ratio", "--protocol", "--seed", "--device", "--amp",
-          "--channels-last", "--compile", "--workers", "--out-dir", "--resume", "--print-every",
-          "--benchmark", "--benchmark-steps", "--stop-after-epochs", "--sync-bn")
+SHARED = ("--dataset", "--data-dir", "--imb-ratio", "--n-max", "--protocol", "--seed", "--device",
+          "--amp", "--channels-last", "--compile", "--workers", "--out-dir", "--resume", "--print-every",
+          "--benchmark", "--benchmark-steps", "--reference", "--benchmark-json", "--stop-after-epochs",
+          "--sync-bn")
 
 
 def derived_of(module):
@@ -165,7 +166,7 @@ def test_paper_value_is_the_cell_for_dataset_variant_and_rho():
 
 
 def small_ds(rho=4.0, n_max=24):
-    return data.load_dataset("synthetic-lt", imb_ratio=rho, num_classes=4, synthetic_n_max=n_max,
+    return data.load_dataset("synthetic-lt", imb_ratio=rho, num_classes=4, n_max=n_max,
                              synthetic_n_test=8)
 
 
@@ -235,7 +236,8 @@ def test_parse_args_help_shows_docs_and_defaults(capsys):
     assert "Demo method: the description shown by --help." in text
     assert "base LR (SDCLR code) (default: synthetic-lt: 0.1; others: 0.5; > 0)" in text
     assert "--amp-on, --no-amp-on use autocast (default: True)" in text
-    assert "{resnet18,resnet32,resnet8}" in text and "(default: cifar10-lt/cifar100-lt: resnet32)" in text
+    assert "{resnet18,resnet32,resnet8}" in text
+    assert "(default: cifar10-lt/cifar100-lt: resnet32; others: resnet18)" in text
     assert "INFERRED: optional step limit (default: None; >= 0)" in text
     assert "LR milestones (default: others: 10 20; where unset, set from other flags" in text
     assert text.index("method flags:") < text.index("runtime (shared by the four scripts):")
@@ -246,12 +248,15 @@ def test_lab_scale_shrinks_epochs_and_synthetic_sizes(monkeypatch):
     class Sized(harness.RunArgs):
         epochs: int = harness.arg(200, "epochs")
         probe_epochs: int = harness.arg(3, "probe epochs")
-        synthetic_n_max: int = harness.arg(500, "largest class")
+        synthetic_n_test: int = harness.arg(100, "test images per class")
         lr: float = harness.arg(0.5, "lr")
+    sizes = {"synthetic-lt": {"n_max": 500}}
     monkeypatch.setenv("LAB_SCALE", "0.1")
-    a, filled = harness.parse_args(Sized, [])
-    assert (a.epochs, a.probe_epochs, a.synthetic_n_max, a.lr) == (20, 1, 50, 0.5)
+    a, filled = harness.parse_args(Sized, ["--dataset", "synthetic-lt"], sizes)
+    assert (a.epochs, a.probe_epochs, a.n_max, a.synthetic_n_test, a.lr) == (20, 1, 50, 10, 0.5)
     assert filled["epochs"] == 20 and "lr" not in filled
+    real = harness.parse_args(Sized, ["--dataset", "cifar10-lt", "--n-max", "1000"], sizes)[0]
+    assert (real.epochs, real.n_max) == (20, 1000)             # the class sizes of real data stay
     monkeypatch.setenv("LAB_SCALE", "1")
     assert harness.parse_args(Sized, [])[0].epochs == 200
 
@@ -551,8 +556,9 @@ def test_help_lists_the_shared_flags_with_the_same_text(name):
     reference = entries(harness.make_parser(harness.RunArgs).format_help().split("four scripts):")[1])
     got = entries(runtime)
     assert set(got) == set(SHARED)
-    for flag in SHARED:   # same text and default (--protocol, --seed, --sync-bn: the paper's)
-        want = reference[flag].split("(default:")[0] if flag in ("--protocol", "--seed") else reference[flag]
+    for flag in SHARED:   # same text and default (--protocol, --seed, --n-max, --sync-bn: per script)
+        per_script = ("--protocol", "--seed", "--n-max")
+        want = reference[flag].split("(default:")[0] if flag in per_script else reference[flag]
         want = want.split(";")[0] if flag == "--sync-bn" else want
         assert got[flag].startswith(want), (flag, got[flag])
     for old in ("--bench-steps", "--log-every", "--ema-tau", "--probes ", "--ema ", "--temperature",
@@ -641,18 +647,20 @@ def test_loss_guard_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
         harness.main_guard(lambda _: hybrid.train(args, filled, ds))
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "loss is nan" in err and "epoch 2" in err
-    assert "--lr" in err and "--amp" in err
+    assert err.count("\n") == 1 and ("loss is nan" in err or "weights are not finite" in err)
+    bad = int(re.search(r"train epoch (\d+)", err).group(1))      # the first non-finite epoch
+    assert bad in (2, 3) and "--lr" in err and "--amp" in err
     (run_dir,) = list(tmp_path.iterdir())
     assert not (run_dir / "results.json").exists()
     ck = data.load_checkpoint(run_dir / "checkpoint.pt")
-    assert ck["epoch"] == 1 and ck["method"] == "hybrid-sc"
+    assert ck["epoch"] == bad - 1 and ck["method"] == "hybrid-sc"    # the last finite epoch
     for part in ("model", "optimizer", "classifier_optimizer", "scaler"):
         assert part in ck, part
     assert ev.submodule_state(ck["model"], "backbone") and ev.submodule_state(ck["model"], "classifier")
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [1] and math.isfinite(lines[0]["loss"])
+    assert [r["epoch"] for r in lines] == list(range(1, bad))
+    assert all(math.isfinite(r["loss"]) for r in lines)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -830,6 +838,104 @@ def test_a_long_tailed_folder_trains_whole_and_reports_its_groups(tmp_path, caps
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The benchmark: FLOPs, the MFU peaks, the reference pipeline, the table (nothing timed is checked)
+# ---------------------------------------------------------------------------------------------------------
+def test_flop_count_of_a_plain_resnet_step_is_the_hand_count():
+    """count_flops of one SGD step of the CIFAR ResNet-8 and a linear classifier (forward, cross-entropy,
+    backward, update) on a fixed batch equals the count by hand. A k x k convolution from c_in to c_out
+    channels with an h x w output: 2 B h w c_in c_out k^2 FLOPs forward (a multiply and an add per weight and
+    output position), as much again for its weight gradient and, unless its input is the image (no
+    gradient), for its input gradient. Linear(d, C): 2 B d C forward, as much for each gradient. BN, ReLU,
+    pooling, the padding shortcut, the loss and SGD have no matrix product: not counted."""
+    B, C = 4, 10
+    torch.manual_seed(0)
+    backbone, fc = common.build_backbone("resnet8"), nn.Linear(64, C)
+    opt = torch.optim.SGD([*backbone.parameters(), *fc.parameters()], lr=0.1)
+    x, y = torch.randn(B, 3, 32, 32), torch.arange(B) % C
+
+    def step():
+        common.optimizer_step(F.cross_entropy(fc(backbone(x)), y), opt)
+    # (c_in, c_out, output side) of ResNet-8's 3x3 convolutions: stem, then one block of two per stage
+    convs = [(3, 16, 32), (16, 16, 32), (16, 16, 32), (16, 32, 16), (32, 32, 16), (32, 64, 8), (64, 64, 8)]
+    forward = [2 * B * side * side * c_in * c_out * 3 * 3 for c_in, c_out, side in convs]
+    by_hand = 3 * sum(forward) - forward[0] + 3 * (2 * B * 64 * C)       # the stem has no input gradient
+    assert harness.count_flops(step) == by_hand
+
+
+def test_mfu_peaks_are_matched_by_device_name():
+    """The dense peaks of the A100 SXM, H100 SXM and H200 (SXM); any other device gets no MFU."""
+    assert harness.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert harness.peak_tflops("NVIDIA A100-SXM4-40GB", "off") == 156.0              # fp32 runs in TF32
+    assert harness.peak_tflops("NVIDIA H100 80GB HBM3", "fp16") == 989.5
+    assert harness.peak_tflops("NVIDIA H100 80GB HBM3", "off") == 494.5
+    assert harness.peak_tflops("NVIDIA H200", "bf16") == 989.5
+    for other in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA GH200 480GB",
+                  "NVIDIA A100 80GB PCIe", "Tesla V100-SXM2-16GB", "cpu (2 cores)"):
+        assert harness.peak_tflops(other, "bf16") is None, other
+
+
+def structure(inputs):
+    """Types, shapes and dtypes of a step's (nested) inputs."""
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs).__name__, [structure(v) for v in inputs]
+    return None if inputs is None else (tuple(inputs.shape), inputs.dtype)
+
+
+@pytest.mark.parametrize("name, dataset", [*((n, "synthetic-lt") for n in SCRIPTS), ("tase", "imagenet-lt"),
+                                           ("dscl", "imagenet-lt"), ("dscl", "cifar10-lt")])
+def test_the_reference_pipeline_builds_the_inputs_of_the_step(name, dataset):
+    """--benchmark --reference: each script's per-image collate_fn builds, on the CPU, inputs of the same
+    structure, shapes and dtypes as its batched views, and (at 32 px) the step trains on them."""
+    module = importlib.import_module(name)
+    argv = ["--dataset", dataset, "--arch", "resnet8", "--batch-size", "2", "--device", "cpu"]
+    args = harness.parse_args(module.Args, argv, module.DEFAULTS, derived_of(module))[0]
+    size, stored, classes = data.nominal_shape(dataset)
+    torch.manual_seed(0)
+    steps = module.benchmark_steps(args, size, classes, torch.device("cpu"), None)
+    x, y = torch.randint(0, 256, (2, 3, stored, stored), dtype=torch.uint8), torch.arange(2)
+    batch = [(image, int(label)) for image, label in zip(x.permute(0, 2, 3, 1).numpy(), y)]
+    for bench in steps.values():
+        ref = bench.reference(batch)
+        assert structure(ref) == structure(bench.views(x, y))
+        if size == 32:
+            assert torch.isfinite(bench.step(ref))
+
+
+def test_the_benchmark_table_has_every_method_and_configuration():
+    """python harness.py --benchmark-table at the tiny scale on the CPU: a row per method, step and
+    configuration (eager with the reference pipeline; compiled, with dynamo's cheap 'eager' backend), each
+    with images/s, GFLOP (the same in both), the augmentation's share, graph breaks and recompilations (0 in
+    every compiled step) and the speed-up over the reference; the augmentation benchmark's row; the device,
+    torch version, commit and command above the table."""
+    env = {**os.environ, "COMPILE_BACKEND": "eager", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "harness.py", "--benchmark-table", "--scale", "tiny", "--configs",
+                          "amp", "compile", "--jobs", "2", "--device", "cpu"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("Device: cpu") and f"torch {torch.__version__} | commit " in lines[0]
+    assert lines[1].startswith("Command: `python harness.py --benchmark-table --scale tiny")
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    rows = [dict(zip(table[0], row)) for row in table[1:]]
+    steps = {("fassl", "sdclr"), ("fassl", "prototypes"), ("fassl", "rebalance"), ("tase", "tase-r"),
+             ("dscl", "dscl"), ("hybrid", "hybrid-sc")}
+    by_config = {c: {(r["Method"], r["Step"]): r for r in rows if r["Config"] == c}
+                 for c in ("amp", "compile")}
+    assert set(by_config["amp"]) == set(by_config["compile"]) == steps
+    for key in steps:
+        eager, compiled = by_config["amp"][key], by_config["compile"][key]
+        for r in (eager, compiled):
+            assert float(r["images/s"]) > 0 and float(r["GFLOP/step"]) > 0 and r["Aug. share"].endswith("%")
+        assert eager["GFLOP/step"] == compiled["GFLOP/step"]
+        assert (eager["Graph breaks"], eager["Recompiles"]) == ("–", "–")
+        assert (compiled["Graph breaks"], compiled["Recompiles"]) == ("0", "0"), compiled
+        assert float(eager["Ref. images/s"]) > 0 and eager["Speed-up"].endswith("x")
+        assert compiled["Speed-up"] == "–"
+    (augment,) = [r for r in rows if r["Method"] == "data.py --bench-augment"]
+    assert float(augment["images/s"]) > 0 and augment["Speed-up"].endswith("x")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # GPU: no host synchronisation in a training step
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -843,8 +949,9 @@ def test_augment_and_a_training_step_pass_cuda_sync_debug_mode_error():
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device=dev)
     y = torch.arange(8, device=dev) % 4
-    step = lambda: hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), 0.5, args, g, 32,  # noqa
-                                     True, torch.bfloat16)
+    def step():
+        views = hybrid.make_views((x, y), (x, y), 0.5, g, 32, True)
+        return hybrid.train_step(model, model, opt, scaler, views, 0.5, args, torch.bfloat16)
     step()
     for recipe in data.RECIPES:
         data.augment(x, recipe, g, 32, channels_last=True)

@@ -270,7 +270,7 @@ def test_synthetic_lt_demo_profile_fills_only_unset_fields_and_keeps_paper_defau
 # Tiny end-to-end runs on synthetic-lt (CPU, resnet8)
 # ---------------------------------------------------------------------------------------------------------
 def tiny(n_max=48, n_test=40):
-    return data.load_dataset("synthetic-lt", imb_ratio=4, num_classes=4, seed=0, synthetic_n_max=n_max,
+    return data.load_dataset("synthetic-lt", imb_ratio=4, num_classes=4, seed=0, n_max=n_max,
                              synthetic_n_test=n_test)
 
 
@@ -408,7 +408,8 @@ def test_ce_ce_head_and_fused_forward_step():
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     y = torch.arange(8) % 4
     head0, cls0 = model.head.weight.detach().clone(), model.classifier.weight.detach().clone()
-    l_con, l_ce = hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), 0.5, args, g, 32, False, None)
+    views = hybrid.make_views((x, y), (x, y), 0.5, g, 32, False)
+    l_con, l_ce = hybrid.train_step(model, model, opt, scaler, views, 0.5, args, None)
     assert l_con.item() == pytest.approx(math.log(4), rel=0.5) and torch.isfinite(l_ce)
     assert not torch.equal(head0, model.head.weight) and not torch.equal(cls0, model.classifier.weight)
     out_con, logits = model(torch.randn(6, 3, 32, 32), torch.randn(4, 3, 32, 32), fused=True)
@@ -448,8 +449,9 @@ def test_training_step_makes_no_host_synchronisation(no_host_sync, loss):
     opt, scaler = hybrid.make_optimizer(model, args), common.make_scaler(None)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 4
-    step = lambda: hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), 0.5, args, g, 32,  # noqa
-                                     False, None)
+    def step():
+        views = hybrid.make_views((x, y), (x, y), 0.5, g, 32, False)
+        return hybrid.train_step(model, model, opt, scaler, views, 0.5, args, None)
     step()                                                              # warm
     with no_host_sync():
         l_con, l_ce = step()
@@ -465,8 +467,8 @@ def test_a_branch_of_weight_zero_is_not_updated():
     x, y = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 4
     for alpha, idle in ((1.0, ("classifier.",)), (0.0, ("head.", "prototypes"))):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        hybrid.train_step(model, model, opt, scaler, (x, y), (x, y), alpha, args, torch.Generator(), 32,
-                          False, None)
+        views = hybrid.make_views((x, y), (x, y), alpha, torch.Generator(), 32, False)
+        hybrid.train_step(model, model, opt, scaler, views, alpha, args, None)
         for n, p in model.named_parameters():
             assert torch.equal(p, before[n]) == n.startswith(idle), n
             assert p.grad is None if n.startswith(idle) else p.grad is not None, n
@@ -502,8 +504,8 @@ def two_steps(model, net, batches, args, shard=slice(None)):
     (x, xc), (y, yc) = batches
     opt = hybrid.make_optimizer(net, args)
     for alpha in (1.0, 0.5):
-        hybrid.train_step(model, net, opt, common.make_scaler(None), (x[shard], y[shard]),
-                          (xc[shard], yc[shard]), alpha, args, None, 16, False, None)
+        views = hybrid.make_views((x[shard], y[shard]), (xc[shard], yc[shard]), alpha, None, 16, False)
+        hybrid.train_step(model, net, opt, common.make_scaler(None), views, alpha, args, None)
     head = torch.optim.SGD(net.classifier.parameters(), lr=0.5, momentum=0.9)
     hybrid.classifier_step(net, head, (xc[shard], yc[shard]), None, 16, False, None)
     return {k: v.clone() for k, v in net.state_dict().items()}
