@@ -845,7 +845,7 @@ def _dataset_from_ckpt(ckpt_args, cli):
         raise common.UserError("the checkpoint does not record its dataset; pass --dataset and "
                                "--data-dir")
     kw = {k: a[k] for k in ("data_dir", "imb_ratio", "protocol", "split", "split_file",
-                            "num_classes", "sdclr_split_dir") if a.get(k) is not None}
+                            "num_classes", "sdclr_split_dir", "n_max") if a.get(k) is not None}
     # method scripts name the data seed --data-seed
     if a.get("data_seed", a.get("seed")) is not None:
         kw["seed"] = a.get("data_seed", a.get("seed"))

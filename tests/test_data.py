@@ -325,7 +325,7 @@ def ridge_acc(xtr, ytr, xte, yte, lam=10.0):
 
 
 def test_synthetic_lt_is_learnable_from_texture_not_colour():
-    kw = dict(num_classes=10, imb_ratio=10, synthetic_n_max=200, synthetic_n_test=50)
+    kw = dict(num_classes=10, imb_ratio=10, n_max=200, synthetic_n_test=50)
     ds = data.load_dataset("synthetic-lt", **kw)
     assert ds.class_counts == data.lt_counts(200, 10, 10) and len(ds.test) == 500 and len(ds.probe) == 2000
     assert ds.train.x.shape[1:] == (3, 32, 32) and ds.train.x.dtype == torch.uint8

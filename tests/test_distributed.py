@@ -137,18 +137,18 @@ def test_a_global_batch_that_does_not_split_is_refused():
 CPU = ["--dataset", "synthetic-lt", "--device", "cpu", "--amp", "off", "--workers", "0", "--print-every",
        "1000", "--arch", "resnet8"]
 TINY = {
-    "fassl": ["--synthetic-n-max", "24", "--synthetic-n-test", "4", "--imb-ratio", "12", "--batch-size", "16",
+    "fassl": ["--n-max", "24", "--synthetic-n-test", "4", "--imb-ratio", "12", "--batch-size", "16",
               "--num-prototypes", "16", "--probe", "full", "--probe-epochs", "1", "--probe-aug", "none",
               "--no-probe-teacher", "--no-analyze", "--lr-warmup-epochs", "1", "--sdclr-epochs", "1",
               "--stage1-epochs", "1", "--stage2-epochs", "1"],
-    "tase": ["--num-classes", "4", "--synthetic-n-max", "24", "--synthetic-n-test", "6", "--imb-ratio", "4",
+    "tase": ["--num-classes", "4", "--n-max", "24", "--synthetic-n-test", "6", "--imb-ratio", "4",
              "--epochs", "2", "--batch-size", "12", "--lr-warmup-epochs", "1", "--cluster-warmup-epochs", "1",
              "--recluster-every", "1", "--kmeans-restarts", "2", "--kmeans-iters", "20", "--probe", "full",
              "--probe-epochs", "1", "--knn-every", "1"],
-    "dscl": ["--num-classes", "4", "--synthetic-n-max", "12", "--synthetic-n-test", "6", "--imb-ratio", "12",
+    "dscl": ["--num-classes", "4", "--n-max", "12", "--synthetic-n-test", "6", "--imb-ratio", "12",
              "--queue-size", "32", "--batch-size", "8", "--epochs", "2", "--lr-warmup-epochs", "1",
              "--linear-epochs", "1", "--linear-milestones", "1", "--linear-batch-size", "16"],
-    "hybrid": ["--num-classes", "4", "--synthetic-n-max", "24", "--synthetic-n-test", "6", "--imb-ratio", "4",
+    "hybrid": ["--num-classes", "4", "--n-max", "24", "--synthetic-n-test", "6", "--imb-ratio", "4",
                "--batch-size", "16", "--epochs", "2", "--milestones", "1000", "--eval-every", "1"],
 }
 

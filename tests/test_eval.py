@@ -537,7 +537,7 @@ def _synthetic_ckpt(tmp_path, method="sdclr", classifier=True):
     net = _Net(classifier)
     args = {"dataset": "synthetic-lt", "data_dir": str(tmp_path / "data"), "imb_ratio": 4.0,
             "protocol": "sdclr", "split": 1, "split_file": None, "seed": 0, "data_seed": 0, "num_classes": 3,
-            "synthetic_n_max": 12, "synthetic_n_test": 6}
+            "n_max": 12, "synthetic_n_test": 6}
     run = tmp_path / "runs" / "sdclr-synthetic-lt-1"
     run.mkdir(parents=True, exist_ok=True)
     path = run / "checkpoint.pt"

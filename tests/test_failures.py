@@ -28,7 +28,7 @@ import tase
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic-lt", "--arch", "resnet8", "--batch-size", "16", "--device", "cpu",
-        "--print-every", "1000", "--num-classes", "4", "--synthetic-n-max", "24",
+        "--print-every", "1000", "--num-classes", "4", "--n-max", "24",
         "--synthetic-n-test", "8", "--imb-ratio", "4"]
 HYBRID = [*TINY, "--epochs", "2", "--eval-every", "100"]
 TASE = [*TINY, "--epochs", "1", "--probe", "--knn-every", "0"]

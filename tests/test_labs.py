@@ -120,7 +120,7 @@ def test_every_lab_runs_as_written_at_reduced_scale(tmp_path):
 
 # ---- hybrid.py --ce-sampler: a plain cross-entropy baseline with instance sampling -------------------------
 def test_ce_sampler_random_with_alpha_zero_is_plain_cross_entropy(tmp_path, monkeypatch):
-    ds = data.load_dataset("synthetic-lt", imb_ratio=10, num_classes=4, seed=0, synthetic_n_max=120,
+    ds = data.load_dataset("synthetic-lt", imb_ratio=10, num_classes=4, seed=0, n_max=120,
                            synthetic_n_test=8)                  # counts 120, 55, 25, 12
     seen, real = [], hybrid.endless
 
