@@ -764,7 +764,7 @@ def benchmark(args, make_steps) -> dict:
     x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=gen)
     y = torch.randint(0, num_classes, (args.batch_size,), device=device, generator=gen)
     name_of_device = device_name(device)
-    peak = peak_tflops(name_of_device, amp) if device.type == "cuda" else None
+    peak = peak_tflops(name_of_device, amp) if device.type == "cuda" else None  # TFLOP/s
     records = {}
     steps = make_steps(args, image_size, num_classes, device, amp_dtype)
     for name, bench in steps.items():
@@ -773,7 +773,7 @@ def benchmark(args, make_steps) -> dict:
         if not args.compile:  # nothing was compiled: no count to report
             r["graph_breaks"] = None
             r["recompiles"] = None
-    del steps
+    del steps, bench  # the networks, before the reference pipeline builds its own
     if args.reference:  # the official code's way: fp32, no channels_last, no compile
         plain = dataclasses.replace(args, amp="off", channels_last=False, compile=False)
         for name, bench in make_steps(plain, image_size, num_classes, device, None).items():
