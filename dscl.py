@@ -116,9 +116,9 @@ class Args(harness.RunArgs):
     linear_epochs: int = arg(40, "stage-2 epochs (Impl. Details)", check=">=0")
     linear_lr: float | None = arg(None, "stage-2 LR (Impl. Details; 2.5 = Our*, Table 3)",
                                   check=">0")
-    linear_milestones: list[int] = arg([20, 30], "stage-2 x0.1 LR from these 0-based epochs on "
-                                       "(Impl. Details; counted as the released code: 20 / 10 / "
-                                       "10)", check=">=1")
+    linear_milestones: list[int] = arg([20, 30], "stage-2 LR x0.1 after each of these many "
+                                       "epochs (Impl. Details; counted as the released code: 20 / "
+                                       "10 / 10)", check=">=1")
     linear_batch_size: int | None = arg(None, "stage-2 batch (Impl. Details)", check="batch")
     linear_bn: str = arg("train", "stage-2 BN of the frozen backbone: train (released code: "
                          "running stats re-estimated on stage-2 views, no gradient) | eval",

@@ -199,14 +199,16 @@ def default_help(defaults: dict, name: str, fallback) -> str:
     "others" is the dataclass default `fallback` where the table has no "*" entry for it."""
     parts = []
     other = None
-    for key, values in defaults.items():
-        if name not in values:
-            continue
-        shown = flag_value(values[name])
+    keys = [key for key, values in defaults.items() if name in values]
+    for i, key in enumerate(keys):
+        shown = flag_value(defaults[key][name])
         if key == "*":
             other = f"others: {shown}"
-        else:
-            parts.append(f"{key if isinstance(key, str) else '/'.join(key)}: {shown}")
+            continue
+        later = {n for k in keys[i + 1:] for n in ((k,) if isinstance(k, str) else k)}
+        names = [n for n in ((key,) if isinstance(key, str) else key) if n not in later]
+        if names:                                           # a later entry wins for the others
+            parts.append(f"{'/'.join(names)}: {shown}")
     if parts and other is None:
         other = f"others: {flag_value(fallback)}"
     if other:

@@ -70,8 +70,8 @@ class Args(harness.RunArgs):
     momentum: float = arg(0.9, "SGD momentum (Sec. 4.2)", check="[0,1)")
     weight_decay: float = arg(1e-4, "weight decay; none on the PSC prototypes (INFERRED)",
                               check=">=0")
-    milestones: list[int] = arg([], "LR x --lr-gamma from these 0-based epochs on (as LDAM-DRW's "
-                                "loop)", check=">=1")
+    milestones: list[int] = arg([], "LR x --lr-gamma after each of these many epochs: 10 decays "
+                                "from 'ep 11' of the log on (as LDAM-DRW's loop)", check=">=1")
     lr_gamma: float = arg(0.1, "LR decay factor", check="(0,1]")
     tau: Optional[float] = arg(None, "temperature of Eq. (2) / (4)", check=">0")
     alpha_schedule: Optional[str] = arg(None, "curriculum of Eq. (1): parabolic 1-(T/T_max)^2 or "
@@ -85,8 +85,8 @@ class Args(harness.RunArgs):
                           "INFERRED)")
     stage2_epochs: int = arg(40, "two-stage: classifier epochs (INFERRED)", check=">=0")
     stage2_lr: float = arg(0.5, "two-stage: classifier learning rate (INFERRED)", check=">0")
-    stage2_milestones: list[int] = arg([20, 30], "two-stage: classifier LR decay epochs (INFERRED)",
-                                       check=">=1")
+    stage2_milestones: list[int] = arg([20, 30], "two-stage: classifier LR x0.1 after each of "
+                                       "these many classifier epochs (INFERRED)", check=">=1")
     stage2_weight_decay: float = arg(0.0, "two-stage: classifier weight decay (INFERRED)",
                                      check=">=0")
     con_sampler: str = arg("random", "sampler of the contrastive batch: random (paper) or balanced "

@@ -963,3 +963,13 @@ def test_augment_and_a_training_step_pass_cuda_sync_debug_mode_error():
             data.augment(x, recipe, g, 32, channels_last=True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_default_help_names_each_data_set_once_with_the_value_it_gets():
+    table = {"*": {"arch": "resnet50"}, ("cifar10-lt", "synthetic-lt"): {"arch": "resnet32"},
+             "synthetic-lt": {"arch": "resnet8"}}
+    text = harness.default_help(table, "arch", "resnet18")
+    assert text == "cifar10-lt: resnet32; synthetic-lt: resnet8; others: resnet50"
+    for dataset, arch in (("cifar10-lt", "resnet32"), ("synthetic-lt", "resnet8"), ("x", "resnet50")):
+        assert harness.defaults_for(table, dataset)["arch"] == arch
+    assert harness.default_help({"a": {"lr": 1}}, "lr", 2) == "a: 1; others: 2"
