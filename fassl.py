@@ -706,11 +706,15 @@ def plot_weight_rules(rules: dict, path, method: str) -> None:
     for i, (rule, r) in enumerate(rules.items()):
         xs = [g + (i - (len(rules) - 1) / 2) * width for g in range(len(GROUPS))]
         means = [r[f"w_mean_{g}"] for g in GROUPS]
-        ax.bar(xs, means, width, label=f"{rule} (ESS {r['w_ess']:.0f})")
+        label = f"{rule} (ESS {r['w_ess']:.0f}, max/min {r['w_max_over_min']:.3g})"
+        ax.bar(xs, means, width, label=label)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xticks=range(len(GROUPS)), xticklabels=[g.capitalize() for g in GROUPS],
            ylabel="mean weight (batch mean 1)", yscale="log",
            title=f"{method}: Eq. (3) weights per frequency group, by rule")
+    # plain numbers on the log axis (0.95, 1.3), not powers of ten
+    ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(plt.FormatStrFormatter("%.3g"))
     ax.legend(title="--weight-norm", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     evaluation.save_figure(plt, fig, path)
 
