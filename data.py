@@ -1462,6 +1462,8 @@ def main(argv=None):
     p.add_argument("--data-dir", default="./data", help="dataset root")
     p.add_argument("--imb-ratio", type=float, default=None,
                    help="rho; None: 100, or a folder tree as it is")
+    p.add_argument("--n-max", type=int, default=None,
+                   help="images of the head class; None: all the class has (synthetic-lt: 500)")
     p.add_argument("--protocol", default="ldam", choices=["ldam", "sdclr"],
                    help="CIFAR-LT convention")
     p.add_argument("--split", type=int, default=1, help="SDCLR split 1..5")
@@ -1489,7 +1491,7 @@ def main(argv=None):
         t = time.perf_counter()
         ds = load_dataset(a.dataset, a.data_dir, rho, a.protocol, a.split, a.split_file,
                           seed=a.seed, num_classes=a.num_classes, download=not a.no_download,
-                          sdclr_split_dir=a.sdclr_split_dir)
+                          sdclr_split_dir=a.sdclr_split_dir, n_max=a.n_max)
         print(f"{describe(ds)}\nloaded in {time.perf_counter() - t:.1f}s")
         tag = ds.lt_convention + (f"-split{ds.split}" if ds.split else "")
         path = a.plot or os.path.join("runs", "data-stats", f"{ds.name}-{tag}.png")

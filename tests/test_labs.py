@@ -1,6 +1,8 @@
 """The course labs (labs/README.md): every command of every lab sheet runs as written, at reduced scale
-(LAB_SCALE), through labs/run.sh, and writes the outputs the sheet names; the sheets have their sections;
-run.sh stops at the first failure; the switches the labs added: hybrid.py --ce-sampler, eval.py --compare."""
+(LAB_SCALE) on the offline data (labs/run.sh --offline: synthetic-lt, no download), through labs/run.sh,
+and writes the outputs the sheet names; the sheets have their sections and train on CIFAR-10-LT; run.sh
+chooses the data and stops at the first failure; the switches the labs added: hybrid.py --ce-sampler,
+eval.py --compare."""
 import json
 import os
 import pathlib
@@ -70,6 +72,12 @@ def test_sheet_has_its_sections_and_runnable_commands(sheet):
             assert re.search(rf"--out-dir runs/lab{n}/[\w.-]+( |$)", line), line
     if n == "4":
         assert "TASE-R is our reconstruction" in text and "abstract" in text
+        assert "k-means is TASE-R's choice" in text
+    # real images first: every training command reads CIFAR-10-LT; the sheet names the offline path
+    for line in lines:
+        if line.split()[1] in TRAINERS + ("data.py",):
+            assert "--dataset cifar10-lt" in line, line
+    assert "**Data.**" in text and f"bash labs/run.sh {n} --offline" in text
 
 
 def test_run_sh_runs_bash_blocks_only_and_stops_at_the_first_failure(tmp_path):
@@ -91,10 +99,39 @@ def test_run_sh_runs_bash_blocks_only_and_stops_at_the_first_failure(tmp_path):
     assert ok.returncode == 2                                  # a missing DIR is refused
 
 
+def test_run_sh_chooses_the_data_for_every_command(tmp_path):
+    """DATA= or --offline rewrites each command's --dataset cifar10-lt; the default leaves it alone."""
+    (tmp_path / "labs").mkdir()
+    shutil.copy(ROOT / "labs/run.sh", tmp_path / "labs/run.sh")
+    echo = "python -c \"import sys; print('ARGS', *sys.argv[1:])\""
+    (tmp_path / "labs/8-fake.md").write_text(
+        f"```bash\n{echo} --dataset cifar10-lt --n-max 1000 --out-dir x\n{echo} --dataset cifar10-lt\n```\n")
+    tree = tmp_path / "cifar10-jpeg"
+    (tree / "train").mkdir(parents=True)
+
+    def run(*argv, data=None):
+        env = {k: v for k, v in os.environ.items() if k != "DATA"}
+        env.update({"DATA": data} if data else {})
+        out = subprocess.run(["bash", "labs/run.sh", "8", *argv], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+        return out.returncode, [r[5:] for r in out.stdout.splitlines() if r.startswith("ARGS ")], out
+    assert run()[:2] == (0, ["--dataset cifar10-lt --n-max 1000 --out-dir x", "--dataset cifar10-lt"])
+    offline = (0, ["--dataset synthetic-lt --out-dir x", "--dataset synthetic-lt"])   # its own n_max
+    assert run("--offline")[:2] == offline and run(data="synthetic-lt")[:2] == offline
+    rc, args, out = run(data=str(tree))
+    folder = f"--dataset folder --data-dir {tree} --imb-ratio 100"
+    assert rc == 0 and args == [f"{folder} --n-max 1000 --out-dir x", folder]
+    assert f"data {tree}" in out.stdout                         # the total line names the data
+    for bad in (str(tmp_path / "nowhere"), str(tmp_path / "labs")):   # no folder; no train/ in it
+        rc, args, out = run(data=bad)
+        assert rc == 2 and not args and "run.sh: DATA" in out.stderr
+
+
 def test_every_lab_runs_as_written_at_reduced_scale(tmp_path):
-    """All five labs at once, one thread each (the two cores are used by two labs at a time), each in its
-    own directory with the repository's scripts; then every output its sheet names exists."""
-    env = {**os.environ, "LAB_SCALE": LAB_SCALE, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+    """All five labs at once on the offline data, one thread each (the two cores are used by two labs at a
+    time), each in its own directory with the repository's scripts; then every output its sheet names
+    exists."""
+    env = {**os.environ, "LAB_SCALE": LAB_SCALE, "DATA": "synthetic-lt", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")}
     env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env['PATH']}"   # `python` = this one
     procs = {}
