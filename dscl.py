@@ -154,8 +154,8 @@ def roi_teacher(head: nn.Module, fmap: torch.Tensor, boxes: torch.Tensor,
     (B, L, D)."""
     from torchvision.ops import roi_align  # imported here: torchvision takes seconds to import
     B, L, _ = boxes.shape
+    # cells: (B*L, C, 2, 2)
     cells = roi_align(fmap.float(), list(boxes.float().unbind(0)), output_size=2,
-                      # (B*L, C, 2, 2)
                       spatial_scale=1.0 / stride, sampling_ratio=-1, aligned=False)
     return head(cells.mean(dim=(2, 3))).view(B, L, -1)
 

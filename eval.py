@@ -850,9 +850,9 @@ def _dataset_from_ckpt(ckpt_args, cli):
                                "--data-dir")
     kw = {k: a[k] for k in ("data_dir", "imb_ratio", "protocol", "split", "split_file",
                             "num_classes", "sdclr_split_dir", "n_max") if a.get(k) is not None}
-    # method scripts name the data seed --data-seed
-    if a.get("data_seed", a.get("seed")) is not None:
-        kw["seed"] = a.get("data_seed", a.get("seed"))
+    # the data seed is --data-seed where a script has it; hybrid.py always draws its data with 0,
+    # and the training --seed never chooses the data
+    kw["seed"] = a.get("data_seed") or 0
     if a["dataset"] == "synthetic-lt":
         kw.update({k: v for k, v in a.items() if k.startswith("synthetic_") and v is not None})
     return data.load_dataset(a["dataset"], **kw)
@@ -884,7 +884,8 @@ def evaluate_checkpoint(cli) -> dict:
     method = ckpt.get("method", "unknown")   # the label of the run's results.json
     recipe = cli.recipe
     if recipe is None:
-        supervised = ckpt.get("script") in SUPERVISED
+        # dscl/hybrid at CIFAR size: their CIFAR statistics; 224-px data: ImageNet's
+        supervised = ckpt.get("script") in SUPERVISED and ds.image_size <= 64
         recipe = "crop_flip_cifar" if supervised else "crop_flip_imagenet"
     test_recipe = _test_recipe(recipe)
     style = probe_settings(ds)["row"]
@@ -983,9 +984,12 @@ def build_parser():
                         "pre-training set (FASSL Table 10: 0.3)")
     p.add_argument("--epochs", type=int, default=None, help="default: 30 / 100 / 40 per protocol")
     p.add_argument("--milestones", type=int, nargs="+", default=None,
-                   help="x0.1 LR epochs (default: 10 20 / 40 60 / 20 30 per protocol)")
+                   help="x0.1 LR epochs (default: 10 20 / 40 60 / 20 30 per protocol); the SDCLR "
+                        "probes lower the rate from 'ep N' of their log on, cb-linear after N "
+                        "epochs (docs/evaluation.md)")
     p.add_argument("--lr", type=float, default=None,
-                   help="probe LR (default: 30 SDCLR probe, 10 cb-linear)")
+                   help="probe LR (default: 30 SDCLR probe, 0.1 with --probe-aug none on "
+                        "standardised cached features, 10 cb-linear)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: the probe settings table (128 at <= 64 px, 512 at 224 px), "
                         "cb-linear 2048")
@@ -994,7 +998,8 @@ def build_parser():
                         "(default: train)")
     p.add_argument("--recipe", default=None,
                    help="train augmentation recipe of data.augment (default: crop_flip_imagenet "
-                        "for SSL checkpoints, crop_flip_cifar for dscl/hybrid)")
+                        "for SSL checkpoints and 224-px data, crop_flip_cifar for dscl/hybrid at "
+                        "CIFAR size)")
     p.add_argument("--out", default=None,
                    help="output directory (default: <checkpoint dir>/eval-<probe>); with "
                         "--compare the PNG (default: compare_per_class.png)")

@@ -111,10 +111,10 @@ class Args(harness.RunArgs):
     stage2_epochs: int | None = arg(None, "Stage 2 epochs (not in the paper: INFERRED)",
                                     check=">=0")
     epochs_scale: float = arg(1.0, "multiply every stage's epochs (1 = paper setting)", check=">0")
-    knn_every: int | None = arg(None, "kNN monitor every N epochs (None: E/20)", check=">=0",
-                                runtime=True)
+    knn_every: int | None = arg(None, "kNN monitor every N epochs (None: E/20; 0: off)",
+                                check=">=0", runtime=True)
     probe: list[str] = arg(["full", "few-shot"], "final linear probes (Tables 1-2), the first is "
-                           "the headline; none = no probe", choices=["full", "few-shot"])
+                           "the headline; the flag alone = no probe", choices=["full", "few-shot"])
     probe_aug: str = arg("crop", "probe augmentation (none: cached features)",
                          choices=["crop", "none"])
     probe_epochs: int | None = arg(None, "override the probe epochs (30 / 100, Sec. 4.2)",

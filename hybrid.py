@@ -85,8 +85,9 @@ class Args(harness.RunArgs):
                           "INFERRED)")
     stage2_epochs: int = arg(40, "two-stage: classifier epochs (INFERRED)", check=">=0")
     stage2_lr: float = arg(0.5, "two-stage: classifier learning rate (INFERRED)", check=">0")
-    stage2_milestones: list[int] = arg([20, 30], "two-stage: classifier LR x0.1 after each of "
-                                       "these many classifier epochs (INFERRED)", check=">=1")
+    stage2_milestones: list[int] = arg([20, 30], "two-stage: classifier LR x --lr-gamma "
+                                       "after each of these many classifier epochs (INFERRED)",
+                                       check=">=1")
     stage2_weight_decay: float = arg(0.0, "two-stage: classifier weight decay (INFERRED)",
                                      check=">=0")
     con_sampler: str = arg("random", "sampler of the contrastive batch: random (paper) or balanced "
@@ -488,11 +489,9 @@ def report(run: harness.Run, metrics: dict, history: list, best: dict, total: in
 
 # ---- Defaults per dataset, and the paper's numbers -----------------------------------------------
 
-# CIFAR-LT (Sec. 4.2, with the batch and LR of the authors' CIFAR recipe). iNaturalist 2018 (Sec.
-# 4.2):
-# ResNet-50, batch 100, 100 epochs, decays at 60 and 80, linear alpha; its LR, decay factor and tau
-# are
-# lost (INFERRED 0.1). synthetic-lt: a CPU demo, not a paper setting.
+# CIFAR-LT (Sec. 4.2, with the batch and LR of the authors' CIFAR recipe). iNaturalist 2018
+# (Sec. 4.2): ResNet-50, batch 100, 100 epochs, decays at 60 and 80, linear alpha; its LR, decay
+# factor and tau are lost (INFERRED 0.1). synthetic-lt: a CPU demo, not a paper setting.
 DEFAULTS = {
     "*": {"protocol": "ldam", "arch": "resnet32", "epochs": 200, "batch_size": 512, "lr": 0.5,
           "milestones": [120, 160], "alpha_schedule": "parabolic", "tau": 0.1},

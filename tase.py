@@ -103,9 +103,9 @@ class Args(harness.RunArgs):
                             check="[0,1]")
     oracle_labels: bool = arg(False, "diagnostic upper bound: true labels replace k-means (never "
                               "TASE-R)")
-    knn_every: int | None = arg(None, "kNN monitor every N epochs (None: E/20)", check=">=0",
-                                runtime=True)
-    probe: list[str] = arg(["full", "few-shot"], "final linear probes; none given = no probe",
+    knn_every: int | None = arg(None, "kNN monitor every N epochs (None: E/20; 0: off)",
+                                check=">=0", runtime=True)
+    probe: list[str] = arg(["full", "few-shot"], "final linear probes; the flag alone = no probe",
                            choices=["full", "few-shot"], runtime=True)
     probe_epochs: int | None = arg(None, "probe epochs; None = docs/evaluation.md's table",
                                    check=">=1")
