@@ -1095,7 +1095,6 @@ class Run:
             print(f"paper ({paper['metric']}): {paper['value']:.2f} | ours {ours:.2f} | "
                   f"difference {ours - paper['value']:+.2f}", flush=True)
 
-
     @contextlib.contextmanager
     def reporting(self, probe: str):
         """`with run.reporting(probe): ...` around the evaluation after training: an unexpected

@@ -10,8 +10,6 @@ if ROOT not in sys.path:
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-
-
 import pytest  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 

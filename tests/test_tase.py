@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import fassl
 import eval as evaluation
 import harness
 import tase
@@ -212,9 +213,6 @@ def test_cluster_diagnostics_on_perfect_clusters():
 
 def test_simclr_mode_equals_fassl_sdclr_with_prune_ratio_0():
     """Both TASE-R switches off = the SDCLR pipeline with --prune-ratio 0 (net, loss, recipe)."""
-    fassl = pytest.importorskip("fassl")
-    if not hasattr(fassl, "Encoder"):
-        pytest.skip("fassl.Encoder is not available")
     torch.manual_seed(0)
     ours = tase.SimCLRNet("resnet8", 32, 128)
     theirs = fassl.Encoder("resnet8", 32, 128, proj_layers=2, prune=False)      # SDCLR code path, p = 0
