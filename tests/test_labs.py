@@ -62,7 +62,9 @@ def test_sheet_has_its_sections_and_runnable_commands(sheet):
         assert heading in text, heading
     questions = text.split("## Questions")[1].split("\n## ")[0]
     assert len(re.findall(r"^\d+\. ", questions, re.M)) >= 3
-    assert "(measured at commit" in text.split("## Instructor's notes")[1]
+    notes = text.split("## Instructor's notes")[1]
+    assert re.search(r"\(measured with the scripts of commit `[0-9a-f]{7}`", notes)
+    assert "cpu-2core-c" in notes and "seeds 1 and 2" in notes        # machine; the seed ranges
     lines = bash_lines(sheet)
     assert lines and all(line.startswith("python ") and not line.endswith("\\") for line in lines), lines
     assert not re.search(r"^[ \t]+```bash", text, re.M)          # an indented bash block would not be run
@@ -131,8 +133,9 @@ def test_every_lab_runs_as_written_at_reduced_scale(tmp_path):
     """All five labs at once on the offline data, one thread each (the two cores are used by two labs at a
     time), each in its own directory with the repository's scripts; then every output its sheet names
     exists."""
-    env = {**os.environ, "LAB_SCALE": LAB_SCALE, "DATA": "synthetic-lt", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")}
+    env = {**os.environ, "LAB_SCALE": LAB_SCALE, "DATA": "synthetic-lt", "MPLBACKEND": "Agg",
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
+           "PATH": os.environ.get("PATH", "")}
     env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env['PATH']}"   # `python` = this one
     procs = {}
     for sheet in SHEETS:
