@@ -98,3 +98,16 @@ class Poison:
 
     def __getattr__(self, name):
         raise AssertionError(f"this split must not be read ({name})")
+
+
+def tensors(tree, prefix=""):
+    """Every tensor of a checkpoint by its path of keys (the RNG state included)."""
+    if torch.is_tensor(tree):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        items = ()
+    return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}

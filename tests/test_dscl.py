@@ -13,7 +13,7 @@ import data
 import dscl
 import eval as evaluation
 import harness
-from conftest import run_function
+from conftest import run_function, tensors
 
 TAU = 0.07
 
@@ -412,18 +412,6 @@ def test_demo_profile_is_announced(tmp_path, capsys):
     assert len(line) == 1 and "not a paper setting" in line[0] and "--num-patches 2" in line[0]
     assert "--arch" not in line[0] and "--queue-size" not in line[0]
 
-
-def tensors(tree, prefix=""):
-    """Every tensor of a checkpoint by its path of keys (the RNG state included)."""
-    if torch.is_tensor(tree):
-        return {prefix: tree}
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        items = ()
-    return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}
 
 
 def test_resume_is_exact(tiny_run, tmp_path, monkeypatch):

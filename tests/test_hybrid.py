@@ -16,7 +16,7 @@ import data
 import eval as evaluation
 import harness
 import hybrid
-from conftest import run_function
+from conftest import run_function, tensors
 
 
 def load_checkpoint(path):
@@ -335,18 +335,6 @@ def test_demo_profile_is_announced_and_recorded(tmp_path, capsys):
     assert [json.loads(x)["lr"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
         pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])     # 0-based epochs 3 and 4 decay, as LDAM-DRW's loop
 
-
-def tensors(tree, prefix=""):
-    """Every tensor of a checkpoint by its path of keys (the RNG state included)."""
-    if torch.is_tensor(tree):
-        return {prefix: tree}
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        items = ()
-    return {k: v for key, sub in items for k, v in tensors(sub, f"{prefix}/{key}").items()}
 
 
 def test_resume_is_exact_and_psc_prototypes_are_saved(tmp_path):
