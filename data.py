@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 from common import UserError, epoch_seed, get_rank_world
 
 DATASETS = ("cifar10-lt", "cifar100-lt", "folder", "synthetic-lt", "tiny-imagenet-lt",
@@ -1508,6 +1509,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import common
     with common.user_errors():
         main()

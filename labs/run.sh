@@ -13,6 +13,8 @@
 #   DATA=/path/to/tree        a copy of CIFAR-10 as an ImageFolder tree (the JPEG copy,
 #                             docs/data.md): --dataset folder --data-dir /path/to/tree
 #                             --imb-ratio 100
+# SEED=S runs the lab with another seed: --seed S on every training command, outputs under
+# runs/labN-seedS/ (the instructor's notes give ranges over SEED=1 and SEED=2)
 set -u
 labs="$(cd "$(dirname "$0")" && pwd)"
 n="${1:?usage: bash labs/run.sh N [--offline] [DIR]}"
@@ -51,6 +53,13 @@ case "$data" in
         cmds=$(sed -E "s#--dataset cifar10-lt#--dataset folder --data-dir $data --imb-ratio 100#g" \
                <<< "$cmds") ;;
 esac
+seed="${SEED:-}"
+if [ -n "$seed" ]; then
+    [[ "$seed" =~ ^[0-9]+$ ]] || { echo "run.sh: SEED=$seed is not a number" >&2; exit 2; }
+    # every training command gets --seed, and runs/labN/ becomes runs/labN-seedS/ everywhere
+    add="/^python (fassl|tase|dscl|hybrid)\.py /s/\$/ --seed $seed/"
+    cmds=$(sed -E "$add; s#runs/lab$n/#runs/lab$n-seed$seed/#g" <<< "$cmds")
+fi
 now() { date +%s.%N; }
 t_lab=$(now)
 k=0
@@ -69,4 +78,5 @@ while IFS= read -r cmd; do
 done <<< "$cmds"
 total=$(awk -v a="$t_lab" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}')
 echo "=== lab $n: $k commands, total $total s" \
-     "(data $data, LAB_SCALE=${LAB_SCALE:-1}, $(nproc 2>/dev/null || echo '?') CPUs)"
+     "(data $data, seed ${seed:-as written}, LAB_SCALE=${LAB_SCALE:-1}," \
+     "$(nproc 2>/dev/null || echo '?') CPUs)"

@@ -129,6 +129,29 @@ def test_run_sh_chooses_the_data_for_every_command(tmp_path):
         assert rc == 2 and not args and "run.sh: DATA" in out.stderr
 
 
+def test_run_sh_seed_adds_the_seed_and_moves_the_outputs(tmp_path):
+    """SEED=S: --seed S on each training command, runs/labN/ -> runs/labN-seedS/ in every command."""
+    (tmp_path / "labs").mkdir()
+    shutil.copy(ROOT / "labs/run.sh", tmp_path / "labs/run.sh")
+    (tmp_path / "hybrid.py").write_text("import sys\nprint('ARGS', *sys.argv[1:])\n")
+    (tmp_path / "eval.py").write_text("import sys\nprint('ARGS', *sys.argv[1:])\n")
+    (tmp_path / "labs/8-fake.md").write_text(
+        "```bash\npython hybrid.py --dataset cifar10-lt --out-dir runs/lab8/ce\n"
+        "python eval.py --compare runs/lab8/ce/*/results.json\n```\n")
+
+    def run(seed):
+        env = {k: v for k, v in os.environ.items() if k not in ("DATA", "SEED")}
+        env.update({"SEED": seed} if seed is not None else {})
+        out = subprocess.run(["bash", "labs/run.sh", "8"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+        return out.returncode, [r[5:] for r in out.stdout.splitlines() if r.startswith("ARGS ")]
+    assert run(None) == (0, ["--dataset cifar10-lt --out-dir runs/lab8/ce",
+                             "--compare runs/lab8/ce/*/results.json"])
+    assert run("2") == (0, ["--dataset cifar10-lt --out-dir runs/lab8-seed2/ce --seed 2",
+                            "--compare runs/lab8-seed2/ce/*/results.json"])
+    assert run("x")[0] == 2
+
+
 def test_every_lab_runs_as_written_at_reduced_scale(tmp_path):
     """All five labs at once on the offline data, one thread each (the two cores are used by two labs at a
     time), each in its own directory with the repository's scripts; then every output its sheet names
