@@ -1409,6 +1409,14 @@ def reference_batch(batch):
     return images, labels
 
 
+def reference_two_views(batch, recipe: str, image_size: int) -> list:
+    """--benchmark --reference of the SimCLR-style scripts (fassl, tase): their two views built per
+    image by torchvision on PIL images (reference_transform), in the DataLoader's workers."""
+    images, _ = reference_batch(batch)
+    transform = reference_transform(recipe, image_size)
+    return [torch.stack([transform(im) for im in images]) for _ in range(2)]
+
+
 def _pil_two_views(images):
     """DataLoader collate_fn, run in the workers: two views of each (H,W,3) uint8 image through the
     official per-image SDCLR/SimCLR CIFAR pipeline (reference_transform("simclr_cifar"))."""

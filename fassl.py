@@ -893,19 +893,11 @@ def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_d
 
     def rebalance(inputs):
         return rebalance_step(ms, mq, mt, protos, o2, scaler, *inputs, args, amp)[0]
-    reference = functools.partial(reference_views, image_size=image_size)
+    recipe = "simclr_cifar" if image_size <= 64 else "mocov2_imagenet"
+    reference = functools.partial(data.reference_two_views, recipe=recipe, image_size=image_size)
     stage0 = "sdclr" if args.prune_ratio > 0 else "simclr"
     steps = {stage0: sdclr, "prototypes": prototypes, "rebalance": rebalance}
     return {name: harness.BenchStep(views, step, reference) for name, step in steps.items()}
-
-
-def reference_views(batch, image_size: int) -> list:
-    """--benchmark --reference: two_views' output built per image by torchvision on PIL images
-    (data.reference_transform), in the DataLoader's workers."""
-    images, _ = data.reference_batch(batch)
-    recipe = "simclr_cifar" if image_size <= 64 else "mocov2_imagenet"
-    transform = data.reference_transform(recipe, image_size)
-    return [torch.stack([transform(im) for im in images]) for _ in range(2)]
 
 
 def stages_to_run(args: Args) -> list[str]:

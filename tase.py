@@ -605,16 +605,8 @@ def benchmark_steps(args: Args, image_size: int, num_classes: int, device, amp_d
 
     def step(inputs):
         return train_step(net.train(), optimizer, scaler, inputs, tau, w, amp_dtype)[0]
-    reference = functools.partial(reference_views, recipe=recipe, image_size=image_size)
+    reference = functools.partial(data.reference_two_views, recipe=recipe, image_size=image_size)
     return {RUN_NAMES[method_name(args)]: harness.BenchStep(views, step, reference)}
-
-
-def reference_views(batch, recipe: str, image_size: int) -> list:
-    """--benchmark --reference: two_views' output built per image by torchvision on PIL images
-    (data.reference_transform), in the DataLoader's workers."""
-    images, _ = data.reference_batch(batch)
-    transform = data.reference_transform(recipe, image_size)
-    return [torch.stack([transform(im) for im in images]) for _ in range(2)]
 
 
 def main(argv=None):
